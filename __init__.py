@@ -1,0 +1,31 @@
+"""ComfyUI-DynASyn: teach Stable Diffusion several subjects from ONE picture (DynASyn, AAAI-25).
+
+@title: ComfyUI-DynASyn
+@description: Multi-subject personalization from a single image: subject masks, augmentation
+              (VLM, LLM, SAM, compose + inpaint, Guided SDE Augmentation) and full training.
+"""
+
+from .nodes._registry import load_node_classes
+
+# Each node module is imported on its own: a missing optional dependency disables only the
+# nodes of that module (one log line says what to install); the rest of the pack loads.
+_CLASSES = load_node_classes(__name__ + ".nodes", {
+    "loaders": ("DynASynDiffusersLoader",),
+    "export_nodes": ("DynASynSaveCheckpoint",),
+})
+
+# Literal mapping (ComfyUI-Manager reads the keys statically); unavailable nodes are dropped below.
+NODE_CLASS_MAPPINGS = {
+    "DynASynDiffusersLoader": _CLASSES.get("DynASynDiffusersLoader"),
+    "DynASynSaveCheckpoint": _CLASSES.get("DynASynSaveCheckpoint"),
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DynASynDiffusersLoader": "DynASyn Load Diffusers Model",
+    "DynASynSaveCheckpoint": "DynASyn Save Checkpoint",
+}
+NODE_CLASS_MAPPINGS = {k: v for k, v in NODE_CLASS_MAPPINGS.items() if v is not None}
+NODE_DISPLAY_NAME_MAPPINGS = {k: v for k, v in NODE_DISPLAY_NAME_MAPPINGS.items() if k in NODE_CLASS_MAPPINGS}
+
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -1,0 +1,436 @@
+"""The bridge between ComfyUI's native MODEL / CLIP / VAE and diffusers / transformers modules.
+
+This is the only module that knows both worlds. Key maps are ComfyUI's own
+(``comfy.utils.unet_to_diffusers``, ``comfy.diffusers_convert``); architectures are read off the
+loaded objects, so any SD 1.x / 2.x checkpoint (and the tiny test models built the same way)
+converts without a hard-coded config.
+
+Directions:
+  * ``native_to_components``: MODEL, CLIP, VAE (as CheckpointLoaderSimple returns them) ->
+    ``dynasyn.models.SDComponents`` (fp32 copies, trainable, made outside inference mode);
+  * ``components_to_native``: trained weights -> a *patched clone* of the MODEL and CLIP (the
+    originals are untouched) that stock CLIPTextEncode / KSampler use at once;
+  * ``save_checkpoint``: a single-file checkpoint written by ComfyUI's own ``save_checkpoint``;
+  * ``load_diffusers_folder``: a diffusers folder -> native MODEL, CLIP, VAE.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+import comfy.model_base
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sd
+import comfy.supported_models
+import comfy.utils
+
+from ..dynasyn.errors import DynASynError, UnsupportedModelError
+from ..dynasyn.export import atomic_target, validate_export_name
+from ..dynasyn.models import SUPPORTED_FAMILIES, SDComponents, make_noise_scheduler, normalize_clip_keys
+
+log = logging.getLogger("DynASyn")
+
+COMFY_DIR = Path(comfy.utils.__file__).resolve().parent
+TOKENIZER_DIR = COMFY_DIR / "sd1_tokenizer"  # OpenAI CLIP BPE, shared by SD 1.x and 2.x
+
+# Exactly these model classes: subclasses (instruct-pix2pix, unCLIP, inpainting) have other inputs.
+_SUPPORTED = {comfy.supported_models.SD15: "sd15", comfy.supported_models.SD20: "sd2"}
+
+
+# --------------------------------------------------------------------------------------------
+# Family and prediction type
+# --------------------------------------------------------------------------------------------
+
+def model_family(model) -> str:
+    """``sd15`` or ``sd2`` for a supported native MODEL; a clear error for anything else."""
+    base = getattr(model, "model", None)
+    config = getattr(base, "model_config", None)
+    family = _SUPPORTED.get(type(config))
+    if family is None:
+        name = type(config).__name__ if config is not None else type(model).__name__
+        raise UnsupportedModelError(
+            f"This model is {name}; DynASyn supports {SUPPORTED_FAMILIES}. "
+            "Load an SD 1.5 or SD 2.1 checkpoint with CheckpointLoaderSimple (SDXL, SD3, Flux, "
+            "inpainting and unCLIP models are not supported).")
+    if config.unet_config.get("in_channels", 4) != 4:
+        raise UnsupportedModelError(f"This {type(config).__name__} model has "
+                                    f"{config.unet_config['in_channels']} input channels; DynASyn supports {SUPPORTED_FAMILIES}.")
+    return family
+
+
+def prediction_type(model) -> str:
+    """The prediction type the MODEL samples with, object patches (ModelSamplingDiscrete) included."""
+    ms = comfy.model_sampling
+    sampling = model.get_model_object("model_sampling")
+    other = tuple(getattr(ms, n) for n in ("EDM", "CONST", "V_PREDICTION_EDM", "IMG_TO_IMG", "X0") if hasattr(ms, n))
+    if not isinstance(sampling, other):
+        if isinstance(sampling, ms.V_PREDICTION):
+            return "v_prediction"
+        if isinstance(sampling, ms.EPS):
+            return "epsilon"
+    raise UnsupportedModelError(f"The model samples with {type(sampling).__name__}; DynASyn supports eps and "
+                                f"v-prediction ({SUPPORTED_FAMILIES}).")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading weights (patches such as a LoRA from LoraLoader are applied)
+# --------------------------------------------------------------------------------------------
+
+def _patched_state_dict(patcher, module, prefix: str) -> dict[str, torch.Tensor]:
+    """fp32 CPU copies of ``module``'s weights with the patcher's patches applied.
+
+    Keys are relative to ``module``; ``prefix`` is the module's path in ``patcher.model``.
+    """
+    import comfy.lora
+
+    out = {}
+    with torch.inference_mode(False), torch.no_grad():
+        for key, value in module.state_dict().items():
+            w = value.detach().to("cpu", torch.float32).clone()
+            patches = patcher.patches.get(prefix + key)
+            if patches:
+                w = comfy.lora.calculate_weight(patches, w, prefix + key)
+            out[key] = w
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# UNet
+# --------------------------------------------------------------------------------------------
+
+def diffusers_unet_config(unet_config: Mapping[str, Any], prediction: str = "epsilon") -> dict:
+    """A ``UNet2DConditionModel`` config for ComfyUI's ldm ``unet_config`` (any SD-style UNet)."""
+    nrb = list(unet_config["num_res_blocks"])
+    if len(set(nrb)) != 1:
+        raise UnsupportedModelError(f"UNets with uneven res-blocks per level ({nrb}) are not supported; "
+                                    f"DynASyn supports {SUPPORTED_FAMILIES}.")
+    mult = list(unet_config["channel_mult"])
+    ch = int(unet_config["model_channels"])
+    td = list(unet_config["transformer_depth"])
+    td_out = list(unet_config["transformer_depth_output"])
+    levels = len(mult)
+    down = ["CrossAttnDownBlock2D" if td[i * nrb[0]] > 0 else "DownBlock2D" for i in range(levels)]
+    up = []
+    td_up = td_out[::-1]  # ComfyUI lists output depths from the highest resolution; up_blocks start at the lowest
+    for j in range(levels):
+        up.append("CrossAttnUpBlock2D" if td_up[j * (nrb[0] + 1)] > 0 else "UpBlock2D")
+    depths = sorted({d for d in td + td_out if d > 0})
+    if len(depths) > 1:
+        raise UnsupportedModelError(f"UNets with several transformer depths ({depths}) are not supported; "
+                                    f"DynASyn supports {SUPPORTED_FAMILIES}.")
+    block_out = [ch * m for m in mult]
+    heads = unet_config.get("num_heads", -1)
+    head_ch = unet_config.get("num_head_channels", -1)
+    n_heads = [heads if heads != -1 else c // head_ch for c in block_out]
+    mid_depth = unet_config.get("transformer_depth_middle", 1)
+    if mid_depth is None or mid_depth < 1:
+        raise UnsupportedModelError(f"UNets without a middle cross-attention block are not supported; "
+                                    f"DynASyn supports {SUPPORTED_FAMILIES}.")
+    sd2_768 = prediction == "v_prediction" and unet_config.get("context_dim") == 1024
+    return dict(
+        sample_size=96 if sd2_768 else (64 if ch == 320 else int(unet_config.get("image_size", 32))),
+        in_channels=int(unet_config.get("in_channels", 4)), out_channels=int(unet_config.get("out_channels", 4)),
+        layers_per_block=nrb[0], block_out_channels=tuple(block_out),
+        down_block_types=tuple(down), up_block_types=tuple(up), mid_block_type="UNetMidBlock2DCrossAttn",
+        cross_attention_dim=int(unet_config["context_dim"]),
+        attention_head_dim=n_heads[0] if len(set(n_heads)) == 1 else tuple(n_heads),
+        transformer_layers_per_block=depths[0] if depths else 1,
+        use_linear_projection=bool(unet_config.get("use_linear_in_transformer", False)),
+        upcast_attention=unet_config.get("attn_precision") == torch.float32,
+        norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0,
+    )
+
+
+def unet_key_map(model) -> dict[str, str]:
+    """``{diffusers_key: ldm_key}`` from ComfyUI's own map for this MODEL's config."""
+    return comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)
+
+
+def native_unet_to_diffusers(model, prediction: str):
+    from diffusers import UNet2DConditionModel
+
+    cfg = diffusers_unet_config(model.model.model_config.unet_config, prediction)
+    ldm = _patched_state_dict(model, model.model.diffusion_model, "diffusion_model.")
+    mapping = unet_key_map(model)
+    with torch.inference_mode(False):
+        unet = UNet2DConditionModel(**cfg)
+        expected = unet.state_dict()
+        sd, missing = {}, []
+        for dk in expected:
+            lk = mapping.get(dk)
+            if lk is None or lk not in ldm:
+                missing.append(dk)
+                continue
+            sd[dk] = ldm[lk].reshape(expected[dk].shape)
+        if missing:
+            raise DynASynError(f"The UNet could not be converted: {len(missing)} weights have no match "
+                               f"(first: {missing[:3]}). DynASyn supports {SUPPORTED_FAMILIES}.")
+        unet.load_state_dict(sd, strict=True)
+    return unet.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Text encoder
+# --------------------------------------------------------------------------------------------
+
+def _clip_inner(clip):
+    """(the SDClipModel inside CLIP, its attribute name: 'clip_l' / 'clip_h')."""
+    outer = clip.cond_stage_model
+    name = getattr(outer, "clip", None)
+    inner = getattr(outer, name, None) if isinstance(name, str) else None
+    if inner is None or not hasattr(inner, "transformer"):
+        raise UnsupportedModelError(f"This CLIP ({type(outer).__name__}) is not a single CLIP text encoder; "
+                                    f"DynASyn supports {SUPPORTED_FAMILIES}.")
+    return inner, name
+
+
+def _clip_layers_used(inner, clip) -> int:
+    """How many transformer layers the conditioning passes (CLIPSetLastLayer and SD 2's penultimate)."""
+    n = inner.num_layers
+    layer_idx = clip.layer_idx if clip.layer_idx is not None else (inner.layer_idx if inner.layer == "hidden" else None)
+    if layer_idx is None or abs(layer_idx) > n:
+        return n
+    return layer_idx + 1 if layer_idx >= 0 else n + layer_idx + 1
+
+
+def native_text_encoder_to_transformers(clip):
+    """(CLIPTextModel with the layers the conditioning uses, CLIPTokenizer, family)."""
+    from comfy.clip_model import ACTIVATIONS
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    inner, name = _clip_inner(clip)
+    tm = inner.transformer.text_model
+    if not getattr(inner, "layer_norm_hidden_state", True) and _clip_layers_used(inner, clip) != inner.num_layers:
+        raise UnsupportedModelError("This CLIP skips the final layer norm on hidden layers, which DynASyn does not support.")
+    layers = _clip_layers_used(inner, clip)
+    tok_emb = tm.embeddings.token_embedding.weight
+    attn = tm.encoder.layers[0].self_attn
+    act = next((k for k, f in ACTIVATIONS.items() if f is tm.encoder.layers[0].mlp.activation), None)
+    if act is None:
+        raise UnsupportedModelError("Unknown CLIP activation; DynASyn supports the CLIP encoders of " + SUPPORTED_FAMILIES)
+    family = "sd2" if name == "clip_h" else "sd15"
+    pad = inner.special_tokens.get("pad", 49407)
+    prefix = f"{name}.transformer."
+    sd = _patched_state_dict(clip.patcher, inner.transformer, prefix)
+    with torch.inference_mode(False):
+        config = CLIPTextConfig(
+            vocab_size=tok_emb.shape[0], hidden_size=tok_emb.shape[1],
+            intermediate_size=tm.encoder.layers[0].mlp.fc1.weight.shape[0], num_attention_heads=attn.heads,
+            num_hidden_layers=layers, max_position_embeddings=tm.embeddings.position_embedding.weight.shape[0],
+            hidden_act=act, projection_dim=tok_emb.shape[1], layer_norm_eps=1e-5,
+            bos_token_id=inner.special_tokens.get("start", 49406), eos_token_id=inner.special_tokens.get("end", 49407),
+            pad_token_id=pad)
+        te = CLIPTextModel(config)
+        keep = {k: v for k, v in sd.items() if k.startswith("text_model.")
+                and not any(k.startswith(f"text_model.encoder.layers.{i}.") for i in range(layers, inner.num_layers))}
+        te_sd = normalize_clip_keys(keep, te.state_dict().keys())
+        result = te.load_state_dict(te_sd, strict=False)
+        missing = [k for k in result.missing_keys if "position_ids" not in k]
+        if missing:
+            raise DynASynError(f"The text encoder could not be converted: {len(missing)} weights missing (first: {missing[:3]}).")
+    tok_kwargs = dict(model_max_length=inner.max_length, local_files_only=True)
+    if pad == 0:
+        tok_kwargs["pad_token"] = "!"  # SD 2.x pads with id 0
+    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), **tok_kwargs)
+    return te.eval(), tokenizer, family
+
+
+def te_key_map(clip, te) -> dict[str, str]:
+    """``{transformers_key: comfy CLIP patch key}`` for the text-encoder weights the bridge converts."""
+    inner, name = _clip_inner(clip)
+    out = {}
+    for k in te.state_dict():
+        bare = k[len("text_model."):] if k.startswith("text_model.") else k
+        if "position_ids" in bare:
+            continue
+        out[k] = f"{name}.transformer.text_model.{bare}"
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# VAE
+# --------------------------------------------------------------------------------------------
+
+def _vae_key_map(vae_diffusers) -> dict[str, str]:
+    """``{diffusers_key: ldm_key}``, the inverse of ComfyUI's ``convert_vae_state_dict``."""
+    from comfy.diffusers_convert import convert_vae_state_dict
+
+    probes = {k: torch.empty(2) for k in vae_diffusers.state_dict()}  # distinct storages identify keys
+    by_ptr = {t.data_ptr(): k for k, t in probes.items()}
+    converted = convert_vae_state_dict(probes)
+    return {by_ptr[t.data_ptr()]: ldm_key for ldm_key, t in converted.items()}
+
+
+def native_vae_to_diffusers(vae):
+    from diffusers import AutoencoderKL
+
+    fsm = vae.first_stage_model
+    sd = {k: v.detach().to("cpu", torch.float32).clone() for k, v in fsm.state_dict().items()}
+    if "encoder.conv_in.weight" not in sd or "quant_conv.weight" not in sd:
+        raise UnsupportedModelError(f"This VAE ({type(fsm).__name__}) is not an SD 1.x/2.x KL autoencoder; "
+                                    f"DynASyn supports {SUPPORTED_FAMILIES}.")
+    levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
+    block_out = [sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
+    per_block = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block."))
+    with torch.inference_mode(False):
+        dv = AutoencoderKL(in_channels=sd["encoder.conv_in.weight"].shape[1], out_channels=sd["decoder.conv_out.weight"].shape[0],
+                           latent_channels=sd["quant_conv.weight"].shape[0] // 2, block_out_channels=tuple(block_out),
+                           layers_per_block=per_block, down_block_types=("DownEncoderBlock2D",) * levels,
+                           up_block_types=("UpDecoderBlock2D",) * levels, norm_num_groups=32, sample_size=512,
+                           scaling_factor=0.18215)  # SD 1.x / 2.x latent scale (comfy latent_formats.SD15)
+        expected = dv.state_dict()
+        mapping = _vae_key_map(dv)
+        dv.load_state_dict({dk: sd[lk].reshape(expected[dk].shape) for dk, lk in mapping.items()}, strict=True)
+    return dv.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Native -> diffusers
+# --------------------------------------------------------------------------------------------
+
+def native_to_components(model, clip, vae=None) -> SDComponents:
+    """Convert CheckpointLoaderSimple's MODEL / CLIP / VAE into trainable fp32 diffusers modules."""
+    if model is None or clip is None:
+        raise DynASynError("Both a MODEL and a CLIP are needed (connect CheckpointLoaderSimple's MODEL and CLIP outputs).")
+    family = model_family(model)
+    pred = prediction_type(model)
+    unet = native_unet_to_diffusers(model, pred)
+    te, tokenizer, te_family = native_text_encoder_to_transformers(clip)
+    if te.config.hidden_size != unet.config.cross_attention_dim:
+        raise DynASynError(f"The CLIP (width {te.config.hidden_size}) does not belong to this MODEL "
+                           f"(context {unet.config.cross_attention_dim}); connect the CLIP of the same checkpoint.")
+    dv = native_vae_to_diffusers(vae) if vae is not None else None
+    return SDComponents(unet, te, tokenizer, dv, make_noise_scheduler(pred), family=te_family,
+                        extra={"base_family": family})
+
+
+# --------------------------------------------------------------------------------------------
+# Diffusers -> native
+# --------------------------------------------------------------------------------------------
+
+def unet_patches(model, unet) -> dict[str, tuple]:
+    mapping = unet_key_map(model)
+    base_sd = model.model.diffusion_model.state_dict()
+    patches = {}
+    for dk, w in unet.state_dict().items():
+        lk = mapping.get(dk)
+        if lk is None or lk not in base_sd:
+            raise DynASynError(f"Trained UNet weight {dk} has no place in the base MODEL; was it trained from this model?")
+        patches["diffusion_model." + lk] = ("set", (w.detach().to("cpu", torch.float32).reshape(base_sd[lk].shape).clone(),))
+    return patches
+
+
+def text_encoder_patches(clip, te) -> dict[str, tuple]:
+    """Patches for the CLIP; the token table keeps ComfyUI's vocabulary (placeholders go to embedding files)."""
+    inner, _ = _clip_inner(clip)
+    base_sd = clip.cond_stage_model.state_dict()
+    patches = {}
+    for tk, ck in te_key_map(clip, te).items():
+        w = te.state_dict()[tk].detach().to("cpu", torch.float32)
+        base = base_sd.get(ck)
+        if base is None:
+            raise DynASynError(f"Trained text-encoder weight {tk} has no place in the base CLIP; was it trained from this model?")
+        if w.shape != base.shape:
+            if tk.endswith("token_embedding.weight") and w.shape[0] > base.shape[0]:
+                w = w[: base.shape[0]]  # added placeholder rows live in embedding files
+            else:
+                raise DynASynError(f"Trained text-encoder weight {tk} has shape {tuple(w.shape)}, the base CLIP {tuple(base.shape)}.")
+        patches[ck] = ("set", (w.clone(),))
+    return patches
+
+
+def components_to_native(model, clip, comps: SDComponents, *, include_text_encoder: bool = True):
+    """Patched clones of ``model`` / ``clip`` carrying ``comps``' trained weights (originals untouched)."""
+    with torch.inference_mode(False):
+        m = model.clone()
+        m.add_patches(unet_patches(model, comps.unet), 1.0)
+        c = clip.clone()
+        if include_text_encoder:
+            c.add_patches(text_encoder_patches(clip, comps.text_encoder), 1.0)
+    return m, c
+
+
+# --------------------------------------------------------------------------------------------
+# Single-file checkpoint (ComfyUI's own save)
+# --------------------------------------------------------------------------------------------
+
+def save_checkpoint(folder: str | os.PathLike, name: str, model, clip, vae, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write ``<folder>/<name>.safetensors`` with ``comfy.sd.save_checkpoint``, atomically, never overwriting."""
+    validate_export_name(name, "checkpoint")
+    model_family(model)
+    if clip is None or vae is None:
+        raise DynASynError("A checkpoint needs MODEL, CLIP and VAE; connect all three.")
+    extra = {}
+    if model.model.model_type == comfy.model_base.ModelType.V_PREDICTION or prediction_type(model) == "v_prediction":
+        extra["v_pred"] = torch.tensor([])
+    meta = {"dynasyn": json.dumps(dict(metadata or {}), default=str)}
+    with atomic_target(Path(folder) / f"{name}.safetensors") as tmp:
+        comfy.sd.save_checkpoint(str(tmp), model, clip, vae, metadata=meta, extra_keys=extra)
+    return Path(folder) / f"{name}.safetensors"
+
+
+# --------------------------------------------------------------------------------------------
+# Diffusers folder -> native
+# --------------------------------------------------------------------------------------------
+
+def _set_v_prediction(model) -> None:
+    class ModelSamplingV(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.V_PREDICTION):
+        pass
+
+    model.add_object_patch("model_sampling", ModelSamplingV(model.model.model_config))
+
+
+def load_diffusers_folder(path: str | os.PathLike, embedding_directory=None):
+    """A diffusers SD folder -> (MODEL, CLIP, VAE), placeholder tokens included, with clear errors.
+
+    Unlike ComfyUI's DiffusersLoader, text-encoder keys of either transformers layout are accepted
+    (transformers 5 drops ``text_model.``, which ComfyUI silently answers with a random CLIP), and
+    the scheduler's prediction type is honoured.
+    """
+    from ..dynasyn.models import load_components
+
+    comps = load_components(path)
+    return components_to_new_native(comps, embedding_directory=embedding_directory)
+
+
+def components_to_new_native(comps: SDComponents, embedding_directory=None):
+    """Fresh native MODEL, CLIP, VAE built by ComfyUI's loaders from diffusers components."""
+    with torch.inference_mode(False):
+        unet_sd = {k: v.detach().cpu() for k, v in comps.unet.state_dict().items()}
+        model = comfy.sd.load_diffusion_model_state_dict(unet_sd)
+        if model is None:
+            raise UnsupportedModelError(f"ComfyUI did not recognise this UNet; DynASyn supports {SUPPORTED_FAMILIES}.")
+        model_family(model)
+        if comps.prediction_type == "v_prediction" and prediction_type(model) != "v_prediction":
+            _set_v_prediction(model)
+        te_sd = {k: v.detach().cpu() for k, v in comps.text_encoder.state_dict().items()}
+        te_sd = {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v for k, v in te_sd.items()}
+        n_vocab = comps.text_encoder.config.vocab_size
+        if n_vocab > 49408:  # placeholder rows: ComfyUI's vocabulary is fixed, they become embeddings
+            te_sd["text_model.embeddings.token_embedding.weight"] = te_sd["text_model.embeddings.token_embedding.weight"][:49408]
+        clip_type = comfy.sd.CLIPType.STABLE_DIFFUSION
+        if comps.embedding_dim == 1024 and comps.text_encoder.config.num_hidden_layers == 23:
+            # ComfyUI's SD 2 CLIP has 24 layers and uses the penultimate one: add an unused 24th layer
+            # so the checkpoint stays complete; diffusers' 23 layers are exactly what it reads.
+            last = "text_model.encoder.layers.22."
+            te_sd.update({k.replace(last, "text_model.encoder.layers.23."): v.clone() for k, v in te_sd.items() if k.startswith(last)})
+        clip = comfy.sd.load_text_encoder_state_dicts([te_sd], embedding_directory=embedding_directory, clip_type=clip_type)
+        vae = comfy.sd.VAE(sd={k: v.detach().cpu() for k, v in comps.vae.state_dict().items()}) if comps.vae is not None else None
+    return model, clip, vae
+
+
+def placeholder_vectors(comps: SDComponents) -> dict[str, torch.Tensor]:
+    """``{token: vector}`` for tokens added to the tokenizer beyond CLIP's 49,408 (e.g. ``<asset0>``)."""
+    emb = comps.text_encoder.get_input_embeddings().weight
+    out = {}
+    for tok, idx in comps.tokenizer.get_added_vocab().items():
+        if idx >= 49408 and idx < emb.shape[0]:
+            out[tok] = emb[idx].detach().to("cpu", torch.float32).clone()
+    return out
