@@ -36,17 +36,31 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+def _bpe(parts: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    while len(parts) > 1:
+        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank == 1 << 30:
+            break
+        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+    return parts
+
+
 def write_tiny_tokenizer_files(folder: str | Path, words=TINY_WORDS) -> Path:
     """Write ``vocab.json`` + ``merges.txt`` of a small CLIP BPE (byte fallback + whole ``words``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     chars = list(_bytes_to_unicode().values())
     merges: list[tuple[str, str]] = []
-    for w in words:  # left-to-right merges; the last symbol carries "</w>"
-        parts = list(w[:-1]) + [w[-1] + "</w>"]
+    ranks: dict[tuple[str, str], int] = {}
+    for w in words:
+        # Apply the merges known so far exactly as BPE will, then add merges that finish the word;
+        # new merges rank after all earlier ones, so tokenizing the word later gives one token.
+        parts = _bpe(list(w[:-1]) + [w[-1] + "</w>"], ranks)
         while len(parts) > 1:
-            if (parts[0], parts[1]) not in merges:
-                merges.append((parts[0], parts[1]))
+            pair = (parts[0], parts[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
             parts = [parts[0] + parts[1]] + parts[2:]
     vocab: dict[str, int] = {}
     for tok in chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]:

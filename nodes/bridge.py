@@ -160,7 +160,8 @@ def native_unet_to_diffusers(model, prediction: str):
     ldm = _patched_state_dict(model, model.model.diffusion_model, "diffusion_model.")
     mapping = unet_key_map(model)
     with torch.inference_mode(False):
-        unet = UNet2DConditionModel(**cfg)
+        with torch.device("meta"):  # no random init and no second copy: the converted tensors are assigned
+            unet = UNet2DConditionModel(**cfg)
         expected = unet.state_dict()
         sd, missing = {}, []
         for dk in expected:
@@ -168,11 +169,11 @@ def native_unet_to_diffusers(model, prediction: str):
             if lk is None or lk not in ldm:
                 missing.append(dk)
                 continue
-            sd[dk] = ldm[lk].reshape(expected[dk].shape)
+            sd[dk] = ldm.pop(lk).reshape(expected[dk].shape)
         if missing:
             raise DynASynError(f"The UNet could not be converted: {len(missing)} weights have no match "
                                f"(first: {missing[:3]}). DynASyn supports {SUPPORTED_FAMILIES}.")
-        unet.load_state_dict(sd, strict=True)
+        unet.load_state_dict(sd, strict=True, assign=True)
     return unet.eval()
 
 
@@ -262,7 +263,7 @@ def _vae_key_map(vae_diffusers) -> dict[str, str]:
     """``{diffusers_key: ldm_key}``, the inverse of ComfyUI's ``convert_vae_state_dict``."""
     from comfy.diffusers_convert import convert_vae_state_dict
 
-    probes = {k: torch.empty(2) for k in vae_diffusers.state_dict()}  # distinct storages identify keys
+    probes = {k: torch.empty(2, device="cpu") for k in vae_diffusers.state_dict()}  # distinct storages identify keys
     by_ptr = {t.data_ptr(): k for k, t in probes.items()}
     converted = convert_vae_state_dict(probes)
     return {by_ptr[t.data_ptr()]: ldm_key for ldm_key, t in converted.items()}
@@ -279,15 +280,16 @@ def native_vae_to_diffusers(vae):
     levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down."))
     block_out = [sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)]
     per_block = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block."))
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), torch.device("meta"):
         dv = AutoencoderKL(in_channels=sd["encoder.conv_in.weight"].shape[1], out_channels=sd["decoder.conv_out.weight"].shape[0],
                            latent_channels=sd["quant_conv.weight"].shape[0] // 2, block_out_channels=tuple(block_out),
                            layers_per_block=per_block, down_block_types=("DownEncoderBlock2D",) * levels,
                            up_block_types=("UpDecoderBlock2D",) * levels, norm_num_groups=32, sample_size=512,
                            scaling_factor=0.18215)  # SD 1.x / 2.x latent scale (comfy latent_formats.SD15)
+    with torch.inference_mode(False):
         expected = dv.state_dict()
         mapping = _vae_key_map(dv)
-        dv.load_state_dict({dk: sd[lk].reshape(expected[dk].shape) for dk, lk in mapping.items()}, strict=True)
+        dv.load_state_dict({dk: sd[lk].reshape(expected[dk].shape) for dk, lk in mapping.items()}, strict=True, assign=True)
     return dv.eval()
 
 
@@ -315,6 +317,13 @@ def native_to_components(model, clip, vae=None) -> SDComponents:
 # Diffusers -> native
 # --------------------------------------------------------------------------------------------
 
+def _set_patch_if_changed(patches: dict, key: str, trained: torch.Tensor, base: torch.Tensor) -> None:
+    """Add a "set" patch unless ``trained`` equals ``base`` as stored (untouched tensors cost no memory)."""
+    w = trained.detach().to("cpu", torch.float32).reshape(base.shape)
+    if not torch.equal(w.to(base.dtype), base.detach().cpu()):
+        patches[key] = ("set", (w.clone(),))
+
+
 def unet_patches(model, unet) -> dict[str, tuple]:
     mapping = unet_key_map(model)
     base_sd = model.model.diffusion_model.state_dict()
@@ -323,7 +332,7 @@ def unet_patches(model, unet) -> dict[str, tuple]:
         lk = mapping.get(dk)
         if lk is None or lk not in base_sd:
             raise DynASynError(f"Trained UNet weight {dk} has no place in the base MODEL; was it trained from this model?")
-        patches["diffusion_model." + lk] = ("set", (w.detach().to("cpu", torch.float32).reshape(base_sd[lk].shape).clone(),))
+        _set_patch_if_changed(patches, "diffusion_model." + lk, w, base_sd[lk])
     return patches
 
 
@@ -331,9 +340,10 @@ def text_encoder_patches(clip, te) -> dict[str, tuple]:
     """Patches for the CLIP; the token table keeps ComfyUI's vocabulary (placeholders go to embedding files)."""
     inner, _ = _clip_inner(clip)
     base_sd = clip.cond_stage_model.state_dict()
+    te_sd = te.state_dict()
     patches = {}
     for tk, ck in te_key_map(clip, te).items():
-        w = te.state_dict()[tk].detach().to("cpu", torch.float32)
+        w = te_sd[tk].detach().to("cpu", torch.float32)
         base = base_sd.get(ck)
         if base is None:
             raise DynASynError(f"Trained text-encoder weight {tk} has no place in the base CLIP; was it trained from this model?")
@@ -342,7 +352,7 @@ def text_encoder_patches(clip, te) -> dict[str, tuple]:
                 w = w[: base.shape[0]]  # added placeholder rows live in embedding files
             else:
                 raise DynASynError(f"Trained text-encoder weight {tk} has shape {tuple(w.shape)}, the base CLIP {tuple(base.shape)}.")
-        patches[ck] = ("set", (w.clone(),))
+        _set_patch_if_changed(patches, ck, w, base)
     return patches
 
 

@@ -1,0 +1,51 @@
+"""The pack in a real ComfyUI 0.3.75 server: every node registered, no import failure."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.support.comfy_server import ComfyServer, fresh_base
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def declared_nodes():
+    src = (ROOT / "__init__.py").read_text()
+    body = re.search(r"NODE_CLASS_MAPPINGS\s*=\s*\{([^}]*)\}", src).group(1)
+    return re.findall(r'"([^"]+)"\s*:', body)
+
+
+def test_every_node_appears_in_object_info(server):
+    info = server.get("/object_info")
+    nodes = declared_nodes()
+    missing = [n for n in nodes if n not in info]
+    assert not missing, server.log()[-3000:]
+    for n in nodes:
+        entry = info[n]
+        assert entry["python_module"].startswith("custom_nodes.")
+        assert entry["category"].startswith("DynASyn/")
+        assert entry["description"]
+        for section in ("required", "optional"):
+            for name, spec in entry["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{n}.{name} has no tooltip"
+    log = server.log()
+    assert "IMPORT FAILED" not in log and "Cannot import" not in log, log[-3000:]
+    assert "[DynASyn]" not in log or "disabled" not in log  # nothing was disabled
+
+
+def test_missing_optional_dependency_disables_only_its_nodes(tmp_path):
+    # A stand-in 'diffusers' package that fails to import, first on the server's path.
+    shim = tmp_path / "shim" / "diffusers"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'diffusers'\", name='diffusers')\n")
+    with ComfyServer(fresh_base(tmp_path / "base"), env={"PYTHONPATH": str(shim.parent)}) as s:
+        info = s.get("/object_info")
+        log = s.log()
+    assert "DynASynDiffusersLoader" not in info
+    others = [n for n in declared_nodes() if n != "DynASynDiffusersLoader"]
+    assert others and all(n in info for n in others)
+    assert "nodes DynASynDiffusersLoader disabled: the Python package 'diffusers' is missing" in log
+    assert "pip install diffusers" in log
+    assert "IMPORT FAILED" not in log

@@ -1,0 +1,100 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dynasyn.errors import ExportWriteError, InvalidNameError, TargetExistsError
+from dynasyn.export import save_embedding, save_embeddings, unique_name, validate_export_name, write_atomic
+
+
+@pytest.mark.parametrize("name", ["subjects", "my_run-2", "v1.5_asset0", "_x", "A" * 100])
+def test_valid_names_pass(name):
+    assert validate_export_name(name) == name
+
+
+@pytest.mark.parametrize("name, why", [
+    ("a/b", "path separator"), ("a\\b", "path separator"), ("..", ".."), ("x..y", ".."),
+    ("two words", "whitespace"), ("tab\tname", "whitespace"), ("", "empty"), ("   ", "empty"),
+    ("weight:1.2", "':'"), ("(name)", "'('"), ("a,b", "','"), ("<asset0>", "'<'"), ("é", "'é'"),
+    ("-lead", "leading"), ("CON", "reserved"), ("nul.txt", "reserved"), ("dot.", "ends with"), ("A" * 101, "longer"),
+])
+def test_bad_names_are_refused_with_the_reason(name, why):
+    with pytest.raises(InvalidNameError) as e:
+        validate_export_name(name, "embedding")
+    msg = str(e.value)
+    assert "embedding name" in msg and why in msg
+    if name.strip():
+        assert repr(name) in msg  # says which name was refused
+
+
+def test_embedding_is_written_in_load_embed_format(tmp_path):
+    vec = torch.randn(2, 768)
+    path = save_embedding(tmp_path, "panda", vec, {"dynasyn.token": "<asset0>"})
+    assert path == tmp_path / "panda.safetensors"
+    data = load_file(path)
+    assert list(data) == ["emb_params"]
+    assert data["emb_params"].dtype == torch.float32 and data["emb_params"].shape == (2, 768)
+    torch.testing.assert_close(data["emb_params"], vec)
+    one = save_embedding(tmp_path, "bowl", torch.randn(1024))
+    assert load_file(one)["emb_params"].shape == (1, 1024)
+    assert [p.name for p in tmp_path.iterdir()] and not list(tmp_path.glob(".*tmp"))
+
+
+def test_existing_target_is_never_overwritten(tmp_path):
+    (tmp_path / "panda.safetensors").write_bytes(b"precious")
+    with pytest.raises(TargetExistsError, match="already exists"):
+        save_embedding(tmp_path, "panda", torch.randn(768))
+    assert (tmp_path / "panda.safetensors").read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["panda.safetensors"]
+
+
+def test_save_embeddings_checks_every_target_before_writing_any(tmp_path):
+    (tmp_path / "b.safetensors").write_bytes(b"old")
+    with pytest.raises(TargetExistsError):
+        save_embeddings(tmp_path, {"a": torch.randn(768), "b": torch.randn(768)})
+    assert not (tmp_path / "a.safetensors").exists()
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path):
+    def failing_writer(tmp: Path):
+        tmp.write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(ExportWriteError, match="No space left on device"):
+        write_atomic(tmp_path / "ckpt.safetensors", failing_writer)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_folder_gets_a_clear_error(tmp_path):
+    blocker = tmp_path / "models"
+    blocker.write_text("a file where the folder should be")
+    with pytest.raises(ExportWriteError, match="Cannot create the folder"):
+        save_embedding(blocker / "embeddings", "panda", torch.randn(768))
+    assert blocker.read_text().startswith("a file")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_folder_gets_a_clear_error(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(ExportWriteError, match="not writable"):
+            save_embedding(ro, "panda", torch.randn(768))
+    finally:
+        ro.chmod(0o755)
+
+
+def test_non_finite_embedding_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="NaN"):
+        save_embedding(tmp_path, "bad", torch.tensor([float("nan"), 1.0]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unique_name_counts_up(tmp_path):
+    assert unique_name(tmp_path, "run") == "run"
+    (tmp_path / "run.safetensors").write_bytes(b"")
+    (tmp_path / "run_001.safetensors").write_bytes(b"")
+    assert unique_name(tmp_path, "run") == "run_002"
