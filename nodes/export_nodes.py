@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import folder_paths
 
 from ..dynasyn.export import unique_name, validate_export_name
@@ -32,6 +34,13 @@ class DynASynSaveCheckpoint:
                 "When models/checkpoints/<name>.safetensors exists: add a number (name_001...) or stop with an error. "
                 "Existing files are never overwritten.")}),
         }}
+
+    @classmethod
+    def IS_CHANGED(cls, model, clip, vae, name, if_exists="new name"):
+        # Re-run (instead of answering from ComfyUI's cache) when the target file appears or vanishes,
+        # so a queued re-save reports "already exists" or writes a numbered copy.
+        folder = folder_paths.get_folder_paths("checkpoints")[0]
+        return os.path.exists(os.path.join(folder, f"{name}.safetensors"))
 
     def save(self, model, clip, vae, name, if_exists="new name"):
         try:

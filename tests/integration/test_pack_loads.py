@@ -17,6 +17,12 @@ def declared_nodes():
     return re.findall(r'"([^"]+)"\s*:', body)
 
 
+def pack_import_failures(log: str) -> list[str]:
+    """Import-failure lines about this pack (ComfyUI's own audio nodes fail without torchaudio here)."""
+    return [line for line in log.splitlines()
+            if ("IMPORT FAILED" in line or "Cannot import" in line) and "DynASyn" in line]
+
+
 def test_every_node_appears_in_object_info(server):
     info = server.get("/object_info")
     nodes = declared_nodes()
@@ -31,8 +37,8 @@ def test_every_node_appears_in_object_info(server):
             for name, spec in entry["input"].get(section, {}).items():
                 assert len(spec) > 1 and spec[1].get("tooltip"), f"{n}.{name} has no tooltip"
     log = server.log()
-    assert "IMPORT FAILED" not in log and "Cannot import" not in log, log[-3000:]
-    assert "[DynASyn]" not in log or "disabled" not in log  # nothing was disabled
+    assert pack_import_failures(log) == [], log[-3000:]
+    assert "[DynASyn] nodes" not in log  # nothing was disabled
 
 
 def test_missing_optional_dependency_disables_only_its_nodes(tmp_path):
@@ -48,4 +54,4 @@ def test_missing_optional_dependency_disables_only_its_nodes(tmp_path):
     assert others and all(n in info for n in others)
     assert "nodes DynASynDiffusersLoader disabled: the Python package 'diffusers' is missing" in log
     assert "pip install diffusers" in log
-    assert "IMPORT FAILED" not in log
+    assert pack_import_failures(log) == []
