@@ -1,0 +1,131 @@
+"""Cross-attention capture at the 16x16 layers, through diffusers attention processors.
+
+Only the layers whose queries form an ``r x r`` map (16x16 by default: SD at 512 px,
+``down_blocks.2`` and ``up_blocks.1``) get the explicit-probability processor; every other layer
+keeps the fast SDPA path. Maps are stored by layer name, with their autograd graph, only while
+``store.enabled`` is on, so the recomputation in a gradient-checkpointed backward pass does not
+touch them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+
+class AttentionStore:
+    """Cross-attention probabilities of the hooked layers for the current forward pass."""
+
+    def __init__(self):
+        self.maps: dict[str, torch.Tensor] = {}  # layer -> [B, heads, HW, T]
+        self.enabled = False
+
+    def record(self, layer: str, probs: torch.Tensor, heads: int) -> None:
+        if self.enabled:
+            self.maps[layer] = probs.reshape(-1, heads, *probs.shape[1:])
+
+    def clear(self) -> None:
+        self.maps = {}
+
+    def aggregate(self) -> torch.Tensor:
+        """Mean over every head of every hooked layer (Break-a-Scene's ``aggregate_attention``): ``[B, r, r, T]``."""
+        if not self.maps:
+            raise RuntimeError("No cross-attention was recorded: enable the store around the UNet forward pass.")
+        maps = torch.cat([m for m in self.maps.values()], dim=1)  # [B, sum(heads), HW, T]
+        mean = maps.mean(dim=1)
+        r = int(math.isqrt(mean.shape[1]))
+        return mean.reshape(mean.shape[0], r, r, mean.shape[-1])
+
+
+class CaptureAttnProcessor:
+    """diffusers' ``AttnProcessor`` math with the probabilities handed to an ``AttentionStore``."""
+
+    def __init__(self, store: AttentionStore, layer: str):
+        self.store = store
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch, seq_len, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
+        probs = attn.get_attention_scores(query, key, attention_mask)  # [B*heads, HW, T]
+        self.store.record(self.layer, probs, attn.heads)
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def cross_attention_resolutions(unet, latent_size: int) -> dict[str, int]:
+    """``{processor name: query map side}`` of every cross-attention (``attn2``) layer at ``latent_size``."""
+    levels = len(unet.config.block_out_channels)
+    out = {}
+    for name in unet.attn_processors:
+        if ".attn2." not in name:
+            continue
+        part = name.split(".")[0]
+        if part == "down_blocks":
+            level = int(name.split(".")[1])
+        elif part == "up_blocks":
+            level = levels - 1 - int(name.split(".")[1])
+        else:  # mid_block
+            level = levels - 1
+        out[name] = latent_size // (2 ** level)
+    return out
+
+
+def capture_layers(unet, latent_size: int, resolution: int = 16, include_mid: bool = False) -> list[str]:
+    """The attn2 processors whose maps are ``resolution``², down and up blocks (mid only if asked)."""
+    layers = [n for n, r in cross_attention_resolutions(unet, latent_size).items()
+              if r == resolution and (include_mid or not n.startswith("mid_block"))]
+    if not layers:
+        found = sorted(set(cross_attention_resolutions(unet, latent_size).values()))
+        raise ValueError(f"No cross-attention layer works at {resolution}x{resolution} for {latent_size}x{latent_size} "
+                         f"latents (available: {found}); use a training resolution that gives {resolution}x{resolution} maps.")
+    return layers
+
+
+def install_attention_capture(unet, store: AttentionStore, layers: Iterable[str]) -> list[str]:
+    """Explicit-probability processors on ``layers``, SDPA everywhere else; returns the hooked names."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    layers = list(layers)
+    procs = {name: (CaptureAttnProcessor(store, name) if name in layers else AttnProcessor2_0())
+             for name in unet.attn_processors}
+    unet.set_attn_processor(dict(procs))  # diffusers pops entries out of the dict it is given
+    return layers
+
+
+def remove_attention_capture(unet) -> None:
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())
+
+
+def token_maps(aggregated: torch.Tensor, positions: list[list[int]]) -> torch.Tensor:
+    """Maps of the given token positions per subject, ``[S, r, r]`` (multi-token words: mean of their columns).
+
+    ``aggregated`` is ``[r, r, T]`` for one sample.
+    """
+    return torch.stack([aggregated[..., pos].mean(dim=-1) for pos in positions])
