@@ -20,7 +20,7 @@ status=0
 for tier in "${tiers[@]}"; do
   echo "=== tier: $tier ==="
   start=$(date +%s)
-  if ! .venv/bin/python -m pytest "tests/$tier" -q -p no:cacheprovider ${extra[@]+"${extra[@]}"}; then
+  if ! .venv/bin/python -m pytest -c tests/pytest.ini "tests/$tier" -q -p no:cacheprovider ${extra[@]+"${extra[@]}"}; then
     status=1
   fi
   echo "=== tier $tier took $(( $(date +%s) - start )) s ==="
