@@ -10,6 +10,8 @@ PY="${PYTHON:-python3}"
 VENV="$ROOT/.venv"
 CACHE="$ROOT/.cache"
 mkdir -p "$CACHE"
+# pip's own exit status is kept; only the machine's noisy "Location ... is ignored" lines are dropped.
+pip_install() { "$VENV/bin/pip" install --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
@@ -18,9 +20,9 @@ fi
 STAMP="$VENV/.dynasyn-deps-$(sha1sum requirements-dev.txt requirements.txt | sha1sum | cut -c1-12)"
 if [ ! -f "$STAMP" ]; then
   echo "[setup] installing torch + torchvision"
-  "$VENV/bin/pip" install --disable-pip-version-check -q torch==2.14.1 torchvision==0.29.1
+  pip_install torch==2.14.1 torchvision==0.29.1
   echo "[setup] installing pack + test dependencies"
-  "$VENV/bin/pip" install --disable-pip-version-check -q -c scripts/constraints.txt -r requirements-dev.txt
+  pip_install -c scripts/constraints.txt -r requirements-dev.txt
   touch "$STAMP"
 fi
 
@@ -41,7 +43,7 @@ COMFY_STAMP="$VENV/.comfy-reqs"
 if [ ! -f "$COMFY_STAMP" ]; then
   echo "[setup] installing ComfyUI's requirements (without torch/torchvision/torchaudio)"
   grep -vxE 'torch|torchvision|torchaudio' "$COMFY/requirements.txt" > "$CACHE/comfy-reqs-notorch.txt"
-  "$VENV/bin/pip" install --disable-pip-version-check -q -c scripts/constraints.txt -r "$CACHE/comfy-reqs-notorch.txt"
+  pip_install -c scripts/constraints.txt -r "$CACHE/comfy-reqs-notorch.txt"
   touch "$COMFY_STAMP"
 fi
-echo "[setup] ready: $VENV, $COMFY"
+echo "[setup] ready in ${SECONDS}s: $VENV, $COMFY"
