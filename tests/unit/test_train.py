@@ -1,0 +1,151 @@
+import pytest
+import torch
+
+from dynasyn.dataset import AugmentedPair
+from dynasyn.errors import DynASynError
+from dynasyn.tiny import tiny_components
+from dynasyn.train import MODES, Cancelled, DynASynTrainer, NonFiniteLoss, TrainConfig
+
+
+def scene(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(64, 64, 3, generator=g)
+    a = torch.zeros(64, 64)
+    a[6:30, 6:30] = 1
+    b = torch.zeros(64, 64)
+    b[34:60, 28:60] = 1
+    image[a > 0] = torch.tensor([0.9, 0.2, 0.2])
+    image[b > 0] = torch.tensor([0.2, 0.3, 0.9])
+    return image, [a, b], ["panda", "bowl"]
+
+
+def aug_pairs(n=2):
+    out = []
+    for k in range(n):
+        img, masks, _ = scene(seed=10 + k)
+        out.append(AugmentedPair(img, "a panda jumping into a bowl", [0, 1], torch.stack(masks)))
+    return out
+
+
+def cfg(**kw):
+    base = dict(phase1_steps=2, phase2_steps=2, resolution=64, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def trainer(config, augmented=(), **kw):
+    image, masks, nouns = scene()
+    return DynASynTrainer(tiny_components(seed=0), image, masks, nouns, config, augmented=augmented, device="cpu",
+                          log=lambda *_: None, **kw)
+
+
+def weights(comps):
+    return {**{"unet." + k: v.clone() for k, v in comps.unet.state_dict().items()},
+            **{"te." + k: v.clone() for k, v in comps.text_encoder.state_dict().items()}}
+
+
+def test_phase1_changes_only_placeholder_rows():
+    t = trainer(cfg(mode="break_a_scene", phase1_steps=3, phase2_steps=0))
+    before = weights(t.c)
+    t.train()
+    after = weights(t.c)
+    emb_key = next(k for k in after if k.endswith("token_embedding.weight"))
+    for k in before:
+        if k != emb_key:
+            assert torch.equal(before[k], after[k]), k
+    changed = (before[emb_key] != after[emb_key]).any(dim=1).nonzero().flatten().tolist()
+    assert changed == t.token_ids
+
+
+def test_phase2_trains_unet_and_text_encoder_but_never_the_frozen_model():
+    t = trainer(cfg(mode="dynasyn", phase1_steps=1, phase2_steps=2, phase2_lr=1e-3), augmented=aug_pairs())
+    frozen_unet, frozen_te, _ = t.frozen
+    frozen_before = {k: v.clone() for k, v in frozen_unet.state_dict().items()}
+    assert frozen_unet.dtype == torch.bfloat16  # half precision on CPU
+    before = weights(t.c)
+    t.train()
+    after = weights(t.c)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("unet."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("te.") and "token_embedding" not in k)
+    assert all(torch.equal(frozen_before[k], v) for k, v in frozen_unet.state_dict().items())
+    assert all(p.grad is None for p in frozen_unet.parameters()) and all(p.grad is None for p in frozen_te.parameters())
+    assert all(set(h.terms) == {"md", "m2a", "ica", "aug"} for h in t.history)
+
+
+def test_augmentation_loss_has_no_reconstruction_term(monkeypatch):
+    """L_AUG must not call the masked diffusion loss on augmented images."""
+    import dynasyn.train as train_mod
+
+    calls = []
+    real = train_mod.masked_diffusion_loss
+    monkeypatch.setattr(train_mod, "masked_diffusion_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    t = trainer(cfg(mode="dynasyn_act", phase1_steps=2, phase2_steps=0), augmented=aug_pairs())
+    t.train()
+    assert len(calls) == 2  # one per step, for the reference image only
+    assert all("aug" in h.terms for h in t.history)
+
+
+def test_no_augmented_pairs_trains_without_l_aug_and_says_so():
+    msgs = []
+    image, masks, nouns = scene()
+    t = DynASynTrainer(tiny_components(seed=0), image, masks, nouns, cfg(mode="dynasyn"), device="cpu", log=msgs.append)
+    assert any("without L_AUG" in m for m in msgs)
+    t.train()
+    assert all("aug" not in h.terms for h in t.history)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_every_mode_runs(mode):
+    t = trainer(cfg(mode=mode, phase1_steps=1, phase2_steps=1), augmented=aug_pairs(1))
+    result = t.train()
+    assert len(result.history) == 2
+    expected = set(MODES[mode][0])
+    assert set(result.history[-1].terms) == expected
+    assert all(torch.isfinite(torch.tensor(h.loss)) for h in result.history)
+
+
+def test_thirty_steps_lower_attention_and_diffusion_losses():
+    t = trainer(cfg(mode="break_a_scene", phase1_steps=0, phase2_steps=40, phase2_lr=1e-3, flip_p=0.0,
+                    lambda_m2a=1.0))
+    t.train()
+    md = [h.terms["md"] for h in t.history]
+    m2a = [h.terms["m2a"] for h in t.history]
+    assert sum(m2a[-10:]) < sum(m2a[:10])
+    assert sum(md[-10:]) < sum(md[:10])
+
+
+def test_same_seed_same_weights_and_cancel_resume_matches(tmp_path):
+    config = cfg(mode="dynasyn", phase1_steps=3, phase2_steps=3, phase2_lr=1e-4)
+    full = trainer(config, augmented=aug_pairs())
+    full.train()
+    again = trainer(config, augmented=aug_pairs())
+    again.train()
+    w_full, w_again = weights(full.c), weights(again.c)
+    assert all(torch.equal(w_full[k], w_again[k]) for k in w_full)
+
+    stop_at = {"n": 4}
+    first = trainer(config, augmented=aug_pairs(), should_stop=lambda: len(first.history) >= stop_at["n"])
+    with pytest.raises(Cancelled) as e:
+        first.train(state_dir=tmp_path / "state")
+    assert e.value.step == 4 and (tmp_path / "state" / "state.json").exists()
+    resumed = trainer(config, augmented=aug_pairs())
+    resumed.load_state(tmp_path / "state")
+    resumed.train()
+    w_res = weights(resumed.c)
+    assert all(torch.equal(w_full[k], w_res[k]) for k in w_full), [k for k in w_full if not torch.equal(w_full[k], w_res[k])][:3]
+    assert [h.loss for h in resumed.history] == [h.loss for h in full.history]
+
+
+def test_nan_loss_stops_with_a_clear_error():
+    t = trainer(cfg(mode="break_a_scene", phase1_steps=2, phase2_steps=0))
+    with torch.no_grad():
+        t.c.unet.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteLoss, match="Lower the learning rate"):
+        t.train()
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(DynASynError, match="Unknown mode"):
+        TrainConfig(mode="lora")
+    with pytest.raises(DynASynError, match="multiple of 64"):
+        TrainConfig(resolution=500)
