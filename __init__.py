@@ -12,16 +12,25 @@ from .nodes._registry import load_node_classes
 _CLASSES = load_node_classes(__name__ + ".nodes", {
     "loaders": ("DynASynDiffusersLoader",),
     "export_nodes": ("DynASynSaveCheckpoint",),
+    "train_node": ("DynASynTrain",),
+    "tiny_node": ("DynASynTinyModel",),
+    "mask_nodes": ("DynASynMaskBatch",),
 })
 
 # Literal mapping (ComfyUI-Manager reads the keys statically); unavailable nodes are dropped below.
 NODE_CLASS_MAPPINGS = {
     "DynASynDiffusersLoader": _CLASSES.get("DynASynDiffusersLoader"),
     "DynASynSaveCheckpoint": _CLASSES.get("DynASynSaveCheckpoint"),
+    "DynASynTrain": _CLASSES.get("DynASynTrain"),
+    "DynASynTinyModel": _CLASSES.get("DynASynTinyModel"),
+    "DynASynMaskBatch": _CLASSES.get("DynASynMaskBatch"),
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DynASynDiffusersLoader": "DynASyn Load Diffusers Model",
     "DynASynSaveCheckpoint": "DynASyn Save Checkpoint",
+    "DynASynTrain": "DynASyn Train",
+    "DynASynTinyModel": "DynASyn Tiny Model (built-in, for tests and demos)",
+    "DynASynMaskBatch": "DynASyn Subject Masks",
 }
 NODE_CLASS_MAPPINGS = {k: v for k, v in NODE_CLASS_MAPPINGS.items() if v is not None}
 NODE_DISPLAY_NAME_MAPPINGS = {k: v for k, v in NODE_DISPLAY_NAME_MAPPINGS.items() if k in NODE_CLASS_MAPPINGS}

@@ -83,7 +83,7 @@ def tiny_tokenizer(family: str = "sd15"):
 
 
 def tiny_components(seed: int = 0, prediction_type: str = "epsilon", family: str = "sd15",
-                    hidden_size: int = 32) -> SDComponents:
+                    hidden_size: int = 32, tokenizer=None) -> SDComponents:
     """Random tiny SD: UNet 32->64 channels (one 32x32 cross-attention level), 2-layer CLIP, 2-level VAE.
 
     64 px images map to 32x32 latents (VAE factor 2); the cross-attention layers sit at 32x32 and
@@ -92,7 +92,7 @@ def tiny_components(seed: int = 0, prediction_type: str = "epsilon", family: str
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tok = tiny_tokenizer(family)
+    tok = tokenizer if tokenizer is not None else tiny_tokenizer(family)
     with torch.random.fork_rng(devices=[]):  # seeded weights without disturbing the caller's RNG
         torch.manual_seed(seed)
         return _build_tiny(tok, prediction_type, family, hidden_size)

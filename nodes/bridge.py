@@ -259,13 +259,25 @@ def te_key_map(clip, te) -> dict[str, str]:
 # VAE
 # --------------------------------------------------------------------------------------------
 
-def _vae_key_map(vae_diffusers) -> dict[str, str]:
-    """``{diffusers_key: ldm_key}``, the inverse of ComfyUI's ``convert_vae_state_dict``."""
+def _ldm_vae_key(key: str, levels: int) -> str:
+    """ComfyUI's VAE map assumes SD's 4 levels (``up_blocks.i`` -> ``up.{3-i}``); fix it for other depths."""
+    if levels != 4 and key.startswith("decoder.up."):
+        i = int(key.split(".")[2])
+        return f"decoder.up.{i - (4 - levels)}." + key.split(".", 3)[3]
+    return key
+
+
+def _convert_vae_state_dict(diffusers_sd: Mapping[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
     from comfy.diffusers_convert import convert_vae_state_dict
 
+    return {_ldm_vae_key(k, levels): v for k, v in convert_vae_state_dict(dict(diffusers_sd)).items()}
+
+
+def _vae_key_map(vae_diffusers) -> dict[str, str]:
+    """``{diffusers_key: ldm_key}``, the inverse of ComfyUI's ``convert_vae_state_dict``."""
     probes = {k: torch.empty(2, device="cpu") for k in vae_diffusers.state_dict()}  # distinct storages identify keys
     by_ptr = {t.data_ptr(): k for k, t in probes.items()}
-    converted = convert_vae_state_dict(probes)
+    converted = _convert_vae_state_dict(probes, len(vae_diffusers.config.block_out_channels))
     return {by_ptr[t.data_ptr()]: ldm_key for ldm_key, t in converted.items()}
 
 
@@ -444,3 +456,72 @@ def placeholder_vectors(comps: SDComponents) -> dict[str, torch.Tensor]:
         if idx >= 49408 and idx < emb.shape[0]:
             out[tok] = emb[idx].detach().to("cpu", torch.float32).clone()
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny native models (ComfyUI cannot detect them; built from their diffusers twins)
+# --------------------------------------------------------------------------------------------
+
+def comfy_unet_config(unet) -> dict:
+    """ComfyUI's ldm ``unet_config`` for an SD-style diffusers UNet (inverse of ``diffusers_unet_config``)."""
+    cfg = unet.config
+    levels = len(cfg.block_out_channels)
+    nrb = cfg.layers_per_block
+    ch = cfg.block_out_channels[0]
+    attn_down = [t.startswith("CrossAttn") for t in cfg.down_block_types]
+    attn_up_by_level = [cfg.up_block_types[levels - 1 - i].startswith("CrossAttn") for i in range(levels)]
+    heads = cfg.attention_head_dim if isinstance(cfg.attention_head_dim, int) else cfg.attention_head_dim[0]
+    return dict(use_checkpoint=False, image_size=cfg.sample_size, out_channels=cfg.out_channels, use_spatial_transformer=True,
+                legacy=False, adm_in_channels=None, in_channels=cfg.in_channels, model_channels=ch,
+                num_res_blocks=[nrb] * levels, transformer_depth=[int(a) for a in attn_down for _ in range(nrb)],
+                transformer_depth_output=[int(a) for a in attn_up_by_level for _ in range(nrb + 1)],
+                channel_mult=[c // ch for c in cfg.block_out_channels], transformer_depth_middle=1,
+                use_linear_in_transformer=bool(cfg.use_linear_projection), context_dim=cfg.cross_attention_dim,
+                num_heads=heads, num_head_channels=-1, use_temporal_attention=False, use_temporal_resblock=False)
+
+
+def tiny_native(comps: SDComponents, embedding_directory=None):
+    """Native MODEL, CLIP, VAE carrying ``comps``' weights, for SD-shaped models too small to detect.
+
+    The text encoder must use CLIP's 49,408-token vocabulary (ComfyUI's tokenizer is fixed).
+    """
+    import comfy.model_patcher
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+
+    if comps.text_encoder.config.vocab_size < 49408:
+        raise DynASynError("A native CLIP needs the full CLIP vocabulary (49,408 tokens).")
+    with torch.inference_mode(False):
+        unet_config = comfy_unet_config(comps.unet)
+        model_config = comfy.supported_models.SD15(dict(unet_config))
+        model_config.set_inference_dtype(torch.float32, torch.float32)
+        base = model_config.get_model({}, "")
+        mapping = comfy.utils.unet_to_diffusers(model_config.unet_config)
+        dsd = comps.unet.state_dict()
+        base.diffusion_model.load_state_dict({l: dsd[d].float() for d, l in mapping.items() if d in dsd}, strict=True)
+        model = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                                 offload_device=comfy.model_management.unet_offload_device())
+        if comps.prediction_type == "v_prediction":
+            _set_v_prediction(model)
+        te_cfg = comps.text_encoder.config
+        target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+        clip = comfy.sd.CLIP(target, embedding_directory=embedding_directory, model_options={"dtype": torch.float32, "clip_l_model_config": dict(
+            hidden_size=te_cfg.hidden_size, intermediate_size=te_cfg.intermediate_size,
+            num_attention_heads=te_cfg.num_attention_heads, num_hidden_layers=te_cfg.num_hidden_layers,
+            projection_dim=te_cfg.projection_dim, hidden_act=te_cfg.hidden_act)})
+        clip.tokenizer.clip_l.embedding_size = te_cfg.hidden_size  # so embedding:<name> files of this width load
+        te_sd = {(k if k.startswith("text_model.") else "text_model." + k): v.float()
+                 for k, v in comps.text_encoder.state_dict().items() if "position_ids" not in k}
+        clip.cond_stage_model.clip_l.transformer.load_state_dict(te_sd, strict=False)
+        vae = None
+        if comps.vae is not None:
+            vcfg = comps.vae.config
+            levels = len(vcfg.block_out_channels)
+            ddconfig = dict(double_z=True, z_channels=vcfg.latent_channels, resolution=256, in_channels=vcfg.in_channels,
+                            out_ch=vcfg.out_channels, ch=vcfg.block_out_channels[0],
+                            ch_mult=[c // vcfg.block_out_channels[0] for c in vcfg.block_out_channels],
+                            num_res_blocks=vcfg.layers_per_block, attn_resolutions=[], dropout=0.0)
+            ldm_vae = _convert_vae_state_dict({k: v.float() for k, v in comps.vae.state_dict().items()}, levels)
+            vae = comfy.sd.VAE(sd=ldm_vae, config={"params": {"embed_dim": vcfg.latent_channels, "ddconfig": ddconfig}})
+            vae.downscale_ratio = vae.upscale_ratio = 2 ** (levels - 1)
+    return model, clip, vae

@@ -107,9 +107,9 @@ class ComfyServer:
         self.post("/free", {"unload_models": True, "free_memory": True})
         time.sleep(2.0)  # the prompt worker applies the flag when idle
 
-    def run(self, prompt: dict, timeout: float = 900) -> dict:
+    def run(self, prompt: dict, timeout: float = 900, client_id: str | None = None) -> dict:
         """POST an API-format prompt and wait for its history entry; returns it (status + outputs)."""
-        status, resp = self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+        status, resp = self.post("/prompt", {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex})
         if status != 200:
             raise AssertionError(f"/prompt refused the graph ({status}): {json.dumps(resp)[:3000]}")
         pid = resp["prompt_id"]

@@ -1,0 +1,170 @@
+"""DynASyn Train: MODEL/CLIP/VAE + reference IMAGE + subject MASKs -> trained MODEL, CLIP, prompt, loss curve."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+
+import torch
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+
+from ..dynasyn.errors import DynASynError
+from ..dynasyn.export import save_embeddings, unique_name, validate_export_name
+from ..dynasyn.plots import loss_curve_image
+from ..dynasyn.train import MODES, Cancelled, DynASynTrainer, TrainConfig
+from . import bridge
+from .common import user_error
+
+log = logging.getLogger("DynASyn")
+
+
+def _send(event: str, data: dict) -> None:
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is not None:
+        instance.send_sync(event, data)
+
+
+def _free_run_name(emb_dir: str, run_name: str, n: int) -> str:
+    """``run_name`` or ``run_name_001``... such that no ``<name>_asset<i>`` embedding exists yet."""
+    for k in range(10000):
+        cand = run_name if k == 0 else f"{run_name}_{k:03d}"
+        if not any(os.path.exists(os.path.join(emb_dir, f"{cand}_asset{i}.safetensors")) for i in range(n)):
+            return cand
+    raise DynASynError(f"No free run name left for {run_name!r} in {emb_dir}.")
+
+
+def _state_dir(run_name: str) -> str:
+    return os.path.join(folder_paths.get_output_directory(), "dynasyn", run_name, "state")
+
+
+class DynASynTrain:
+    DESCRIPTION = (
+        "Trains one placeholder token per subject, then the tokens + every UNet weight + the text encoder on ONE reference "
+        "image (DynASyn, AAAI-25): L = λ_MD·L_MD + λ_M2A·L_M2A + λ_ICA·L_ICA + λ_AUG·L_AUG. Writes each subject's "
+        "embedding to models/embeddings and (optionally) a checkpoint to models/checkpoints, and returns the trained MODEL "
+        "and CLIP for a KSampler plus a prompt that uses the embeddings. Cancel saves a resumable state; queue again with "
+        "'resume' on to continue.")
+    CATEGORY = "DynASyn/train"
+    FUNCTION = "train"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "IMAGE")
+    RETURN_NAMES = ("MODEL", "CLIP", "prompt", "loss_curve")
+    OUTPUT_TOOLTIPS = ("The trained diffusion model (a patched copy; the input model is unchanged).",
+                       "The trained text encoder (a patched copy).",
+                       "A prompt naming every subject as 'embedding:<run>_assetN'; edit it to describe a new scene.",
+                       "The loss of each term per step.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        f = lambda d, lo, hi, step, tip: ("FLOAT", {"default": d, "min": lo, "max": hi, "step": step, "tooltip": tip})
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "SD 1.5 / SD 2.1 MODEL from CheckpointLoaderSimple."}),
+            "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint."}),
+            "vae": ("VAE", {"tooltip": "The VAE of the same checkpoint."}),
+            "image": ("IMAGE", {"tooltip": "The ONE reference picture holding the subjects (the first image of a batch is used)."}),
+            "masks": ("MASK", {"tooltip": "One mask per subject, as a MASK batch in the order of the class nouns."}),
+            "class_nouns": ("STRING", {"default": "panda, bowl", "tooltip": "What each subject is, comma-separated, in mask order."}),
+            "mode": (list(MODES), {"default": "dynasyn", "tooltip": (
+                "dynasyn = Eq. 5 (all terms); dynasyn_md / _app / _act / _app_act = the paper's ablations; "
+                "textual_inversion, dreambooth, break_a_scene = baselines (Table 1).")}),
+            "phase1_steps": ("INT", {"default": 400, "min": 0, "max": 100000, "tooltip": "Steps training only the placeholder embeddings."}),
+            "phase2_steps": ("INT", {"default": 400, "min": 0, "max": 100000, "tooltip": "Steps training embeddings + UNet + text encoder."}),
+            "phase1_lr": f(5e-4, 0.0, 1.0, 1e-5, "Learning rate of phase 1 (Break-a-Scene: 5e-4)."),
+            "phase2_lr": f(2e-6, 0.0, 1.0, 1e-7, "Learning rate of phase 2 (Break-a-Scene: 2e-6)."),
+            "lambda_md": f(1.0, 0.0, 100.0, 0.01, "Weight of the masked diffusion loss L_MD."),
+            "lambda_m2a": f(0.01, 0.0, 100.0, 0.001, "Weight of the mask-to-attention loss L_M2A."),
+            "lambda_ica": f(0.01, 0.0, 100.0, 0.001, "Weight of the inter-cross-attention loss L_ICA (class prior from the frozen model)."),
+            "lambda_aug": f(0.01, 0.0, 100.0, 0.001, "Weight of the augmentation attention loss L_AUG (needs a dataset)."),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Same seed and inputs give the same weights."}),
+            "resolution": ("INT", {"default": 512, "min": 64, "max": 1024, "step": 64, "tooltip": "Training size: 512 for SD 1.5 / 2.1-base, 768 for SD 2.1 768-v."}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Less memory, ~30% slower."}),
+            "mixed_precision": (["no", "fp16", "bf16"], {"default": "no", "tooltip": "Autocast the trained model's forward pass."}),
+            "optimizer": (["adamw", "adamw8bit", "adafactor"], {"default": "adamw", "tooltip": "adamw8bit needs bitsandbytes; adafactor keeps the least state."}),
+            "train_text_encoder": ("BOOLEAN", {"default": True, "tooltip": "Phase 2 also trains the text encoder (the paper does)."}),
+            "run_name": ("STRING", {"default": "dynasyn", "tooltip": "Names the embeddings (<run>_asset0...) and checkpoint; a number is added if taken."}),
+            "save_checkpoint": ("BOOLEAN", {"default": True, "tooltip": "Also write models/checkpoints/<run>.safetensors."}),
+            "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from the state a cancelled run of the same run_name saved."}),
+            "preview_every": ("INT", {"default": 50, "min": 0, "max": 10000, "tooltip": "Show the loss curve in the progress bar every N steps (0 = never)."}),
+        }, "optional": {
+            "dataset": ("DYNASYN_DATASET", {"tooltip": "Augmented (image, prompt, pseudo-mask) pairs for L_AUG."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def train(self, model, clip, vae, image, masks, class_nouns, mode, phase1_steps, phase2_steps, phase1_lr, phase2_lr,
+              lambda_md, lambda_m2a, lambda_ica, lambda_aug, seed, resolution, gradient_checkpointing, mixed_precision,
+              optimizer, train_text_encoder, run_name, save_checkpoint, resume, preview_every, dataset=None, unique_id=None):
+        try:
+            return self._train(**{k: v for k, v in locals().items() if k != "self"})
+        except Cancelled as e:
+            log.info("[DynASyn] %s", e)
+            mm.throw_exception_if_processing_interrupted()
+            raise
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError("DynASyn: out of memory while training. Turn on gradient_checkpointing, use mixed_precision "
+                               "fp16/bf16, optimizer adamw8bit or adafactor, train_text_encoder off, or a lower resolution.") from e
+        except Exception as e:  # noqa: BLE001
+            raise user_error(e) from e
+
+    def _train(self, model, clip, vae, image, masks, class_nouns, mode, phase1_steps, phase2_steps, phase1_lr, phase2_lr,
+               lambda_md, lambda_m2a, lambda_ica, lambda_aug, seed, resolution, gradient_checkpointing, mixed_precision,
+               optimizer, train_text_encoder, run_name, save_checkpoint, resume, preview_every, dataset=None, unique_id=None):
+        validate_export_name(run_name, "run")
+        emb_dir = folder_paths.get_folder_paths("embeddings")[0]
+        ckpt_dir = folder_paths.get_folder_paths("checkpoints")[0]
+        nouns = [n.strip() for n in class_nouns.split(",")]
+        cfg = TrainConfig(mode=mode, phase1_steps=phase1_steps, phase2_steps=phase2_steps, phase1_lr=phase1_lr,
+                          phase2_lr=phase2_lr, lambda_md=lambda_md, lambda_m2a=lambda_m2a, lambda_ica=lambda_ica,
+                          lambda_aug=lambda_aug, seed=seed, resolution=resolution,
+                          gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
+                          optimizer=optimizer, train_text_encoder=train_text_encoder, preview_every=preview_every)
+        if masks.ndim == 2:
+            masks = masks[None]
+        mm.unload_all_models()  # free ComfyUI's loaded models before heavy work
+        mm.soft_empty_cache()
+        state_dir = _state_dir(run_name)
+        pbar = comfy.utils.ProgressBar(cfg.total_steps, node_id=unique_id)
+        started = time.time()
+
+        def on_step(entry):
+            _send("dynasyn.train", {"node": unique_id, "step": entry.step, "total": cfg.total_steps, "phase": entry.phase,
+                                    "loss": entry.loss, "terms": entry.terms, "lr": entry.lr,
+                                    "elapsed": time.time() - started})
+            if mm.processing_interrupted():
+                return  # the loop saves a resumable state before stopping
+            preview = None
+            if preview_every and entry.step % preview_every == 0:
+                preview = ("PNG", loss_curve_image(trainer.history, as_pil=True), 512)
+            pbar.update_absolute(entry.step, cfg.total_steps, preview)
+
+        with torch.inference_mode(False), torch.enable_grad():
+            comps = bridge.native_to_components(model, clip, vae)
+            trainer = DynASynTrainer(comps, image[0].clone(), [m.clone() for m in masks], nouns, cfg,
+                                     augmented=list(dataset or []), device=mm.get_torch_device(), callback=on_step,
+                                     should_stop=mm.processing_interrupted, log=lambda m: log.info(m))
+            if resume and os.path.isfile(os.path.join(state_dir, "state.json")):
+                trainer.load_state(state_dir)
+                log.info("[DynASyn] resuming %s from step %d", run_name, trainer.step)
+            trainer.train(state_dir=state_dir)
+            vectors = trainer.placeholder_embeddings()
+            trained_model, trained_clip = bridge.components_to_native(model, clip, comps,
+                                                                      include_text_encoder=cfg.phases != (1,))
+        base = _free_run_name(emb_dir, run_name, len(vectors))
+        names = {f"{base}_asset{i}": vec for i, vec in enumerate(vectors.values())}
+        meta = {"dynasyn.mode": mode, "dynasyn.class_nouns": ", ".join(nouns), "dynasyn.steps": str(trainer.step)}
+        save_embeddings(emb_dir, names, meta)
+        words = [f"embedding:{n}" for n in names]
+        prompt = "a photo of " + " and ".join(words)
+        if save_checkpoint:
+            bridge.save_checkpoint(ckpt_dir, unique_name(ckpt_dir, base), trained_model, trained_clip, vae,
+                                   metadata={**meta, "dynasyn.embeddings": " ".join(names)})
+        shutil.rmtree(state_dir, ignore_errors=True)  # finished: the next queue starts a new run
+        curve = loss_curve_image(trainer.history)
+        return {"ui": {"text": [prompt]}, "result": (trained_model, trained_clip, prompt, curve)}
