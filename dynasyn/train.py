@@ -126,6 +126,14 @@ class NonFiniteLoss(DynASynError):
     pass
 
 
+class OutOfMemory(DynASynError):
+    pass
+
+
+MEMORY_ADVICE = ("turn on gradient_checkpointing, use mixed_precision fp16/bf16, optimizer adamw8bit or adafactor, "
+                 "train_text_encoder off, or a lower resolution")
+
+
 @dataclass
 class TrainResult:
     components: SDComponents
@@ -321,8 +329,11 @@ class DynASynTrainer:
                                 "rate or use mixed_precision 'no'; the last good state was kept.")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        if not torch.isfinite(grad_norm):  # never let a non-finite update reach the weights
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(f"The gradients became {grad_norm.item()} at step {self.step + 1}. Lower the learning "
+                                "rate or use mixed_precision 'no'; the last good state was kept.")
         self.optimizer.step()
         if self.phase == 1:  # only the placeholder rows may change (Break-a-Scene restores the rest)
             with torch.no_grad():
@@ -365,7 +376,17 @@ class DynASynTrainer:
                 if self.should_stop and self.should_stop():
                     saved = self.save_state(state_dir) if state_dir else None
                     raise Cancelled(self.step, saved)
-                entry = self.training_step()
+                try:
+                    entry = self.training_step()
+                except NonFiniteLoss as e:
+                    # the failing step never reached the optimizer: the weights are the last good ones
+                    if state_dir:
+                        self.save_state(state_dir)
+                        raise NonFiniteLoss(f"{e} Resumable state of step {self.step}: {state_dir}.") from None
+                    raise
+                except torch.OutOfMemoryError as e:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise OutOfMemory(f"Out of memory at step {self.step + 1} ({self.device.type}): {MEMORY_ADVICE}.") from e
                 self.history.append(entry)
                 if self.callback:
                     self.callback(entry)

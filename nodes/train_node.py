@@ -107,9 +107,6 @@ class DynASynTrain:
             log.info("[DynASyn] %s", e)
             mm.throw_exception_if_processing_interrupted()
             raise
-        except torch.OutOfMemoryError as e:
-            raise RuntimeError("DynASyn: out of memory while training. Turn on gradient_checkpointing, use mixed_precision "
-                               "fp16/bf16, optimizer adamw8bit or adafactor, train_text_encoder off, or a lower resolution.") from e
         except Exception as e:  # noqa: BLE001
             raise user_error(e) from e
 

@@ -144,6 +144,36 @@ def test_nan_loss_stops_with_a_clear_error():
         t.train()
 
 
+def test_nan_loss_keeps_and_saves_the_last_good_state(tmp_path):
+    t = trainer(cfg(mode="break_a_scene", phase1_steps=3, phase2_steps=0))
+    real_step = t.training_step
+
+    def step_then_poison():
+        if t.step == 2:
+            with torch.no_grad():
+                t.c.unet.conv_out.bias.fill_(float("nan"))
+        return real_step()
+
+    t.training_step = step_then_poison
+    with pytest.raises(NonFiniteLoss, match="Resumable state of step 2"):
+        t.train(state_dir=tmp_path / "state")
+    from safetensors.torch import load_file
+    saved = load_file(tmp_path / "state" / "text_encoder.safetensors")
+    key = next(k for k in saved if k.endswith("token_embedding.weight"))
+    assert torch.isfinite(saved[key]).all()
+
+
+def test_out_of_memory_names_the_memory_options():
+    t = trainer(cfg(mode="break_a_scene", phase1_steps=2, phase2_steps=0))
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    t.training_step = oom
+    with pytest.raises(DynASynError, match="gradient_checkpointing.*adamw8bit or adafactor"):
+        t.train()
+
+
 def test_bad_config_is_refused():
     with pytest.raises(DynASynError, match="Unknown mode"):
         TrainConfig(mode="lora")
