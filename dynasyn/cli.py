@@ -1,0 +1,113 @@
+"""Command line: ``python -m dynasyn train ...`` runs the trainer outside ComfyUI.
+
+Every ``TrainConfig`` field is an option (``--phase2-lr 2e-6``). Outputs in ``--out``:
+``model/`` (diffusers folder, tokenizer with the placeholders), ``embeddings/<run>_assetN.safetensors``,
+``loss.png``, ``history.json``. Ctrl-C saves ``state/``; ``--resume`` continues from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DynASynError
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    from .train import MODES, TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        opt = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(opt, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            choices = list(MODES) if f.name == "mode" else None
+            parser.add_argument(opt, type=kind, default=f.default, choices=choices, metavar=None if choices else f.name.upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dynasyn", description="DynASyn: multi-subject personalization from one image.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train placeholder tokens + UNet + text encoder on one image")
+    t.add_argument("--model", required=True, help="diffusers SD 1.x / 2.x folder, or 'tiny' for the built-in tiny model")
+    t.add_argument("--image", required=True, help="the reference picture")
+    t.add_argument("--mask", action="append", required=True, help="one mask image per subject (white = subject); repeat")
+    t.add_argument("--class-nouns", nargs="+", required=True, help="what each subject is, in mask order")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--run-name", default="dynasyn", help="embedding names: <run-name>_asset0, ...")
+    t.add_argument("--resume", action="store_true", help="continue from <out>/state")
+    t.add_argument("--device", default=None, help="cuda, cpu, mps (default: cuda if available)")
+    _add_config_options(t)
+    return p
+
+
+def _load_image(path: str, mode: str) -> np.ndarray:
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise DynASynError(f"{path} does not exist.")
+    return np.asarray(Image.open(path).convert(mode), dtype=np.float32) / 255.0
+
+
+def train_command(args) -> int:
+    from .export import save_embeddings, validate_export_name
+    from .models import load_components, save_components
+    from .plots import loss_curve_image
+    from .train import Cancelled, DynASynTrainer, TrainConfig
+
+    validate_export_name(args.run_name, "run")
+    image = torch.from_numpy(_load_image(args.image, "RGB"))
+    masks = [torch.from_numpy(_load_image(m, "L")) for m in args.mask]
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    if args.model == "tiny":
+        from .tiny import tiny_components
+        comps = tiny_components(seed=cfg.seed)
+    else:
+        comps = load_components(args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_dir = out / "state"
+    stop = {"requested": False}
+    signal.signal(signal.SIGINT, lambda *_: stop.update(requested=True))
+
+    def report(e):
+        terms = " ".join(f"{k}={v:.4g}" for k, v in e.terms.items())
+        print(f"step {e.step}/{cfg.total_steps} phase {e.phase} loss {e.loss:.4g} {terms}", flush=True)
+
+    trainer = DynASynTrainer(comps, image, masks, args.class_nouns, cfg, device=args.device, callback=report,
+                             should_stop=lambda: stop["requested"])
+    if args.resume and (state_dir / "state.json").is_file():
+        trainer.load_state(state_dir)
+        print(f"resuming from step {trainer.step}")
+    try:
+        trainer.train(state_dir=state_dir)
+    except Cancelled as e:
+        print(f"cancelled at step {e.step}; resumable state in {e.state_dir} (run again with --resume)")
+        return 130
+    vectors = trainer.placeholder_embeddings()
+    names = {f"{args.run_name}_asset{i}": v for i, v in enumerate(vectors.values())}
+    save_embeddings(out / "embeddings", names, {"dynasyn.class_nouns": ", ".join(args.class_nouns)})
+    save_components(comps, out / "model")
+    loss_curve_image(trainer.history, as_pil=True).save(out / "loss.png")
+    (out / "history.json").write_text(json.dumps([dataclasses.asdict(h) for h in trainer.history]))
+    print(f"done: {out / 'model'} (tokens {', '.join(vectors)}), embeddings {', '.join(names)}, {out / 'loss.png'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return train_command(args)
+    except DynASynError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1
