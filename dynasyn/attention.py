@@ -15,16 +15,28 @@ from typing import Iterable
 import torch
 
 
+class StopForward(Exception):
+    """Raised after the last hooked layer when the rest of the UNet is not needed."""
+
+
 class AttentionStore:
-    """Cross-attention probabilities of the hooked layers for the current forward pass."""
+    """Cross-attention probabilities of the hooked layers for the current forward pass.
+
+    With ``stop_after`` set (the last hooked layer in execution order), the forward pass ends
+    right after that layer by raising ``StopForward``: an attention-only pass (the frozen model's
+    class maps, L_AUG) skips the UNet's high-resolution up blocks.
+    """
 
     def __init__(self):
         self.maps: dict[str, torch.Tensor] = {}  # layer -> [B, heads, HW, T]
         self.enabled = False
+        self.stop_after: str | None = None
 
     def record(self, layer: str, probs: torch.Tensor, heads: int) -> None:
         if self.enabled:
             self.maps[layer] = probs.reshape(-1, heads, *probs.shape[1:])
+            if layer == self.stop_after:
+                raise StopForward()
 
     def clear(self) -> None:
         self.maps = {}
@@ -104,6 +116,29 @@ def capture_layers(unet, latent_size: int, resolution: int = 16, include_mid: bo
         raise ValueError(f"No cross-attention layer works at {resolution}x{resolution} for {latent_size}x{latent_size} "
                          f"latents (available: {found}); use a training resolution that gives {resolution}x{resolution} maps.")
     return layers
+
+
+def execution_order(name: str) -> tuple:
+    """Sort key giving the order in which a UNet runs its attention processors."""
+    parts = name.split(".")
+    block = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}[parts[0]]
+    nums = [int(p) for p in parts if p.isdigit()]
+    return (block, *nums)
+
+
+def last_layer(layers: Iterable[str]) -> str:
+    return max(layers, key=execution_order)
+
+
+def run_until_last_capture(unet, store: AttentionStore, *args, **kwargs) -> None:
+    """Run ``unet`` only as far as the last hooked layer (its output is not needed)."""
+    store.stop_after = last_layer(n for n, p in unet.attn_processors.items() if isinstance(p, CaptureAttnProcessor))
+    try:
+        unet(*args, **kwargs)
+    except StopForward:
+        pass
+    finally:
+        store.stop_after = None
 
 
 def install_attention_capture(unet, store: AttentionStore, layers: Iterable[str]) -> list[str]:

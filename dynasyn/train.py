@@ -26,7 +26,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .attention import AttentionStore, capture_layers, install_attention_capture, remove_attention_capture, token_maps
+from .attention import (AttentionStore, capture_layers, install_attention_capture, remove_attention_capture,
+                        run_until_last_capture, token_maps)
 from .dataset import AugmentedPair, ordered_by_prompt, placeholder_prompt
 from .errors import DynASynError
 from .losses import (augmentation_loss, inter_cross_attention_loss, masked_attention_loss, masked_diffusion_loss,
@@ -283,15 +284,22 @@ class DynASynTrainer:
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
         return noisy, t, target
 
-    def _maps(self, unet, te, store, prompt, noisy, t, positions, grad: bool) -> torch.Tensor:
-        """Cross-attention maps ``[S, r, r]`` of the token ``positions`` for ``prompt`` on ``noisy``."""
+    def _maps(self, unet, te, store, prompt, noisy, t, positions, grad: bool, need_pred: bool = True):
+        """Cross-attention maps ``[S, r, r]`` of the token ``positions`` for ``prompt`` on ``noisy``.
+
+        Without ``need_pred`` the UNet stops after its last hooked layer (attention-only passes).
+        """
         autocast = grad and self.cfg.mixed_precision in ("fp16", "bf16")
         amp_dtype = torch.float16 if self.cfg.mixed_precision == "fp16" else torch.bfloat16
         with torch.set_grad_enabled(grad), torch.autocast(self.device.type, dtype=amp_dtype, enabled=autocast):
             dtype = next(unet.parameters()).dtype
             store.enabled = True
             hidden = self._encode(te, prompt)
-            pred = unet(noisy.to(dtype), t, hidden.to(dtype)).sample
+            pred = None
+            if need_pred:
+                pred = unet(noisy.to(dtype), t, hidden.to(dtype)).sample
+            else:
+                run_until_last_capture(unet, store, noisy.to(dtype), t, hidden.to(dtype))
             store.enabled = False
             maps = token_maps(store.aggregate()[0], positions)
             store.clear()
@@ -299,7 +307,7 @@ class DynASynTrainer:
 
     def _class_maps(self, prompt, noisy, t, positions) -> torch.Tensor:
         unet, te, store = self.frozen
-        return self._maps(unet, te, store, prompt, noisy, t, positions, grad=False)[0].float()
+        return self._maps(unet, te, store, prompt, noisy, t, positions, grad=False, need_pred=False)[0].float()
 
     def training_step(self) -> StepLog:
         cfg, c = self.cfg, self.c
@@ -357,7 +365,7 @@ class DynASynTrainer:
         noisy, t, _ = self._noisy(latents)
         tok = self.c.tokenizer
         maps, _ = self._maps(self.c.unet, self.c.text_encoder, self.store, c_a, noisy, t,
-                             token_positions(tok, c_a, [self.subjects[i].token for i in subj]), grad=True)
+                             token_positions(tok, c_a, [self.subjects[i].token for i in subj]), grad=True, need_pred=False)
         class_maps = self._class_maps(pair.class_prompt, noisy, t, token_positions(tok, pair.class_prompt, nouns))
         pseudo = _resize(pair.masks[order][:, None].float(), self.cfg.resolution, "nearest")[:, 0].to(self.device)
         return augmentation_loss(maps.float(), class_maps, pseudo)

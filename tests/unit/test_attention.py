@@ -77,3 +77,33 @@ def test_capture_is_differentiable_and_safe_with_gradient_checkpointing():
         assert g is not None and g[ids[0, 5]].abs().sum() > 0
         grads.append(g[ids[0, 5]].clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_attention_only_pass_stops_after_the_last_hooked_layer_with_the_same_maps(comps):
+    from dynasyn.attention import execution_order, last_layer, run_until_last_capture
+
+    unet = comps.unet
+    layers = capture_layers(unet, 32)
+    assert last_layer(layers).startswith("up_blocks.0.attentions.1")
+    assert sorted(layers, key=execution_order)[0].startswith("down_blocks.1")
+    store = AttentionStore()
+    install_attention_capture(unet, store, layers)
+    called = []
+    hook = unet.up_blocks[1].register_forward_hook(lambda *a: called.append(1))  # the 32x32 block after the last 16x16 layer
+    try:
+        x, c = torch.randn(1, 4, 32, 32), torch.randn(1, 77, 32)
+        store.enabled = True
+        with torch.no_grad():
+            unet(x, 200, c)
+        full = store.aggregate().clone()
+        store.clear()
+        called.clear()
+        with torch.no_grad():
+            run_until_last_capture(unet, store, x, 200, c)
+        store.enabled = False
+        assert called == []  # the rest of the UNet did not run
+        torch.testing.assert_close(store.aggregate(), full)
+        assert store.stop_after is None
+    finally:
+        hook.remove()
+        remove_attention_capture(unet)
