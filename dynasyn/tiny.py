@@ -84,14 +84,12 @@ def tiny_tokenizer(family: str = "sd15"):
 
 def tiny_components(seed: int = 0, prediction_type: str = "epsilon", family: str = "sd15",
                     hidden_size: int = 32, tokenizer=None) -> SDComponents:
-    """Random tiny SD: UNet 32->64 channels (one 32x32 cross-attention level), 2-layer CLIP, 2-level VAE.
+    """Random tiny SD: UNet 32->64 channels with cross-attention at both levels, 2-layer CLIP, 2-level VAE.
 
     64 px images map to 32x32 latents (VAE factor 2); the cross-attention layers sit at 32x32 and
     16x16 latent resolution, so attention capture sees the same 16x16 maps as SD at 512 px.
+    ``tokenizer`` (e.g. CLIP's real one) replaces the tiny vocabulary; the embedding table follows it.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     tok = tokenizer if tokenizer is not None else tiny_tokenizer(family)
     with torch.random.fork_rng(devices=[]):  # seeded weights without disturbing the caller's RNG
         torch.manual_seed(seed)

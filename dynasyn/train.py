@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import random
 import shutil
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence

@@ -118,7 +118,6 @@ def test_patched_clone_carries_trained_weights_and_leaves_original(native, bridg
 
 
 def test_exported_embedding_matches_placeholder_token(native, bridged, pack, tmp_path):
-    import comfy.sd
     import nodes as comfy_nodes
 
     family, model, clip, vae = native

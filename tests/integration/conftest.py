@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 
 from tests.support.comfy_server import ComfyServer, fresh_base
@@ -9,3 +11,4 @@ def server(tmp_path_factory):
     base = fresh_base(tmp_path_factory.mktemp("comfy_base"))
     with ComfyServer(base) as s:
         yield s
+    shutil.rmtree(base, ignore_errors=True)  # several GB of test checkpoints

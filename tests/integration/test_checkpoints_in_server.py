@@ -1,6 +1,7 @@
 """Exported checkpoints and diffusers folders, loaded by the running server's own loader nodes."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,8 @@ def test_exported_checkpoint_loads_with_checkpoint_loader_simple(server, tmp_pat
     for key, want in expected.items():
         assert got[key] == want, key
     assert got["prediction"] == ("v_prediction" if family == "sd21v" else "epsilon")
+    if family != "sd15":  # the sd15 file is reused by the next test
+        (server.base / "models" / "checkpoints" / f"{name}.safetensors").unlink()
 
 
 def test_save_checkpoint_node_never_overwrites(server, tmp_path):
@@ -73,6 +76,7 @@ def test_save_checkpoint_node_never_overwrites(server, tmp_path):
     assert not list((server.base / "models").glob("escape*"))
     for p in (server.base / "models" / "checkpoints").glob("node_saved*"):
         p.unlink()
+    (server.base / "models" / "checkpoints" / ckpt).unlink()
 
 
 def test_diffusers_folder_loader_keeps_weights_v_prediction_and_placeholders(server, tmp_path):
@@ -91,3 +95,5 @@ def test_diffusers_folder_loader_keeps_weights_v_prediction_and_placeholders(ser
     from safetensors.torch import load_file
     emb = load_file(server.base / "models" / "embeddings" / f"{name}_asset0.safetensors")["emb_params"]
     assert emb.shape == (1, 1024) and abs(emb[0, 0].item() - placeholder[0]) < 1e-7
+    server.free()
+    shutil.rmtree(server.base / "models" / "diffusers" / name)

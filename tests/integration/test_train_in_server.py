@@ -122,7 +122,7 @@ def test_cancel_saves_state_and_resume_continues(server):
         status, resp = server.post("/prompt", {"prompt": train_graph("it_cancel", phase1=3, phase2=400),
                                                "client_id": listener.client_id})
         assert status == 200, resp
-        pid = resp["prompt_id"]
+        assert resp["prompt_id"]
         deadline = time.time() + 300
         while time.time() < deadline and not [e for e in listener.events("dynasyn.train") if e["step"] >= 5]:
             time.sleep(0.2)
