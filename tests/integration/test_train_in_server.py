@@ -5,26 +5,17 @@ import threading
 import time
 import uuid
 
-import numpy as np
 import pytest
-from PIL import Image
 from safetensors.torch import load_file
 
 from tests.support.comfy_server import execution_error
+from tests.support.scene import write_scene
 
 pytestmark = pytest.mark.slow
 
 
 def write_inputs(server):
-    inp = server.base / "input"
-    img = np.zeros((64, 64, 3), np.uint8) + 90
-    img[6:30, 6:30] = (230, 60, 60)
-    img[34:60, 28:60] = (60, 80, 230)
-    Image.fromarray(img).save(inp / "scene.png")
-    for name, box in (("mask_panda.png", (6, 30, 6, 30)), ("mask_bowl.png", (34, 60, 28, 60))):
-        m = np.zeros((64, 64), np.uint8)
-        m[box[0]:box[1], box[2]:box[3]] = 255
-        Image.fromarray(m).save(inp / name)
+    write_scene(server.base / "input")
 
 
 def train_graph(run_name, phase1=2, phase2=2, **extra):

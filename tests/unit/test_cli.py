@@ -1,6 +1,5 @@
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -8,18 +7,12 @@ from safetensors.torch import load_file
 
 from dynasyn.cli import main
 from dynasyn.models import load_components
+from tests.support.scene import write_scene
 
 
 @pytest.fixture()
 def files(tmp_path):
-    img = np.zeros((64, 64, 3), np.uint8) + 90
-    img[6:30, 6:30] = (230, 60, 60)
-    Image.fromarray(img).save(tmp_path / "img.png")
-    for name, box in (("m0.png", (6, 30, 6, 30)), ("m1.png", (34, 60, 28, 60))):
-        m = np.zeros((64, 64), np.uint8)
-        m[box[0]:box[1], box[2]:box[3]] = 255
-        Image.fromarray(m).save(tmp_path / name)
-    return tmp_path
+    return write_scene(tmp_path, "img.png", ("m0.png", "m1.png"))
 
 
 def test_train_command_writes_model_embeddings_and_curve(files, capsys):
