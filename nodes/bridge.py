@@ -11,7 +11,7 @@ Directions:
   * ``components_to_native``: trained weights -> a *patched clone* of the MODEL and CLIP (the
     originals are untouched) that stock CLIPTextEncode / KSampler use at once;
   * ``save_checkpoint``: a single-file checkpoint written by ComfyUI's own ``save_checkpoint``;
-  * ``load_diffusers_folder``: a diffusers folder -> native MODEL, CLIP, VAE.
+  * ``components_to_new_native``: diffusers components (e.g. a diffusers folder) -> native MODEL, CLIP, VAE.
 """
 
 from __future__ import annotations
@@ -409,21 +409,13 @@ def _set_v_prediction(model) -> None:
     model.add_object_patch("model_sampling", ModelSamplingV(model.model.model_config))
 
 
-def load_diffusers_folder(path: str | os.PathLike, embedding_directory=None):
-    """A diffusers SD folder -> (MODEL, CLIP, VAE), placeholder tokens included, with clear errors.
+def components_to_new_native(comps: SDComponents, embedding_directory=None):
+    """Fresh native MODEL, CLIP, VAE built by ComfyUI's loaders from diffusers components.
 
     Unlike ComfyUI's DiffusersLoader, text-encoder keys of either transformers layout are accepted
     (transformers 5 drops ``text_model.``, which ComfyUI silently answers with a random CLIP), and
     the scheduler's prediction type is honoured.
     """
-    from ..dynasyn.models import load_components
-
-    comps = load_components(path)
-    return components_to_new_native(comps, embedding_directory=embedding_directory)
-
-
-def components_to_new_native(comps: SDComponents, embedding_directory=None):
-    """Fresh native MODEL, CLIP, VAE built by ComfyUI's loaders from diffusers components."""
     with torch.inference_mode(False):
         unet_sd = {k: v.detach().cpu() for k, v in comps.unet.state_dict().items()}
         model = comfy.sd.load_diffusion_model_state_dict(unet_sd)

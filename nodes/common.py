@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..dynasyn.errors import DynASynError
-
-
-def run_outside_inference_mode(fn, *args, **kwargs):
-    """ComfyUI runs nodes under ``torch.inference_mode()``; training and conversion need it off."""
-    with torch.inference_mode(False):
-        return fn(*args, **kwargs)
 
 
 def user_error(e: Exception) -> RuntimeError:

@@ -121,7 +121,7 @@ class DynASynTrain:
                           phase2_lr=phase2_lr, lambda_md=lambda_md, lambda_m2a=lambda_m2a, lambda_ica=lambda_ica,
                           lambda_aug=lambda_aug, seed=seed, resolution=resolution,
                           gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
-                          optimizer=optimizer, train_text_encoder=train_text_encoder, preview_every=preview_every)
+                          optimizer=optimizer, train_text_encoder=train_text_encoder)
         if masks.ndim == 2:
             masks = masks[None]
         mm.unload_all_models()  # free ComfyUI's loaded models before heavy work
