@@ -3,6 +3,8 @@
 Every ``TrainConfig`` field is an option (``--phase2-lr 2e-6``). Outputs in ``--out``:
 ``model/`` (diffusers folder, tokenizer with the placeholders), ``embeddings/<run>_assetN.safetensors``,
 ``loss.png``, ``history.json``. Ctrl-C saves ``state/``; ``--resume`` continues from it.
+Runs as is on one device, or data-parallel under ``accelerate launch --num_processes N -m dynasyn train ...``
+(only the main process prints and writes).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--run-name", default="dynasyn", help="embedding names: <run-name>_asset0, ...")
     t.add_argument("--resume", action="store_true", help="continue from <out>/state")
-    t.add_argument("--device", default=None, help="cuda, cpu, mps (default: cuda if available)")
+    t.add_argument("--device", default=None, help="cuda, cpu, mps (default: accelerate's choice, cuda if available)")
     _add_config_options(t)
     return p
 
@@ -82,16 +84,22 @@ def train_command(args) -> int:
         terms = " ".join(f"{k}={v:.4g}" for k, v in e.terms.items())
         print(f"step {e.step}/{cfg.total_steps} phase {e.phase} loss {e.loss:.4g} {terms}", flush=True)
 
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    say = print if accelerator.is_main_process else (lambda *a, **k: None)
     trainer = DynASynTrainer(comps, image, masks, args.class_nouns, cfg, device=args.device, callback=report,
-                             should_stop=lambda: stop["requested"])
+                             should_stop=lambda: stop["requested"], log=say, accelerator=accelerator)
     if args.resume and (state_dir / "state.json").is_file():
         trainer.load_state(state_dir)
-        print(f"resuming from step {trainer.step}")
+        say(f"resuming from step {trainer.step}")
     try:
         trainer.train(state_dir=state_dir)
     except Cancelled as e:
-        print(f"cancelled at step {e.step}; resumable state in {e.state_dir} (run again with --resume)")
+        say(f"cancelled at step {e.step}; resumable state in {e.state_dir} (run again with --resume)")
         return 130
+    if not accelerator.is_main_process:
+        return 0
     vectors = trainer.placeholder_embeddings()
     names = {f"{args.run_name}_asset{i}": v for i, v in enumerate(vectors.values())}
     save_embeddings(out / "embeddings", names, {"dynasyn.class_nouns": ", ".join(args.class_nouns)})

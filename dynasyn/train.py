@@ -26,11 +26,13 @@ import torch.nn.functional as F
 
 from .attention import (AttentionStore, capture_layers, install_attention_capture, remove_attention_capture,
                         run_until_last_capture, token_maps)
+from .distributed import Distributed
 from .dataset import AugmentedPair, ordered_by_prompt, placeholder_prompt
 from .errors import DynASynError
 from .losses import (augmentation_loss, inter_cross_attention_loss, masked_attention_loss, masked_diffusion_loss,
                      union_mask, union_sample)
 from .models import SDComponents
+from .optim import FusedBackwardOptimizer, make_optimizer
 from .subjects import (DEFAULT_TEMPLATE, Subject, add_placeholder_tokens, make_prompt_pair, placeholder_tokens,
                        token_positions, validate_subjects)
 
@@ -72,8 +74,8 @@ class TrainConfig:
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
-    frozen_dtype: str = "auto"      # auto = fp16 on GPU, bf16 on CPU
-    preview_every: int = 0
+    frozen_dtype: str = "auto"      # auto = fp16 on GPU, bf16 on CPU | fp16 | bf16 | fp32
+    fused_backward_step: bool = False  # optimizer step inside backward: no full set of gradients in memory
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -82,6 +84,8 @@ class TrainConfig:
             raise DynASynError(f"Resolution {self.resolution} must be a multiple of 64 (e.g. 512 or 768).")
         if self.optimizer not in ("adamw", "adamw8bit", "adafactor"):
             raise DynASynError(f"Unknown optimizer {self.optimizer!r}; choose adamw, adamw8bit or adafactor.")
+        if self.frozen_dtype not in ("auto", "fp16", "bf16", "fp32"):
+            raise DynASynError(f"Unknown frozen_dtype {self.frozen_dtype!r}; choose auto, fp16, bf16 or fp32.")
 
     @property
     def losses(self) -> frozenset:
@@ -157,11 +161,13 @@ class DynASynTrainer:
     def __init__(self, comps: SDComponents, image: torch.Tensor, masks: Sequence[torch.Tensor], class_nouns: Sequence[str],
                  config: TrainConfig, augmented: Sequence[AugmentedPair] = (), device: str | torch.device | None = None,
                  callback: Callable[[StepLog], None] | None = None, should_stop: Callable[[], bool] | None = None,
-                 log: Callable[[str], None] = print):
-        self.c, self.cfg, self.callback, self.should_stop, self.log = comps, config, callback, should_stop, log
+                 log: Callable[[str], None] = print, accelerator=None):
+        self.dist = Distributed(accelerator)
+        self.c, self.cfg, self.callback, self.should_stop = comps, config, callback, should_stop
+        self.log = log if self.dist.is_main else (lambda _msg: None)
         masks = [torch.as_tensor(m).float() for m in masks]
         validate_subjects(tuple(image.shape[:2]), masks, class_nouns)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = self.dist.device(device)
         tokens = placeholder_tokens(len(masks))
         self.subjects = [Subject(m, n.strip(), t) for m, n, t in zip(masks, class_nouns, tokens)]
         self.token_ids = add_placeholder_tokens(comps.tokenizer, comps.text_encoder, tokens, [s.class_noun for s in self.subjects])
@@ -172,8 +178,11 @@ class DynASynTrainer:
             self.log("[DynASyn] no augmented pairs given: training without L_AUG.")
         self.use_aug = "aug" in config.losses and bool(self.augmented)
         self.latent_size = config.resolution // comps.vae_scale_factor
-        self.rng = random.Random(config.seed)
-        self.gen = torch.Generator("cpu").manual_seed(config.seed)
+        # each process draws its own subsets, flips, noise and timesteps; process 0 is the single-process run
+        self.rng = random.Random(config.seed + self.dist.rank)
+        self.gen = torch.Generator("cpu").manual_seed(config.seed + self.dist.rank)
+        if self.dist.active:
+            self.log(f"[DynASyn] data parallel on {self.dist.world} processes (gradients averaged every step).")
         self.step = 0
         self.history: list[StepLog] = []
         self.frozen = None
@@ -252,21 +261,13 @@ class DynASynTrainer:
         self.optimizer = self._make_optimizer(params, lr)
 
     def _make_optimizer(self, params, lr):
-        cfg = self.cfg
-        if cfg.optimizer == "adamw8bit":
-            try:
-                import bitsandbytes as bnb
-            except ImportError as e:
-                raise DynASynError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes "
-                                   "(or choose adamw / adafactor).") from e
-            return bnb.optim.AdamW8bit(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                       weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
-        if cfg.optimizer == "adafactor":
-            from transformers.optimization import Adafactor
-            return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
-                             weight_decay=cfg.adam_weight_decay)
-        return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                 weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+        if isinstance(self.optimizer, FusedBackwardOptimizer):
+            self.optimizer.remove()
+        if self.cfg.fused_backward_step:
+            if self.dist.active:
+                raise DynASynError("fused_backward_step works in one process; turn it off under accelerate launch.")
+            return FusedBackwardOptimizer(params, lr, self.cfg)
+        return make_optimizer(params, lr, self.cfg)
 
     # ------------------------------------------------------------------ one step
     def _encode(self, te, prompt: str) -> torch.Tensor:
@@ -329,18 +330,16 @@ class DynASynTrainer:
         if self.use_aug:
             terms["aug"] = (cfg.lambda_aug, self._augmentation_term())
         loss = sum(w * v for w, v in terms.values())
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"The loss became {loss.item()} at step {self.step + 1} "
+        mean_loss = self.dist.mean(loss)  # every process must agree before any of them stops
+        if not torch.isfinite(mean_loss):
+            raise NonFiniteLoss(f"The loss became {mean_loss.item()} at step {self.step + 1} "
                                 f"({', '.join(f'{k}={v.item():.4g}' for k, (_, v) in terms.items())}). Lower the learning "
                                 "rate or use mixed_precision 'no'; the last good state was kept.")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        if not torch.isfinite(grad_norm):  # never let a non-finite update reach the weights
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLoss(f"The gradients became {grad_norm.item()} at step {self.step + 1}. Lower the learning "
-                                "rate or use mixed_precision 'no'; the last good state was kept.")
-        self.optimizer.step()
+        if isinstance(self.optimizer, FusedBackwardOptimizer):
+            self._fused_backward(loss)
+        else:
+            self._backward_and_step(loss)
         if self.phase == 1:  # only the placeholder rows may change (Break-a-Scene restores the rest)
             with torch.no_grad():
                 emb = c.text_encoder.get_input_embeddings().weight
@@ -348,8 +347,30 @@ class DynASynTrainer:
                 keep[self.token_ids] = False
                 emb[keep] = self.orig_embeddings[keep]
         self.step += 1
-        return StepLog(self.step, self.phase, float(loss.item()), {k: float(v.item()) for k, (_, v) in terms.items()},
+        return StepLog(self.step, self.phase, float(mean_loss.item()),
+                       {k: float(self.dist.mean(v).item()) for k, (_, v) in terms.items()},
                        self.optimizer.param_groups[0]["lr"], [self.subjects[i].token for i in subset])
+
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
+        cfg = self.cfg
+        loss.backward()
+        self.dist.average_gradients(self.params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        if not torch.isfinite(grad_norm):  # never let a non-finite update reach the weights
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(f"The gradients became {grad_norm.item()} at step {self.step + 1}. Lower the learning "
+                                "rate or use mixed_precision 'no'; the last good state was kept.")
+        self.optimizer.step()
+
+    def _fused_backward(self, loss: torch.Tensor) -> None:
+        """Each tensor is updated by its hook during backward (no global clipping possible)."""
+        loss.backward()
+        if self.optimizer.non_finite:
+            bad = len(self.optimizer.non_finite)
+            self.optimizer.zero_grad()
+            raise NonFiniteLoss(f"{bad} gradient tensors became non-finite at step {self.step + 1} and were not applied "
+                                "(with fused_backward_step the other tensors were already updated). Lower the learning "
+                                "rate or use mixed_precision 'no'.")
 
     def _augmentation_term(self) -> torch.Tensor:
         """L_AUG on one augmented pair: attention only, no reconstruction loss."""
@@ -379,7 +400,7 @@ class DynASynTrainer:
             if self.phase != phase:
                 self._setup_phase(phase)
             while self.step < last:
-                if self.should_stop and self.should_stop():
+                if self.dist.any(bool(self.should_stop and self.should_stop()), self.device):
                     saved = self.save_state(state_dir) if state_dir else None
                     raise Cancelled(self.step, saved)
                 try:
@@ -394,13 +415,20 @@ class DynASynTrainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     raise OutOfMemory(f"Out of memory at step {self.step + 1} ({self.device.type}): {MEMORY_ADVICE}.") from e
                 self.history.append(entry)
-                if self.callback:
+                if self.callback and self.dist.is_main:
                     self.callback(entry)
         self._finish()
         return TrainResult(self.c, self.subjects, self.history, self.use_aug)
 
     def _finish(self) -> None:
+        """Drop what only training needed (gradients, optimizer state, frozen copy, hooks) before handing back."""
+        if isinstance(self.optimizer, FusedBackwardOptimizer):
+            self.optimizer.remove()
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer = None
         remove_attention_capture(self.c.unet)
+        self.dist.check_in_sync([self.c.unet, self.c.text_encoder])
         for m in (self.c.unet, self.c.text_encoder):
             m.eval().requires_grad_(False)
         self.frozen = None
@@ -411,10 +439,17 @@ class DynASynTrainer:
 
     # ------------------------------------------------------------------ state
     def save_state(self, folder: str | os.PathLike) -> Path:
-        """Everything needed to resume, written to a temporary folder and renamed into place."""
+        """Everything needed to resume, written to a temporary folder and renamed into place.
+
+        Called on every process (their RNG states are gathered); only the main process writes.
+        """
         from safetensors.torch import save_file
 
         folder = Path(folder)
+        rng_states = self.dist.gather((self.gen.get_state(), self.rng.getstate()))
+        if not self.dist.is_main:
+            self.dist.wait()
+            return folder
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
@@ -423,7 +458,8 @@ class DynASynTrainer:
                       tmp / "text_encoder.safetensors")
             torch.save({"optimizer": self.optimizer.state_dict() if self.optimizer else None,
                         "orig_embeddings": getattr(self, "orig_embeddings", None),
-                        "torch_gen": self.gen.get_state(), "python_rng": self.rng.getstate()}, tmp / "trainer.pt")
+                        "torch_gen": self.gen.get_state(), "python_rng": self.rng.getstate(),
+                        "rng_per_process": rng_states}, tmp / "trainer.pt")
             (tmp / "state.json").write_text(json.dumps({
                 "step": self.step, "phase": self.phase, "config": asdict(self.cfg),
                 "tokens": [s.token for s in self.subjects], "class_nouns": [s.class_noun for s in self.subjects],
@@ -438,6 +474,7 @@ class DynASynTrainer:
                 tmp.rename(folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        self.dist.wait()
         return folder
 
     def load_state(self, folder: str | os.PathLike) -> None:
@@ -458,5 +495,7 @@ class DynASynTrainer:
                 self.orig_embeddings = extra["orig_embeddings"].to(self.device)
             if extra["optimizer"] is not None:
                 self.optimizer.load_state_dict(extra["optimizer"])
-        self.gen.set_state(extra["torch_gen"])
-        self.rng.setstate(extra["python_rng"])
+        per_process = extra.get("rng_per_process") or [(extra["torch_gen"], extra["python_rng"])]
+        gen_state, rng_state = per_process[self.dist.rank % len(per_process)]
+        self.gen.set_state(gen_state)
+        self.rng.setstate(rng_state)

@@ -89,6 +89,13 @@ class DynASynTrain:
             "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Less memory, ~30% slower."}),
             "mixed_precision": (["no", "fp16", "bf16"], {"default": "no", "tooltip": "Autocast the trained model's forward pass."}),
             "optimizer": (["adamw", "adamw8bit", "adafactor"], {"default": "adamw", "tooltip": "adamw8bit needs bitsandbytes; adafactor keeps the least state."}),
+            "fused_backward_step": ("BOOLEAN", {"default": False, "tooltip": (
+                "Step the optimizer inside backward, one tensor at a time, so the full set of gradients never exists "
+                "(with adafactor + gradient checkpointing this is the low-memory setting: see the README). No global "
+                "gradient clipping in this mode.")}),
+            "frozen_dtype": (["auto", "fp16", "bf16", "fp32"], {"default": "auto", "tooltip": (
+                "Precision of the frozen base model that gives L_ICA / L_AUG their class-prompt targets. auto = fp16 on "
+                "GPU, bf16 on CPU; fp32 is faster on CPUs without bf16 support but takes twice the memory.")}),
             "train_text_encoder": ("BOOLEAN", {"default": True, "tooltip": "Phase 2 also trains the text encoder (the paper does)."}),
             "run_name": ("STRING", {"default": "dynasyn", "tooltip": "Names the embeddings (<run>_asset0...) and checkpoint; a number is added if taken."}),
             "save_checkpoint": ("BOOLEAN", {"default": True, "tooltip": "Also write models/checkpoints/<run>.safetensors."}),
@@ -100,7 +107,7 @@ class DynASynTrain:
 
     def train(self, model, clip, vae, image, masks, class_nouns, mode, phase1_steps, phase2_steps, phase1_lr, phase2_lr,
               lambda_md, lambda_m2a, lambda_ica, lambda_aug, seed, resolution, gradient_checkpointing, mixed_precision,
-              optimizer, train_text_encoder, run_name, save_checkpoint, resume, preview_every, dataset=None, unique_id=None):
+              optimizer, fused_backward_step, frozen_dtype, train_text_encoder, run_name, save_checkpoint, resume, preview_every, dataset=None, unique_id=None):
         try:
             return self._train(**{k: v for k, v in locals().items() if k != "self"})
         except Cancelled as e:
@@ -112,7 +119,7 @@ class DynASynTrain:
 
     def _train(self, model, clip, vae, image, masks, class_nouns, mode, phase1_steps, phase2_steps, phase1_lr, phase2_lr,
                lambda_md, lambda_m2a, lambda_ica, lambda_aug, seed, resolution, gradient_checkpointing, mixed_precision,
-               optimizer, train_text_encoder, run_name, save_checkpoint, resume, preview_every, dataset=None, unique_id=None):
+               optimizer, fused_backward_step, frozen_dtype, train_text_encoder, run_name, save_checkpoint, resume, preview_every, dataset=None, unique_id=None):
         validate_export_name(run_name, "run")
         emb_dir = folder_paths.get_folder_paths("embeddings")[0]
         ckpt_dir = folder_paths.get_folder_paths("checkpoints")[0]
@@ -121,7 +128,8 @@ class DynASynTrain:
                           phase2_lr=phase2_lr, lambda_md=lambda_md, lambda_m2a=lambda_m2a, lambda_ica=lambda_ica,
                           lambda_aug=lambda_aug, seed=seed, resolution=resolution,
                           gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
-                          optimizer=optimizer, train_text_encoder=train_text_encoder)
+                          optimizer=optimizer, fused_backward_step=fused_backward_step, frozen_dtype=frozen_dtype,
+                          train_text_encoder=train_text_encoder)
         if masks.ndim == 2:
             masks = masks[None]
         mm.unload_all_models()  # free ComfyUI's loaded models before heavy work

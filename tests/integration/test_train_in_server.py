@@ -30,7 +30,7 @@ def train_graph(run_name, phase1=2, phase2=2, **extra):
             "class_nouns": "panda, bowl", "mode": "dynasyn", "phase1_steps": phase1, "phase2_steps": phase2,
             "phase1_lr": 5e-3, "phase2_lr": 1e-4, "lambda_md": 1.0, "lambda_m2a": 0.01, "lambda_ica": 0.01, "lambda_aug": 0.01,
             "seed": 0, "resolution": 64, "gradient_checkpointing": False, "mixed_precision": "no", "optimizer": "adamw",
-            "train_text_encoder": True, "run_name": run_name, "save_checkpoint": True, "resume": True, "preview_every": 2,
+            "fused_backward_step": False, "frozen_dtype": "auto", "train_text_encoder": True, "run_name": run_name, "save_checkpoint": True, "resume": True, "preview_every": 2,
             **extra}},
         "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["6", 1], "text": ["6", 2]}},
         "8": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["6", 1], "text": ""}},

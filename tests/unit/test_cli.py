@@ -38,3 +38,30 @@ def test_train_command_bad_input_is_a_clear_error(files, capsys):
     rc = main(["train", "--model", "tiny", "--image", str(files / "img.png"), "--mask", str(files / "m0.png"),
                "--class-nouns", "panda", "bowl", "--out", str(files / "o")])
     assert rc == 2 and "one class noun per mask" in capsys.readouterr().err
+
+
+def test_train_command_runs_data_parallel_on_two_processes(files):
+    """torchrun (what ``accelerate launch --multi_gpu`` runs underneath) with two CPU processes, gloo on
+    127.0.0.1: gradients are averaged and the trainer checks at the end that both hold the same weights."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = files / "out_dp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "dynasyn", "train", "--model", "tiny", "--device", "cpu",
+           "--image", str(files / "img.png"), "--mask", str(files / "m0.png"), "--mask", str(files / "m1.png"),
+           "--class-nouns", "panda", "bowl", "--out", str(out), "--phase1-steps", "2", "--phase2-steps", "2",
+           "--resolution", "64", "--mode", "dynasyn", "--phase2-lr", "1e-4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(__import__("pathlib").Path(__file__).parents[2]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "data parallel on 2 processes" in log
+    assert proc.stdout.count("step 4/4 phase 2") == 1, log[-3000:]  # only the main process reports
+    assert (out / "model" / "unet").is_dir() and (out / "embeddings" / "dynasyn_asset0.safetensors").is_file()
+    assert len(json.loads((out / "history.json").read_text())) == 4

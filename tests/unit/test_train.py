@@ -179,3 +179,36 @@ def test_bad_config_is_refused():
         TrainConfig(mode="lora")
     with pytest.raises(DynASynError, match="multiple of 64"):
         TrainConfig(resolution=500)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_fused_backward_step_equals_the_usual_step_without_clipping(optimizer, tmp_path):
+    """The step fused into backward is the same update, one tensor at a time; no gradient is kept."""
+    results = []
+    for fused in (False, True):
+        t = trainer(cfg(mode="dynasyn", optimizer=optimizer, max_grad_norm=0.0, fused_backward_step=fused,
+                        phase2_lr=1e-4), augmented=aug_pairs(1))
+        t.train(state_dir=tmp_path / f"s{fused}")
+        assert all(p.grad is None for p in t.c.unet.parameters())
+        results.append(weights(t.c))
+    for k in results[0]:
+        torch.testing.assert_close(results[1][k], results[0][k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_fused_backward_step_cancel_and_resume_matches(tmp_path):
+    def run(stop_at=None, resume=False):
+        t = trainer(cfg(mode="break_a_scene", fused_backward_step=True, optimizer="adafactor", phase2_lr=1e-4),
+                    should_stop=(lambda: t.step == stop_at) if stop_at else None)
+        if resume:
+            t.load_state(tmp_path / "state")
+        try:
+            t.train(state_dir=tmp_path / "state")
+        except Cancelled:
+            return None
+        return weights(t.c)
+
+    full = run()
+    assert run(stop_at=3) is None
+    resumed = run(resume=True)
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
