@@ -55,3 +55,58 @@ def ordered_by_prompt(pair: AugmentedPair, class_nouns: Sequence[str]) -> list[i
     """Indices into ``pair.subjects`` sorted by where each subject's noun occurs in the prompt."""
     low = pair.class_prompt.lower()
     return sorted(range(len(pair.subjects)), key=lambda k: low.find(class_nouns[pair.subjects[k]].lower()))
+
+
+INDEX = "dataset.json"
+
+
+def save_dataset(pairs: Sequence[AugmentedPair], folder) -> "Path":
+    """Images and masks as PNG plus ``dataset.json``, written to a temporary folder renamed into place."""
+    import json
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    if folder.exists():
+        raise DynASynError(f"{folder} already exists; a dataset is never overwritten: choose a new name.")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    to8 = lambda x: (x.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)  # noqa: E731
+    try:
+        entries = []
+        for k, p in enumerate(pairs):
+            Image.fromarray(to8(p.image)).save(tmp / f"{k:04d}.png")
+            names = []
+            for j, m in enumerate(p.masks):
+                names.append(f"{k:04d}_mask{j}.png")
+                Image.fromarray(to8(m.float())).save(tmp / names[-1])
+            entries.append({"image": f"{k:04d}.png", "class_prompt": p.class_prompt, "subjects": list(p.subjects),
+                            "masks": names, "meta": p.meta})
+        (tmp / INDEX).write_text(json.dumps({"version": 1, "pairs": entries}, indent=1), encoding="utf-8")
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_dataset(folder) -> list[AugmentedPair]:
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    if not (folder / INDEX).is_file():
+        raise DynASynError(f"{folder} holds no {INDEX}: point to a folder written by DynASyn Save Dataset.")
+    data = json.loads((folder / INDEX).read_text(encoding="utf-8"))
+    load = lambda name, mode: torch.from_numpy(np.asarray(Image.open(folder / name).convert(mode), dtype=np.float32) / 255)  # noqa: E731
+    pairs = []
+    for e in data["pairs"]:
+        masks = torch.stack([load(n, "L") for n in e["masks"]]) if e["masks"] else torch.zeros(0, 1, 1)
+        pairs.append(AugmentedPair(load(e["image"], "RGB"), e["class_prompt"], list(e["subjects"]), masks, e.get("meta", {})))
+    return pairs
