@@ -31,7 +31,8 @@ PAPER_START_T = 700
 @dataclass
 class GSAConfig:
     strength: float = 0.7          # start at t = strength * 1000 (paper: 700)
-    steps: int = 30                # schedule length; int(steps * strength) denoising steps run
+    steps: int = 30                # schedule length; int(steps * strength) denoising steps run (a multiple of 10
+                                   # starts exactly at t = 699 with strength 0.7; others at the schedule point below)
     sampler: str = "ddim"          # ddim | ddpm | euler
     guidance_scale: float = 7.5
     negative_prompt: str = ""
@@ -83,36 +84,46 @@ def encode_prompts(comps: SDComponents, prompt: str, negative: str, device) -> t
 
 
 @torch.no_grad()
-def denoise(comps: SDComponents, image: torch.Tensor, prompt: str, cfg: GSAConfig, *, inpaint_mask: torch.Tensor | None = None,
-            device="cpu", callback: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, dict]:
+def denoise(comps: SDComponents, image: torch.Tensor | None, prompt: str, cfg: GSAConfig, *,
+            inpaint_mask: torch.Tensor | None = None, size: tuple[int, int] = (512, 512), device="cpu",
+            attention=None, callback: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, dict]:
     """Diffuse ``image`` ([H, W, 3] in [0, 1]) to the start timestep and denoise it under ``prompt``.
 
+    ``image`` None: text-to-image from pure noise at ``size`` (H, W) over the whole schedule (drafts).
     With ``inpaint_mask`` ([H, W], 1 = repaint) only the masked region is generated; the rest is
-    the known image at every step. Returns the image and {"start_timestep", "unet_evaluations"}.
+    the known image at every step. ``attention`` (an ``AttentionStore`` whose processors are on the
+    UNet) records the conditional half's cross-attention at every step.
+    Returns the image and {"start_timestep", "unet_evaluations"}.
     """
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise DynASynError(f"GSA needs one RGB image [H, W, 3]; got {tuple(image.shape)}.")
     f = comps.vae_scale_factor
-    h, w = image.shape[0] // f * f, image.shape[1] // f * f
+    if image is not None and (image.ndim != 3 or image.shape[-1] != 3):
+        raise DynASynError(f"GSA needs one RGB image [H, W, 3]; got {tuple(image.shape)}.")
+    H, W = image.shape[:2] if image is not None else size
+    h, w = H // f * f, W // f * f
     if h == 0 or w == 0:
-        raise DynASynError(f"The image ({image.shape[1]}x{image.shape[0]}) is smaller than the VAE's factor {f}.")
+        raise DynASynError(f"The image ({W}x{H}) is smaller than the VAE's factor {f}.")
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
     unet, vae = comps.unet.to(device), comps.vae.to(device)
     comps.text_encoder.to(device)
-    pixels = image.permute(2, 0, 1)[None].float().to(device)
-    pixels = F.interpolate(pixels, size=(h, w), mode="bilinear", align_corners=False) if (h, w) != image.shape[:2] else pixels
-    pixels = (pixels * 2 - 1).to(vae.dtype)
-
     sched = make_scheduler(cfg, comps.prediction_type)
     steps = 1000 if cfg.paper_exact else cfg.steps
-    strength = PAPER_START_T / 1000 if cfg.paper_exact else cfg.strength
+    strength = 1.0 if image is None else PAPER_START_T / 1000 if cfg.paper_exact else cfg.strength
     timesteps = start_timesteps(sched, steps, strength, device)
     embeds = encode_prompts(comps, prompt, cfg.negative_prompt, device).to(unet.dtype)
 
-    # the same generator draws as StableDiffusionImg2ImgPipeline: VAE sample, then the start noise
-    known = vae.encode(pixels).latent_dist.sample(gen) * comps.scaling_factor
-    noise = torch.randn(known.shape, generator=gen).to(device, known.dtype)
-    latents = sched.add_noise(known, noise, timesteps[:1])
+    if image is None:
+        known = None
+        latents = torch.randn((1, unet.config.in_channels, h // f, w // f), generator=gen).to(device, unet.dtype)
+        latents = latents * sched.init_noise_sigma
+    else:
+        pixels = image.permute(2, 0, 1)[None].float().to(device)
+        if (h, w) != (H, W):
+            pixels = F.interpolate(pixels, size=(h, w), mode="bilinear", align_corners=False)
+        pixels = (pixels * 2 - 1).to(vae.dtype)
+        # the same generator draws as StableDiffusionImg2ImgPipeline: VAE sample, then the start noise
+        known = vae.encode(pixels).latent_dist.sample(gen) * comps.scaling_factor
+        noise = torch.randn(known.shape, generator=gen).to(device, known.dtype)
+        latents = sched.add_noise(known, noise, timesteps[:1])
     if inpaint_mask is not None:
         keep = 1 - F.interpolate(inpaint_mask[None, None].float().to(device), size=known.shape[-2:], mode="nearest")
     step_kwargs = {"generator": gen} if "generator" in sched.step.__code__.co_varnames else {}
@@ -120,7 +131,12 @@ def denoise(comps: SDComponents, image: torch.Tensor, prompt: str, cfg: GSAConfi
         step_kwargs["eta"] = 0.0
     for i, t in enumerate(timesteps):
         model_in = sched.scale_model_input(torch.cat([latents] * 2), t)
+        if attention is not None:
+            attention.enabled = True
         uncond, cond = unet(model_in, t, encoder_hidden_states=embeds).sample.chunk(2)
+        if attention is not None:
+            attention.enabled = False
+            attention.accumulate()
         pred = uncond + cfg.guidance_scale * (cond - uncond)
         latents = sched.step(pred, t, latents, **step_kwargs).prev_sample
         if inpaint_mask is not None:

@@ -1,0 +1,88 @@
+"""Step 4 of augmentation: draft images of the augmented prompts, with a pseudo-mask per subject.
+
+A draft is rendered from the prompt written with the subjects' descriptions; the cross-attention
+of each subject's words at the 16x16 layers, averaged over the sampling steps, says where the
+model drew it. Its peak region becomes a box + point prompt for SAM (default), or, without SAM,
+the thresholded map itself is the pseudo-mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .attention import AttentionStore, capture_layers, install_attention_capture, remove_attention_capture, token_maps
+from .compose import mask_box
+from .gsa import GSAConfig, denoise
+from .models import SDComponents
+from .prompts import PromptTemplate
+from .sam import SubjectPrompt, segment
+from .subjects import token_positions
+
+
+class SamplingAttention(AttentionStore):
+    """Sums the conditional sample's head/layer-averaged maps over the sampling steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.total: torch.Tensor | None = None
+        self.steps = 0
+
+    def accumulate(self) -> None:
+        maps = self.aggregate()[-1].float()  # [r, r, T]; the batch is [uncond, cond]
+        self.total = maps if self.total is None else self.total + maps
+        self.steps += 1
+        self.clear()
+
+    def mean(self) -> torch.Tensor:
+        return self.total / max(1, self.steps)
+
+
+@dataclass
+class Draft:
+    image: torch.Tensor                 # [H, W, 3]
+    template: PromptTemplate
+    prompt: str                         # rendered with the descriptions
+    attention: torch.Tensor             # [S, r, r] per subject, in template order of subjects
+    pseudo_masks: torch.Tensor = field(default=None)  # [N, H, W] by subject index (empty when not found)
+
+
+def render_draft(comps: SDComponents, template: PromptTemplate, descriptions: Sequence[str], cfg: GSAConfig,
+                 size: tuple[int, int], device="cpu", callback=None) -> Draft:
+    prompt = template.render(descriptions)
+    latent = size[0] // comps.vae_scale_factor
+    store = SamplingAttention()
+    install_attention_capture(comps.unet, store, capture_layers(comps.unet, latent, 16))
+    try:
+        image, _ = denoise(comps, None, prompt, cfg, size=size, device=device, attention=store, callback=callback)
+    finally:
+        remove_attention_capture(comps.unet)
+    order = template.subjects
+    positions = token_positions(comps.tokenizer, prompt, [descriptions[i] for i in order])
+    return Draft(image, template, prompt, token_maps(store.mean(), positions))
+
+
+def attention_prompt(attn: torch.Tensor, size: tuple[int, int], threshold: float = 0.5) -> tuple[SubjectPrompt, torch.Tensor]:
+    """Box around the region above ``threshold`` x peak, the peak as a point; and that region as a mask."""
+    up = F.interpolate(attn[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+    up = up - up.min()
+    region = (up >= threshold * up.max()).float() if up.max() > 0 else torch.zeros(size)
+    y0, y1, x0, x1 = mask_box(region) or (0, size[0], 0, size[1])
+    peak = int(torch.argmax(up))
+    py, px = divmod(peak, size[1])
+    return SubjectPrompt(box=(x0, y0, x1, y1), points=[(px, py)], labels=[1]), region
+
+
+def pseudo_masks(draft: Draft, num_subjects: int, sam=None, threshold: float = 0.5) -> torch.Tensor:
+    """[N, H, W]: SAM on the attention peaks (or the thresholded attention without SAM), by subject index."""
+    H, W = draft.image.shape[:2]
+    prompts, regions = zip(*(attention_prompt(a, (H, W), threshold) for a in draft.attention))
+    masks = segment(sam, draft.image, list(prompts)) if sam is not None else torch.stack(regions)
+    out = torch.zeros(num_subjects, H, W)
+    for k, subject in enumerate(draft.template.subjects):
+        out[subject] = masks[k]
+    draft.pseudo_masks = out
+    return out
