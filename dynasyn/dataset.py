@@ -7,9 +7,14 @@ with *class nouns* (ĉ_a), and one pseudo-mask per subject that appears in it.
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .errors import DynASynError
@@ -60,14 +65,8 @@ def ordered_by_prompt(pair: AugmentedPair, class_nouns: Sequence[str]) -> list[i
 INDEX = "dataset.json"
 
 
-def save_dataset(pairs: Sequence[AugmentedPair], folder) -> "Path":
+def save_dataset(pairs: Sequence[AugmentedPair], folder) -> Path:
     """Images and masks as PNG plus ``dataset.json``, written to a temporary folder renamed into place."""
-    import json
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    import numpy as np
     from PIL import Image
 
     folder = Path(folder)
@@ -94,10 +93,6 @@ def save_dataset(pairs: Sequence[AugmentedPair], folder) -> "Path":
 
 
 def load_dataset(folder) -> list[AugmentedPair]:
-    import json
-    from pathlib import Path
-
-    import numpy as np
     from PIL import Image
 
     folder = Path(folder)
