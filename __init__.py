@@ -15,6 +15,10 @@ _CLASSES = load_node_classes(__name__ + ".nodes", {
     "train_node": ("DynASynTrain",),
     "tiny_node": ("DynASynTinyModel",),
     "mask_nodes": ("DynASynMaskBatch",),
+    "sam_nodes": ("DynASynSAMLoader", "DynASynSAMMasks"),
+    "gsa_node": ("DynASynGSA",),
+    "augment_nodes": ("DynASynDescribeSubjects", "DynASynAugmentPrompts", "DynASynAugment", "DynASynSaveDataset",
+                      "DynASynLoadDataset"),
 })
 
 # Literal mapping (ComfyUI-Manager reads the keys statically); unavailable nodes are dropped below.
@@ -24,6 +28,14 @@ NODE_CLASS_MAPPINGS = {
     "DynASynTrain": _CLASSES.get("DynASynTrain"),
     "DynASynTinyModel": _CLASSES.get("DynASynTinyModel"),
     "DynASynMaskBatch": _CLASSES.get("DynASynMaskBatch"),
+    "DynASynSAMLoader": _CLASSES.get("DynASynSAMLoader"),
+    "DynASynSAMMasks": _CLASSES.get("DynASynSAMMasks"),
+    "DynASynDescribeSubjects": _CLASSES.get("DynASynDescribeSubjects"),
+    "DynASynAugmentPrompts": _CLASSES.get("DynASynAugmentPrompts"),
+    "DynASynAugment": _CLASSES.get("DynASynAugment"),
+    "DynASynGSA": _CLASSES.get("DynASynGSA"),
+    "DynASynSaveDataset": _CLASSES.get("DynASynSaveDataset"),
+    "DynASynLoadDataset": _CLASSES.get("DynASynLoadDataset"),
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DynASynDiffusersLoader": "DynASyn Load Diffusers Model",
@@ -31,6 +43,14 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DynASynTrain": "DynASyn Train",
     "DynASynTinyModel": "DynASyn Tiny Model (built-in, for tests and demos)",
     "DynASynMaskBatch": "DynASyn Subject Masks",
+    "DynASynSAMLoader": "DynASyn SAM Loader",
+    "DynASynSAMMasks": "DynASyn SAM Masks",
+    "DynASynDescribeSubjects": "DynASyn Describe Subjects (VLM / offline)",
+    "DynASynAugmentPrompts": "DynASyn Augment Prompts (LLM / offline)",
+    "DynASynAugment": "DynASyn Augment (drafts, compose, inpaint, GSA)",
+    "DynASynGSA": "DynASyn Guided SDE Augmentation",
+    "DynASynSaveDataset": "DynASyn Save Dataset",
+    "DynASynLoadDataset": "DynASyn Load Dataset",
 }
 NODE_CLASS_MAPPINGS = {k: v for k, v in NODE_CLASS_MAPPINGS.items() if v is not None}
 NODE_DISPLAY_NAME_MAPPINGS = {k: v for k, v in NODE_DISPLAY_NAME_MAPPINGS.items() if k in NODE_CLASS_MAPPINGS}

@@ -4,6 +4,7 @@
 
 Each pair is (GSA image, class-noun prompt ĉ_a, per-subject pseudo-masks) as the trainer wants.
 A draft where a subject was not found (empty or tiny pseudo-mask) is skipped and counted.
+``progress(k, K, prompt, latest augmented image or None)`` is called before each prompt.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class AugmentReport:
 
 def augment(comps: SDComponents, reference: torch.Tensor, ref_masks: Sequence[torch.Tensor], class_nouns: Sequence[str],
             descriptions: Sequence[str], templates: Sequence[PromptTemplate], cfg: AugmentConfig | None = None, *, sam=None,
-            device="cpu", progress: Callable[[int, int, str], None] | None = None,
+            device="cpu", progress: Callable[[int, int, str, torch.Tensor | None], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> AugmentReport:
     cfg = cfg or AugmentConfig()
     n = len(class_nouns)
@@ -63,7 +64,8 @@ def augment(comps: SDComponents, reference: torch.Tensor, ref_masks: Sequence[to
         if should_stop and should_stop():
             break
         if progress:
-            progress(k, len(templates), template.render(descriptions))
+            latest = report.pairs[-1].image if report.pairs else None  # for a preview
+            progress(k, len(templates), template.render(descriptions), latest)
         seed = cfg.seed + k
         draft = render_draft(comps, template, descriptions,
                              GSAConfig(steps=cfg.draft_steps, guidance_scale=cfg.guidance_scale, seed=seed), size, device)

@@ -12,7 +12,9 @@ which a resumable state is saved.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
+import math
 import os
 import random
 import shutil
@@ -24,7 +26,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .attention import (AttentionStore, capture_layers, install_attention_capture, remove_attention_capture,
+from .attention import (AttentionStore, capture_layers, install_attention_capture, last_layer, remove_attention_capture,
                         run_until_last_capture, token_maps)
 from .distributed import Distributed
 from .dataset import AugmentedPair, ordered_by_prompt, placeholder_prompt
@@ -74,7 +76,7 @@ class TrainConfig:
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
-    frozen_dtype: str = "auto"      # auto = fp16 on GPU, bf16 on CPU | fp16 | bf16 | fp32
+    frozen_dtype: str = "auto"      # auto = fp16 on GPU, bf16 on CPUs with native bf16, else fp32 | fp16 | bf16 | fp32
     fused_backward_step: bool = False  # optimizer step inside backward: no full set of gradients in memory
 
     def __post_init__(self):
@@ -155,6 +157,28 @@ def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode=mode, **kw)
 
 
+MAX_CACHED_PROMPTS = 512  # class prompts precomputed instead of keeping a frozen text encoder (N <= 5 subjects)
+
+
+def truncate_after(unet, layer: str) -> None:
+    """Drop the up blocks after the one holding ``layer`` and the output head: a UNet stopped at ``layer``
+    (``run_until_last_capture``) never reaches them, so a frozen copy need not hold their weights."""
+    parts = layer.split(".")
+    if parts[0] != "up_blocks":
+        return
+    keep = int(parts[1]) + 1
+    unet.up_blocks = torch.nn.ModuleList(list(unet.up_blocks)[:keep])
+    unet.conv_norm_out, unet.conv_act, unet.conv_out = None, None, torch.nn.Identity()
+
+
+def _fast_cpu_bf16() -> bool:
+    """CPUs without native bf16 (no AVX512-BF16 / AMX) run bf16 UNets several times slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class DynASynTrainer:
     """Trains ``comps`` in place on one reference image (+ optional augmented pairs)."""
 
@@ -186,6 +210,7 @@ class DynASynTrainer:
         self.step = 0
         self.history: list[StepLog] = []
         self.frozen = None
+        self.class_hidden: dict[str, torch.Tensor] = {}  # frozen base encodings of the class prompts
         self.optimizer = None
         self.phase = None
         self.store = AttentionStore()
@@ -217,22 +242,46 @@ class DynASynTrainer:
 
     # ------------------------------------------------------------------ models
     def _frozen_dtype(self) -> torch.dtype:
-        if self.cfg.frozen_dtype == "fp32":
-            return torch.float32
-        if self.cfg.frozen_dtype == "fp16" or (self.cfg.frozen_dtype == "auto" and self.device.type == "cuda"):
-            return torch.float16
-        return torch.bfloat16
+        name = self.cfg.frozen_dtype
+        if name == "auto":
+            name = "fp16" if self.device.type == "cuda" else "bf16" if _fast_cpu_bf16() else "fp32"
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
     def _make_frozen(self) -> None:
-        """A half-precision copy of the base UNet + text encoder for the class-prompt maps (L_ICA, L_AUG)."""
+        """The frozen base model for the class-prompt maps (L_ICA, L_AUG), in ``frozen_dtype``.
+
+        Memory: the UNet copy loses everything after its last 16x16 cross-attention layer (it never
+        runs further), and when the class prompts are few enough (every ordered subject subset and
+        every augmented prompt, <= ``MAX_CACHED_PROMPTS``) their base-model text encodings are
+        computed once here instead of keeping a text-encoder copy.
+        """
         if self.frozen is not None or not ("ica" in self.cfg.losses or self.use_aug):
             return
         dtype = self._frozen_dtype()
-        unet = copy.deepcopy(self.c.unet).to(self.device, dtype).eval().requires_grad_(False)
-        te = copy.deepcopy(self.c.text_encoder).to(self.device, dtype).eval().requires_grad_(False)
+        unet = copy.deepcopy(self.c.unet)
+        truncate_after(unet, last_layer(self.capture))
+        unet = unet.to(self.device, dtype).eval().requires_grad_(False)
+        prompts = self._class_prompts()
+        te = None
+        if prompts is None:
+            te = copy.deepcopy(self.c.text_encoder).to(self.device, dtype).eval().requires_grad_(False)
+        else:
+            te_live = self.c.text_encoder.to(self.device)
+            with torch.no_grad():  # the live encoder still holds the base weights here (also when resuming)
+                self.class_hidden = {p: self._encode(te_live, p).to(dtype) for p in prompts}
         store = AttentionStore()
         install_attention_capture(unet, store, self.capture)
         self.frozen = (unet, te, store)
+
+    def _class_prompts(self) -> list[str] | None:
+        """Every class prompt training can ask for, or None when there are too many to precompute."""
+        n = len(self.subjects)
+        ordered = sum(math.perm(n, k) for k in range(1, n + 1))
+        if ordered + len(self.augmented) > MAX_CACHED_PROMPTS:
+            return None
+        subsets = [list(p) for k in range(1, n + 1) for p in itertools.permutations(range(n), k)]
+        prompts = [make_prompt_pair(self.c.tokenizer, self.subjects, s, self.cfg.template).class_prompt for s in subsets]
+        return sorted(set(prompts) | {pair.class_prompt for pair in self.augmented})
 
     def _setup_phase(self, phase: int) -> None:
         c, cfg = self.c, self.cfg
@@ -283,7 +332,7 @@ class DynASynTrainer:
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
         return noisy, t, target
 
-    def _maps(self, unet, te, store, prompt, noisy, t, positions, grad: bool, need_pred: bool = True):
+    def _maps(self, unet, te, store, prompt, noisy, t, positions, grad: bool, need_pred: bool = True, hidden=None):
         """Cross-attention maps ``[S, r, r]`` of the token ``positions`` for ``prompt`` on ``noisy``.
 
         Without ``need_pred`` the UNet stops after its last hooked layer (attention-only passes).
@@ -293,7 +342,7 @@ class DynASynTrainer:
         with torch.set_grad_enabled(grad), torch.autocast(self.device.type, dtype=amp_dtype, enabled=autocast):
             dtype = next(unet.parameters()).dtype
             store.enabled = True
-            hidden = self._encode(te, prompt)
+            hidden = self._encode(te, prompt) if hidden is None else hidden
             pred = None
             if need_pred:
                 pred = unet(noisy.to(dtype), t, hidden.to(dtype)).sample
@@ -306,7 +355,8 @@ class DynASynTrainer:
 
     def _class_maps(self, prompt, noisy, t, positions) -> torch.Tensor:
         unet, te, store = self.frozen
-        return self._maps(unet, te, store, prompt, noisy, t, positions, grad=False, need_pred=False)[0].float()
+        hidden = self.class_hidden[prompt] if te is None else None
+        return self._maps(unet, te, store, prompt, noisy, t, positions, grad=False, need_pred=False, hidden=hidden)[0].float()
 
     def training_step(self) -> StepLog:
         cfg, c = self.cfg, self.c
@@ -431,7 +481,7 @@ class DynASynTrainer:
         self.dist.check_in_sync([self.c.unet, self.c.text_encoder])
         for m in (self.c.unet, self.c.text_encoder):
             m.eval().requires_grad_(False)
-        self.frozen = None
+        self.frozen, self.class_hidden = None, {}
 
     def placeholder_embeddings(self) -> dict[str, torch.Tensor]:
         emb = self.c.text_encoder.get_input_embeddings().weight

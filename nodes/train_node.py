@@ -95,7 +95,7 @@ class DynASynTrain:
                 "gradient clipping in this mode.")}),
             "frozen_dtype": (["auto", "fp16", "bf16", "fp32"], {"default": "auto", "tooltip": (
                 "Precision of the frozen base model that gives L_ICA / L_AUG their class-prompt targets. auto = fp16 on "
-                "GPU, bf16 on CPU; fp32 is faster on CPUs without bf16 support but takes twice the memory.")}),
+                "GPU; on CPU bf16 where the CPU has native bf16, else fp32 (bf16 is several times slower there).")}),
             "train_text_encoder": ("BOOLEAN", {"default": True, "tooltip": "Phase 2 also trains the text encoder (the paper does)."}),
             "run_name": ("STRING", {"default": "dynasyn", "tooltip": "Names the embeddings (<run>_asset0...) and checkpoint; a number is added if taken."}),
             "save_checkpoint": ("BOOLEAN", {"default": True, "tooltip": "Also write models/checkpoints/<run>.safetensors."}),

@@ -70,7 +70,7 @@ def test_augment_stage_makes_training_pairs(use_sam):
     cfg = AugmentConfig(size=64, draft_steps=3, inpaint_steps=3, min_mask_pixels=4, gsa=GSAConfig(steps=10))
     seen = []
     report = augment(comps, image, masks, nouns, ["red panda", "blue bowl"], templates, cfg,
-                     sam=build_tiny_sam() if use_sam else None, progress=lambda k, n, p: seen.append((k, n, p)))
+                     sam=build_tiny_sam() if use_sam else None, progress=lambda k, n, p, img: seen.append((k, n, p)))
     assert len(report.pairs) + len(report.skipped) == 2 and len(report.drafts) == 2
     assert [s[0] for s in seen] == [0, 1] and "red panda" in seen[0][2]
     for pair, t in zip(report.pairs, templates):

@@ -58,18 +58,45 @@ def test_phase1_changes_only_placeholder_rows():
 
 
 def test_phase2_trains_unet_and_text_encoder_but_never_the_frozen_model():
-    t = trainer(cfg(mode="dynasyn", phase1_steps=1, phase2_steps=2, phase2_lr=1e-3), augmented=aug_pairs())
+    t = trainer(cfg(mode="dynasyn", phase1_steps=1, phase2_steps=2, phase2_lr=1e-3, frozen_dtype="bf16"),
+                augmented=aug_pairs())
     frozen_unet, frozen_te, _ = t.frozen
+    assert frozen_te is None  # few class prompts: their base encodings are precomputed instead
+    class_hidden = {k: v.clone() for k, v in t.class_hidden.items()}
+    assert len(class_hidden) == 5 and "a photo of bowl and panda" in class_hidden  # 4 ordered subsets + aug prompt
     frozen_before = {k: v.clone() for k, v in frozen_unet.state_dict().items()}
-    assert frozen_unet.dtype == torch.bfloat16  # half precision on CPU
+    assert frozen_unet.dtype == torch.bfloat16  # half precision
     before = weights(t.c)
     t.train()
     after = weights(t.c)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("unet."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("te.") and "token_embedding" not in k)
     assert all(torch.equal(frozen_before[k], v) for k, v in frozen_unet.state_dict().items())
-    assert all(p.grad is None for p in frozen_unet.parameters()) and all(p.grad is None for p in frozen_te.parameters())
+    assert all(p.grad is None for p in frozen_unet.parameters())
     assert all(set(h.terms) == {"md", "m2a", "ica", "aug"} for h in t.history)
+
+
+def test_frozen_model_trimmed_and_precomputed_gives_the_full_models_class_maps():
+    """Dropping the frozen UNet's unused up blocks and precomputing class encodings changes no map."""
+    import copy
+
+    from dynasyn.attention import AttentionStore, install_attention_capture
+
+    t = trainer(cfg(mode="dynasyn", frozen_dtype="fp32"))
+    full_unet = copy.deepcopy(t.c.unet).requires_grad_(False)
+    full_te = copy.deepcopy(t.c.text_encoder).requires_grad_(False)
+    store = AttentionStore()
+    install_attention_capture(full_unet, store, t.capture)
+    assert sum(p.numel() for p in t.frozen[0].parameters()) < sum(p.numel() for p in full_unet.parameters())
+    for subset in ([0], [1, 0], [0, 1]):
+        pair = __import__("dynasyn.subjects", fromlist=["x"]).make_prompt_pair(t.c.tokenizer, t.subjects, subset,
+                                                                              t.cfg.template)
+        noisy = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(len(subset)))
+        tt = torch.tensor([500])
+        ours = t._class_maps(pair.class_prompt, noisy, tt, pair.class_positions)
+        ref = t._maps(full_unet, full_te, store, pair.class_prompt, noisy, tt, pair.class_positions, grad=False,
+                      need_pred=False)[0].float()
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_augmentation_loss_has_no_reconstruction_term(monkeypatch):

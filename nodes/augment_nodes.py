@@ -1,0 +1,319 @@
+"""Augmentation nodes: describe subjects, augment prompts, the augmentation stage, dataset save/load.
+
+Thin wrappers over ``dynasyn.describe`` / ``prompts`` / ``augment`` / ``dataset``. The API key is
+never an input: it comes from DYNASYN_API_KEY (or OPENAI_API_KEY) or a key file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+
+from ..dynasyn.errors import DynASynError
+from ..dynasyn.export import unique_name, validate_export_name
+from .common import user_error
+
+log = logging.getLogger("DynASyn")
+
+DEFAULT_ENDPOINT = "http://127.0.0.1:11434/v1"
+
+
+def _cache_dir() -> str:
+    return os.path.join(folder_paths.get_user_directory(), "dynasyn_llm_cache")
+
+
+def _datasets_dir() -> str:
+    return os.path.join(folder_paths.get_output_directory(), "dynasyn", "datasets")
+
+
+def _nouns(text: str) -> list[str]:
+    nouns = [n.strip() for n in text.split(",") if n.strip()]
+    if not nouns:
+        raise DynASynError("Write the class noun of each subject, comma-separated (e.g. 'panda, bowl').")
+    return nouns
+
+
+def _lines(text: str) -> list[str]:
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+def _one_image(image: torch.Tensor) -> torch.Tensor:
+    if image.ndim != 4 or image.shape[-1] not in (3, 4):
+        raise DynASynError(f"Expected an IMAGE; got a tensor of shape {tuple(image.shape)}.")
+    if image.shape[0] != 1:
+        raise DynASynError(f"The reference must be ONE image, not a batch of {image.shape[0]}; pick one with ImageFromBatch.")
+    return image[0, ..., :3].float()
+
+
+def _masks(masks: torch.Tensor, n: int, size) -> list[torch.Tensor]:
+    masks = masks if masks.ndim == 3 else masks[None]
+    if masks.shape[0] != n:
+        raise DynASynError(f"{masks.shape[0]} masks for {n} class nouns: give one mask per subject, in the same order.")
+    if tuple(masks.shape[-2:]) != tuple(size):
+        raise DynASynError(f"The masks ({masks.shape[-1]}x{masks.shape[-2]}) must have the image's size ({size[1]}x{size[0]}).")
+    return [m.float() for m in masks]
+
+
+LLM_INPUTS = {
+    "endpoint": ("STRING", {"default": DEFAULT_ENDPOINT, "tooltip": (
+        "OpenAI-compatible base URL: Ollama http://127.0.0.1:11434/v1, LM Studio http://127.0.0.1:1234/v1, vLLM, or "
+        "https://api.openai.com/v1. The key comes from the DYNASYN_API_KEY (or OPENAI_API_KEY) environment variable "
+        "or ~/.config/dynasyn/api_key, never from the workflow.")}),
+    "timeout": ("FLOAT", {"default": 120.0, "min": 1.0, "max": 3600.0, "step": 1.0, "tooltip": "Seconds to wait for a reply."}),
+}
+
+
+class DynASynDescribeSubjects:
+    DESCRIPTION = ("Step 1: a noun phrase under 5 words for each subject ('fluffy red panda toy'), from a vision-language "
+                   "model on each subject's crop, or offline from the class nouns (or your own phrases). Replies are cached "
+                   "in ComfyUI/user/dynasyn_llm_cache: a re-run with the same inputs does not call again.")
+    CATEGORY = "DynASyn/augment"
+    FUNCTION = "describe"
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("descriptions",)
+    OUTPUT_TOOLTIPS = ("One description per line, subject 1 first.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "The reference picture (one image)."}),
+            "masks": ("MASK", {"tooltip": "One mask per subject (MASK batch), in class-noun order."}),
+            "class_nouns": ("STRING", {"default": "panda, bowl", "tooltip": "What each subject is, comma-separated."}),
+            "mode": (["offline", "vlm"], {"default": "offline", "tooltip": (
+                "offline: the class nouns (or 'phrases') are the descriptions; vlm: ask the model at 'endpoint'.")}),
+            "model": ("STRING", {"default": "llava", "tooltip": "VLM name at the endpoint (llava, qwen2.5vl, gpt-4o-mini...)."}),
+            **LLM_INPUTS,
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Sent to the model; part of the cache key."}),
+        }, "optional": {
+            "phrases": ("STRING", {"default": "", "multiline": True, "tooltip": "Offline: your own description per line (empty line = class noun)."}),
+        }}
+
+    def describe(self, image, masks, class_nouns, mode, model, endpoint, timeout, seed, phrases=""):
+        try:
+            from ..dynasyn.describe import describe_subjects
+            from ..dynasyn.llm import resolve_api_key
+
+            nouns = _nouns(class_nouns)
+            ref = _one_image(image)
+            ms = _masks(masks, len(nouns), ref.shape[:2])
+            if mode == "offline":
+                out = describe_subjects(ref, ms, nouns, phrases=phrases.splitlines())
+            else:
+                out = describe_subjects(ref, ms, nouns, base_url=endpoint, model=model, api_key=resolve_api_key(endpoint),
+                                        seed=seed, cache_dir=_cache_dir(), timeout=timeout)
+            return {"ui": {"text": ["\n".join(out)]}, "result": ("\n".join(out),)}
+        except Exception as e:  # noqa: BLE001
+            raise user_error(e) from e
+
+
+class DynASynAugmentPrompts:
+    DESCRIPTION = ("Step 2: K prompts of the subjects acting alone and interacting. Each keeps a marker per subject ([1], "
+                   "[2]...) so it can be written with the descriptions (drafts), the class nouns (training) or the learned "
+                   "tokens. Offline: a seeded generator over a vocabulary of actions, relations and places; llm: the model "
+                   "at 'endpoint' writes them as JSON (invalid or duplicate ones are dropped and counted).")
+    CATEGORY = "DynASyn/augment"
+    FUNCTION = "prompts"
+    RETURN_TYPES = ("DYNASYN_PROMPTS", "STRING")
+    RETURN_NAMES = ("prompts", "text")
+    OUTPUT_TOOLTIPS = ("The prompt templates with the subjects' descriptions and class nouns.",
+                       "The prompts written with the descriptions, one per line.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "descriptions": ("STRING", {"forceInput": True, "tooltip": "One description per line (from Describe Subjects)."}),
+            "class_nouns": ("STRING", {"default": "panda, bowl", "tooltip": "What each subject is, comma-separated."}),
+            "count": ("INT", {"default": 30, "min": 1, "max": 500, "tooltip": "K: how many prompts (the paper uses 30)."}),
+            "mode": (["offline", "llm"], {"default": "offline", "tooltip": "offline: built-in generator; llm: ask the model at 'endpoint'."}),
+            "model": ("STRING", {"default": "llama3.1", "tooltip": "LLM name at the endpoint."}),
+            **LLM_INPUTS,
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Same seed, same prompts (offline, and cached online)."}),
+        }}
+
+    def prompts(self, descriptions, class_nouns, count, mode, model, endpoint, timeout, seed):
+        try:
+            from ..dynasyn.llm import resolve_api_key
+            from ..dynasyn.prompts import llm_prompts, offline_prompts
+
+            nouns = _nouns(class_nouns)
+            descs = _lines(descriptions)
+            if len(descs) != len(nouns):
+                raise DynASynError(f"{len(descs)} descriptions for {len(nouns)} class nouns: one description per subject.")
+            dropped = 0
+            if mode == "offline":
+                templates = offline_prompts(len(nouns), count, seed)
+            else:
+                templates, dropped = llm_prompts(descs, count, base_url=endpoint, model=model, seed=seed,
+                                                 api_key=resolve_api_key(endpoint), cache_dir=_cache_dir(), timeout=timeout)
+            if dropped:
+                log.info("[DynASyn] %d of the LLM's prompts were invalid or duplicates and were dropped.", dropped)
+            text = "\n".join(t.render(descs) for t in templates)
+            bundle = {"templates": templates, "descriptions": descs, "class_nouns": nouns, "dropped": dropped}
+            return {"ui": {"text": [text]}, "result": (bundle, text)}
+        except Exception as e:  # noqa: BLE001
+            raise user_error(e) from e
+
+
+def _gallery(pairs) -> torch.Tensor:
+    """The pairs' images as one IMAGE batch (resized to the first one's size when they differ)."""
+    if not pairs:
+        return torch.zeros(1, 64, 64, 3)
+    h, w = pairs[0].image.shape[:2]
+    imgs = []
+    for p in pairs:
+        img = p.image.permute(2, 0, 1)[None]
+        if img.shape[-2:] != (h, w):
+            img = torch.nn.functional.interpolate(img, size=(h, w), mode="bilinear", align_corners=False)
+        imgs.append(img[0].permute(1, 2, 0))
+    return torch.stack(imgs).clamp(0, 1)
+
+
+class DynASynAugment:
+    DESCRIPTION = ("Steps 4-6 in one node: for each prompt, a draft is drawn with the subjects' descriptions; the attention "
+                   "of each subject's words points SAM (or, without SAM, the attention itself) to a pseudo-mask; the real "
+                   "subjects are pasted there (aspect kept), the gaps inpainted by the same model, and Guided SDE "
+                   "Augmentation re-noises the result to t = 700/1000 and denoises it under the prompt. Drafts where a "
+                   "subject was not found are skipped and counted. Output: the DYNASYN_DATASET for DynASyn Train.")
+    CATEGORY = "DynASyn/augment"
+    FUNCTION = "augment"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("DYNASYN_DATASET", "IMAGE", "IMAGE", "STRING")
+    RETURN_NAMES = ("dataset", "augmented", "drafts", "report")
+    OUTPUT_TOOLTIPS = ("(image, class-noun prompt, pseudo-masks) pairs for DynASyn Train.", "The augmented images.",
+                       "The drafts.", "What was made and what was skipped.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..dynasyn.gsa import SAMPLERS
+
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "SD 1.5 / 2.1 MODEL (the one you will train)."}),
+            "clip": ("CLIP", {"tooltip": "Its CLIP."}),
+            "vae": ("VAE", {"tooltip": "Its VAE."}),
+            "image": ("IMAGE", {"tooltip": "The reference picture."}),
+            "masks": ("MASK", {"tooltip": "One mask per subject."}),
+            "prompts": ("DYNASYN_PROMPTS", {"tooltip": "From DynASyn Augment Prompts."}),
+            "size": ("INT", {"default": 512, "min": 64, "max": 1024, "step": 64, "tooltip": "Draft / augmented image size (512 for SD 1.5 / 2.1-base)."}),
+            "draft_steps": ("INT", {"default": 25, "min": 1, "max": 200, "tooltip": "Sampling steps of each draft."}),
+            "inpaint_steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Steps filling the gaps around pasted subjects."}),
+            "gsa_strength": ("FLOAT", {"default": 0.7, "min": 0.05, "max": 1.0, "step": 0.05, "tooltip": "GSA start: t = strength x 1000 (paper: 0.7)."}),
+            "gsa_steps": ("INT", {"default": 30, "min": 1, "max": 1000, "tooltip": "GSA schedule length; int(steps x strength) steps run. A multiple of 10 starts exactly at t = 700."}),
+            "gsa_sampler": (list(SAMPLERS), {"default": "ddim", "tooltip": "GSA sampler (ddpm = the paper's ancestral sampler)."}),
+            "paper_exact": ("BOOLEAN", {"default": False, "tooltip": "GSA as in the paper: 700 DDPM steps from t = 700 (slow)."}),
+            "guidance": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.5, "tooltip": "Classifier-free guidance scale."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Prompt k uses seed + k."}),
+        }, "optional": {
+            "sam": ("DYNASYN_SAM", {"tooltip": "SAM for the pseudo-masks (recommended); without it the attention map is the mask."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def augment(self, model, clip, vae, image, masks, prompts, size, draft_steps, inpaint_steps, gsa_strength, gsa_steps,
+                gsa_sampler, paper_exact, guidance, seed, sam=None, unique_id=None):
+        try:
+            from ..dynasyn.augment import AugmentConfig, augment
+            from ..dynasyn.gsa import GSAConfig
+            from . import bridge
+
+            ref = _one_image(image)
+            nouns = prompts["class_nouns"]
+            ms = _masks(masks, len(nouns), ref.shape[:2])
+            cfg = AugmentConfig(size=size, draft_steps=draft_steps, inpaint_steps=inpaint_steps, guidance_scale=guidance,
+                                seed=seed, gsa=GSAConfig(strength=gsa_strength, steps=gsa_steps, sampler=gsa_sampler,
+                                                         guidance_scale=guidance, paper_exact=paper_exact))
+            templates = prompts["templates"]
+            pbar = comfy.utils.ProgressBar(len(templates), node_id=unique_id)
+            mm.unload_all_models()
+            mm.soft_empty_cache()
+            device = mm.get_torch_device()
+            with torch.inference_mode(False):
+                comps = bridge.native_to_components(model, clip, vae)
+                sam_model = sam["model"].to(device) if sam else None
+
+                def progress(k, n, text, latest):
+                    preview = None
+                    if latest is not None:
+                        from PIL import Image
+                        preview = ("JPEG", Image.fromarray((latest.clamp(0, 1).numpy() * 255).round().astype("uint8")), 512)
+                    pbar.update_absolute(k, n, preview)
+
+                report = augment(comps, ref, ms, nouns, prompts["descriptions"], templates, cfg, sam=sam_model, device=device,
+                                 progress=progress, should_stop=mm.processing_interrupted)
+            mm.throw_exception_if_processing_interrupted()
+            pbar.update_absolute(len(templates), len(templates))
+            lines = [f"{len(report.pairs)} augmented pairs from {len(templates)} prompts in {report.seconds:.0f} s "
+                     f"({report.unet_evaluations} UNet evaluations); {len(report.skipped)} skipped"]
+            lines += [f"  prompt {k + 1}: {why}" for k, why in report.skipped]
+            text = "\n".join(lines)
+            log.info("[DynASyn] %s", text)
+            drafts = torch.stack(report.drafts) if report.drafts else torch.zeros(1, size, size, 3)
+            return {"ui": {"text": [text]}, "result": (report.pairs, _gallery(report.pairs), drafts, text)}
+        except mm.InterruptProcessingException:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise user_error(e) from e
+
+
+class DynASynSaveDataset:
+    DESCRIPTION = ("Writes the augmented dataset (PNG images + masks + dataset.json) to ComfyUI/output/dynasyn/datasets/"
+                   "<name>; an existing folder is never overwritten (a number is added). Load it in another workflow with "
+                   "DynASyn Load Dataset.")
+    CATEGORY = "DynASyn/augment"
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("folder",)
+    OUTPUT_TOOLTIPS = ("The folder written.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "dataset": ("DYNASYN_DATASET", {"tooltip": "From DynASyn Augment or Load Dataset."}),
+            "name": ("STRING", {"default": "dynasyn_dataset", "tooltip": "Folder name under output/dynasyn/datasets."}),
+        }}
+
+    def save(self, dataset, name):
+        try:
+            from ..dynasyn.dataset import save_dataset
+
+            validate_export_name(name, "dataset")
+            root = _datasets_dir()
+            os.makedirs(root, exist_ok=True)
+            folder = save_dataset(dataset, os.path.join(root, unique_name(root, name, suffix="")))
+            log.info("[DynASyn] dataset of %d pairs written to %s", len(dataset), folder)
+            return {"ui": {"text": [str(folder)]}, "result": (str(folder),)}
+        except Exception as e:  # noqa: BLE001
+            raise user_error(e) from e
+
+
+class DynASynLoadDataset:
+    DESCRIPTION = "Reads a dataset folder written by DynASyn Save Dataset (name under output/dynasyn/datasets, or a full path)."
+    CATEGORY = "DynASyn/augment"
+    FUNCTION = "load"
+    RETURN_TYPES = ("DYNASYN_DATASET", "IMAGE", "STRING")
+    RETURN_NAMES = ("dataset", "images", "prompts")
+    OUTPUT_TOOLTIPS = ("The pairs, for DynASyn Train.", "Its images.", "Its class-noun prompts, one per line.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"folder": ("STRING", {"default": "dynasyn_dataset", "tooltip": "Dataset name or folder path."})}}
+
+    @classmethod
+    def IS_CHANGED(cls, folder):
+        path = folder if os.path.isabs(folder) else os.path.join(_datasets_dir(), folder)
+        index = os.path.join(path, "dataset.json")
+        return os.path.getmtime(index) if os.path.isfile(index) else float("nan")
+
+    def load(self, folder):
+        try:
+            from ..dynasyn.dataset import load_dataset
+
+            path = folder if os.path.isabs(folder) else os.path.join(_datasets_dir(), folder)
+            pairs = load_dataset(path)
+            return (pairs, _gallery(pairs), "\n".join(p.class_prompt for p in pairs))
+        except Exception as e:  # noqa: BLE001
+            raise user_error(e) from e
