@@ -37,7 +37,10 @@ class SubjectPrompt:
 
 
 def build_tiny_sam(seed: int = 0, img_size: int = 64):
-    """A SAM of the real architecture at test size (ViT depth 1, width 32, ``img_size`` px input)."""
+    """A SAM of the real architecture at test size (ViT depth 1, width 32, ``img_size`` px input).
+
+    Its masks fill the prompt box (see ``mask_threshold`` below); points alone select everything.
+    """
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
     with torch.random.fork_rng(devices=[]):
@@ -53,6 +56,9 @@ def build_tiny_sam(seed: int = 0, img_size: int = 64):
                                      transformer=TwoWayTransformer(depth=1, embedding_dim=32, mlp_dim=64, num_heads=2),
                                      transformer_dim=32, iou_head_depth=1, iou_head_hidden_dim=32),
             pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
+    # Random weights know no objects: accept every logit, so a box prompt yields its box (clipped) and
+    # graphs built on the test-size SAM get usable, predictable masks.
+    sam.mask_threshold = float("-inf")
     return sam.eval()
 
 
