@@ -1,0 +1,112 @@
+"""Peak memory of one phase-2 training step on the real SD 2.1-base architecture at 512 px, batch 1.
+
+    python bench/train_memory.py [--configs A,B,...] [--resolution 512]
+
+Each configuration runs in a fresh process (so nothing freed earlier is counted or reused). The
+process builds the model and the trainer (VAE encoding of the reference happens here), resets
+its peak-RSS counter (/proc/self/clear_refs), runs phase-2 setup + one full step (forward,
+backward, optimizer step), and reports VmHWM: the peak resident memory while training,
+including the weights, the frozen copy, gradients, optimizer state and activations.
+Last line: best_full_gib=<peak of the best configuration that trains UNet + text encoder + tokens
+with the frozen model present>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name -> (TrainConfig overrides, trains text encoder, frozen model present)
+CONFIGS = {
+    "A": ("AdamW fp32, UNet + text encoder (naive)",
+          dict(mode="break_a_scene", optimizer="adamw"), True, False),
+    "B": ("A + gradient checkpointing",
+          dict(mode="break_a_scene", optimizer="adamw", gradient_checkpointing=True), True, False),
+    "C": ("B + half-precision frozen model (dynasyn: L_ICA)",
+          dict(mode="dynasyn", frozen_dtype="bf16", optimizer="adamw", gradient_checkpointing=True), True, True),
+    "D": ("C with Adafactor",
+          dict(mode="dynasyn", frozen_dtype="bf16", optimizer="adafactor", gradient_checkpointing=True), True, True),
+    "E": ("D + optimizer step fused into backward",
+          dict(mode="dynasyn", frozen_dtype="bf16", optimizer="adafactor", gradient_checkpointing=True, fused_backward_step=True), True, True),
+    "F": ("E without training the text encoder",
+          dict(mode="dynasyn", frozen_dtype="bf16", optimizer="adafactor", gradient_checkpointing=True, fused_backward_step=True,
+               train_text_encoder=False), False, True),
+    "G": ("C with the AdamW step fused into backward",
+          dict(mode="dynasyn", frozen_dtype="bf16", optimizer="adamw", gradient_checkpointing=True, fused_backward_step=True), True, True),
+}
+ORDER = "FEDGBCA"  # smallest first; the naive ones last (they may not fit in this machine's memory)
+
+
+def status_gib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    raise RuntimeError(field)
+
+
+def one(name: str, resolution: int) -> dict:
+    import torch
+
+    from common import scene, sd21_base_components
+    from dynasyn.train import DynASynTrainer, TrainConfig
+
+    _, overrides, _, _ = CONFIGS[name]
+    image, masks, nouns = scene(resolution)
+    cfg = TrainConfig(phase1_steps=0, phase2_steps=1, phase2_lr=1e-7, resolution=resolution, **overrides)
+    trainer = DynASynTrainer(sd21_base_components(), image, masks, nouns, cfg, device="cpu", log=lambda *_: None)
+    torch.set_grad_enabled(True)
+    before = status_gib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    t0 = time.perf_counter()
+    trainer._setup_phase(2)
+    trainer.training_step()
+    return {"name": name, "before_gib": before, "peak_gib": status_gib("VmHWM"), "step_s": time.perf_counter() - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", default=ORDER)
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(one(args.one, args.resolution)), flush=True)
+        return
+    started = time.time()
+    results = {}
+    for name in [c for c in args.configs.replace(",", "") if c in CONFIGS]:
+        proc = subprocess.run([sys.executable, __file__, "--one", name, "--resolution", str(args.resolution)],
+                              capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line:
+            results[name] = json.loads(line[7:])
+            r = results[name]
+            print(f"{name}: peak {r['peak_gib']:.2f} GiB (model + trainer before the step {r['before_gib']:.2f} GiB), "
+                  f"step {r['step_s']:.0f} s", flush=True)
+        else:
+            why = "killed: out of memory" if proc.returncode in (-9, 137) else f"failed (rc {proc.returncode})"
+            results[name] = {"name": name, "error": why}
+            print(f"{name}: {why} {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}", flush=True)
+    from common import machine
+
+    print(f"\nSD 2.1-base architecture, random weights, {args.resolution} px, batch 1, one phase-2 step; {machine()}; "
+          f"total {time.time() - started:.0f} s")
+    print(f"{'':2} {'configuration':<52} {'text enc.':>9} {'frozen':>7} {'peak GiB':>9}")
+    for name in sorted(results):
+        desc, _, te, frozen = CONFIGS[name]
+        r = results[name]
+        peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else r["error"]
+        print(f"{name:2} {desc:<52} {'yes' if te else 'no':>9} {'yes' if frozen else 'no':>7} {peak:>9}")
+    full = [r["peak_gib"] for n, r in results.items() if "peak_gib" in r and CONFIGS[n][2] and CONFIGS[n][3]]
+    best = min(full) if full else float("nan")
+    print(f"\nbest configuration training UNet + text encoder + tokens with the frozen model: {best:.2f} GiB (goal ≤ 10)")
+    print(f"best_full_gib={best:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Step time of the DynASyn trainer on the real SD 2.1-base architecture (random weights) at 512 px.
+
+    python bench/train_step.py [--rounds 3] [--resolution 512] [--frozen-dtype auto]
+
+One trainer in phase 2 (tokens + UNet + text encoder trained); per round every variant runs one
+step, in turn, so machine noise hits them alike; medians are compared:
+  break_a_scene      L_MD + L_M2A on the reference image
+  dynasyn            + L_ICA (frozen model, class prompt, stopped after the last 16x16 layer)
+  dynasyn+aug        + one augmented pair's L_AUG (attention-only pass + frozen pass)
+  md capture-on      L_MD only, 16x16 cross-attention probabilities captured
+  md capture-off     L_MD only, SDPA everywhere (the plain diffusers step)
+The optimizer is Adafactor stepped inside backward (the same for every variant) so the whole run
+fits in 24 GB. Last line: dynasyn_over_bas=<x> capture_overhead=<y> (name=value pairs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import augmented_pair, machine, median, scene, sd21_base_components, timed
+
+from dynasyn.attention import install_attention_capture, remove_attention_capture
+from dynasyn.train import DynASynTrainer, TrainConfig
+
+
+def sdpa_only_maps(trainer):
+    """``_maps`` without any capture: the UNet's own SDPA processors; maps are unused (L_MD only)."""
+    def maps(unet, te, store, prompt, noisy, t, positions, grad, need_pred=True):
+        with torch.set_grad_enabled(grad):
+            hidden = trainer._encode(te, prompt)
+            pred = unet(noisy, t, hidden).sample
+        return torch.zeros(len(positions), 16, 16), pred
+    return maps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--frozen-dtype", default="auto")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    image, masks, nouns = scene(args.resolution)
+    cfg = TrainConfig(mode="dynasyn", phase1_steps=0, phase2_steps=10**6, phase2_lr=1e-7, resolution=args.resolution,
+                      optimizer="adafactor", fused_backward_step=True, frozen_dtype=args.frozen_dtype)
+    trainer = DynASynTrainer(sd21_base_components(), image, masks, nouns, cfg, augmented=[augmented_pair(args.resolution)],
+                             device="cpu", log=lambda *_: None)
+    trainer._setup_phase(2)
+    unet = trainer.c.unet
+    captured_maps = trainer._maps
+
+    def step(mode, aug=False, capture=True):
+        def run():
+            trainer.cfg.mode, trainer.use_aug = mode, aug
+            if not capture:
+                remove_attention_capture(unet)
+                trainer._maps = sdpa_only_maps(trainer)
+            try:
+                trainer.training_step()
+            finally:
+                if not capture:
+                    install_attention_capture(unet, trainer.store, trainer.capture)
+                    trainer._maps = captured_maps
+        return run
+
+    variants = {"break_a_scene": step("break_a_scene"), "dynasyn": step("dynasyn"),
+                "dynasyn+aug": step("dynasyn", aug=True), "md capture-on": step("dynasyn_md"),
+                "md capture-off": step("dynasyn_md", capture=False)}
+    for name, run in variants.items():  # warm-up: first-call allocations and kernel selection
+        print(f"warm-up {name}: {timed(run):.1f}s", flush=True)
+    times = {k: [] for k in variants}
+    for r in range(args.rounds):
+        for name, run in variants.items():
+            times[name].append(timed(run))
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items()), flush=True)
+    med = {k: median(v) for k, v in times.items()}
+    print(f"\nSD 2.1-base architecture, random weights, {args.resolution} px, batch 1, phase 2, frozen model "
+          f"{trainer._frozen_dtype()}; {machine()}; {args.rounds} rounds, medians; total {time.time() - started:.0f} s")
+    print(f"{'variant':<16} {'median s':>9} {'÷ break_a_scene':>16}")
+    for k, v in med.items():
+        print(f"{k:<16} {v:>9.2f} {v / med['break_a_scene']:>16.3f}")
+    dyn_over_bas = med["dynasyn"] / med["break_a_scene"]
+    capture = med["md capture-on"] / med["md capture-off"]
+    aug_over_bas = med["dynasyn+aug"] / med["break_a_scene"]
+    print(f"\ndynasyn ÷ break_a_scene = {dyn_over_bas:.3f} (goal ≤ 1.15); capture-on ÷ capture-off = {capture:.3f} "
+          f"(goal ≤ 1.05); dynasyn+aug ÷ break_a_scene = {aug_over_bas:.3f}")
+    print(f"dynasyn_over_bas={dyn_over_bas:.3f} capture_overhead={capture:.3f} dynasyn_aug_over_bas={aug_over_bas:.3f}")
+
+
+if __name__ == "__main__":
+    main()
