@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 BOXES = {"panda": (6, 30, 6, 30), "bowl": (34, 60, 28, 60)}  # rows, cols
@@ -18,3 +19,17 @@ def write_scene(folder: Path, image_name: str = "scene.png", mask_names=("mask_p
         m[r0:r1, c0:c1] = 255
         Image.fromarray(m).save(folder / name)
     return folder
+
+
+def tensor_scene(seed=0):
+    """The same two subjects as tensors: image [64, 64, 3] on random ground, masks, class nouns."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(64, 64, 3, generator=g)
+    masks = []
+    for r0, r1, c0, c1 in BOXES.values():
+        m = torch.zeros(64, 64)
+        m[r0:r1, c0:c1] = 1
+        masks.append(m)
+    image[masks[0] > 0] = torch.tensor([0.9, 0.2, 0.2])
+    image[masks[1] > 0] = torch.tensor([0.2, 0.3, 0.9])
+    return image, masks, ["panda", "bowl"]

@@ -8,21 +8,12 @@ from dynasyn.gsa import GSAConfig
 from dynasyn.prompts import offline_prompts
 from dynasyn.sam import SubjectPrompt, build_tiny_sam, load_sam, save_sam, segment
 from dynasyn.tiny import tiny_components
+from tests.support.scene import tensor_scene as scene
 
 
 @pytest.fixture(scope="module")
 def tiny_sam_file(tmp_path_factory):
     return save_sam(build_tiny_sam(seed=1), tmp_path_factory.mktemp("sams") / "sam_tiny_test.pth")
-
-
-def scene():
-    g = torch.Generator().manual_seed(0)
-    image = torch.rand(64, 64, 3, generator=g)
-    a = torch.zeros(64, 64)
-    a[5:30, 5:30] = 1
-    b = torch.zeros(64, 64)
-    b[35:60, 30:60] = 1
-    return image, [a, b], ["panda", "bowl"]
 
 
 def test_box_and_point_prompts_give_one_mask_per_subject(tiny_sam_file):

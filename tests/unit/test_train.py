@@ -5,18 +5,7 @@ from dynasyn.dataset import AugmentedPair
 from dynasyn.errors import DynASynError
 from dynasyn.tiny import tiny_components
 from dynasyn.train import MODES, Cancelled, DynASynTrainer, NonFiniteLoss, TrainConfig
-
-
-def scene(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    image = torch.rand(64, 64, 3, generator=g)
-    a = torch.zeros(64, 64)
-    a[6:30, 6:30] = 1
-    b = torch.zeros(64, 64)
-    b[34:60, 28:60] = 1
-    image[a > 0] = torch.tensor([0.9, 0.2, 0.2])
-    image[b > 0] = torch.tensor([0.2, 0.3, 0.9])
-    return image, [a, b], ["panda", "bowl"]
+from tests.support.scene import tensor_scene as scene
 
 
 def aug_pairs(n=2):
