@@ -76,6 +76,11 @@ def test_augment_bad_input_is_a_clear_error(server):
     g["5"]["inputs"]["mode"] = "vlm"  # nothing listens on port 9
     entry = server.run(g)
     assert "Cannot reach http://127.0.0.1:9/v1" in execution_error(entry)
+    g = augment_graph("it_bad3")
+    g["10"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["2", 0], "amount": 2}}
+    g["5"]["inputs"]["image"] = ["10", 0]  # a batch where the ONE reference picture belongs
+    entry = server.run(g)
+    assert "must be ONE image, not a batch of 2" in execution_error(entry)
 
 
 def test_gsa_node_starts_at_t700_with_comfyui_sampler(server):
