@@ -8,7 +8,7 @@ the thresholded map itself is the pseudo-mask.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -47,7 +47,6 @@ class Draft:
     template: PromptTemplate
     prompt: str                         # rendered with the descriptions
     attention: torch.Tensor             # [S, r, r] per subject, in template order of subjects
-    pseudo_masks: torch.Tensor = field(default=None)  # [N, H, W] by subject index (empty when not found)
 
 
 def render_draft(comps: SDComponents, template: PromptTemplate, descriptions: Sequence[str], cfg: GSAConfig,
@@ -84,5 +83,4 @@ def pseudo_masks(draft: Draft, num_subjects: int, sam=None, threshold: float = 0
     out = torch.zeros(num_subjects, H, W)
     for k, subject in enumerate(draft.template.subjects):
         out[subject] = masks[k]
-    draft.pseudo_masks = out
     return out

@@ -17,7 +17,7 @@ import folder_paths
 
 from ..dynasyn.errors import DynASynError
 from ..dynasyn.export import unique_name, validate_export_name
-from .common import user_error
+from .common import one_image, subject_masks, user_error
 
 log = logging.getLogger("DynASyn")
 
@@ -41,23 +41,6 @@ def _nouns(text: str) -> list[str]:
 
 def _lines(text: str) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
-
-
-def _one_image(image: torch.Tensor) -> torch.Tensor:
-    if image.ndim != 4 or image.shape[-1] not in (3, 4):
-        raise DynASynError(f"Expected an IMAGE; got a tensor of shape {tuple(image.shape)}.")
-    if image.shape[0] != 1:
-        raise DynASynError(f"The reference must be ONE image, not a batch of {image.shape[0]}; pick one with ImageFromBatch.")
-    return image[0, ..., :3].float()
-
-
-def _masks(masks: torch.Tensor, n: int, size) -> list[torch.Tensor]:
-    masks = masks if masks.ndim == 3 else masks[None]
-    if masks.shape[0] != n:
-        raise DynASynError(f"{masks.shape[0]} masks for {n} class nouns: give one mask per subject, in the same order.")
-    if tuple(masks.shape[-2:]) != tuple(size):
-        raise DynASynError(f"The masks ({masks.shape[-1]}x{masks.shape[-2]}) must have the image's size ({size[1]}x{size[0]}).")
-    return [m.float() for m in masks]
 
 
 LLM_INPUTS = {
@@ -100,8 +83,8 @@ class DynASynDescribeSubjects:
             from ..dynasyn.llm import resolve_api_key
 
             nouns = _nouns(class_nouns)
-            ref = _one_image(image)
-            ms = _masks(masks, len(nouns), ref.shape[:2])
+            ref = one_image(image)
+            ms = subject_masks(masks, len(nouns), ref.shape[:2])
             if mode == "offline":
                 out = describe_subjects(ref, ms, nouns, phrases=phrases.splitlines())
             else:
@@ -219,9 +202,9 @@ class DynASynAugment:
             from ..dynasyn.gsa import GSAConfig
             from . import bridge
 
-            ref = _one_image(image)
+            ref = one_image(image)
             nouns = prompts["class_nouns"]
-            ms = _masks(masks, len(nouns), ref.shape[:2])
+            ms = subject_masks(masks, len(nouns), ref.shape[:2])
             cfg = AugmentConfig(size=size, draft_steps=draft_steps, inpaint_steps=inpaint_steps, guidance_scale=guidance,
                                 seed=seed, gsa=GSAConfig(strength=gsa_strength, steps=gsa_steps, sampler=gsa_sampler,
                                                          guidance_scale=guidance, paper_exact=paper_exact))

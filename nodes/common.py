@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..dynasyn.errors import DynASynError
 
 
@@ -10,3 +12,22 @@ def user_error(e: Exception) -> RuntimeError:
     if isinstance(e, DynASynError):
         return RuntimeError(f"DynASyn: {e}")
     return RuntimeError(f"DynASyn: {type(e).__name__}: {e}")
+
+
+def one_image(image: torch.Tensor) -> torch.Tensor:
+    """The single reference picture of an IMAGE input, RGB [H, W, 3]; a batch is refused."""
+    if image.ndim != 4 or image.shape[-1] not in (3, 4):
+        raise DynASynError(f"Expected an IMAGE; got a tensor of shape {tuple(image.shape)}.")
+    if image.shape[0] != 1:
+        raise DynASynError(f"The reference must be ONE image, not a batch of {image.shape[0]}; pick one with ImageFromBatch.")
+    return image[0, ..., :3].float()
+
+
+def subject_masks(masks: torch.Tensor, n: int, size) -> list[torch.Tensor]:
+    """One [H, W] mask per subject from a MASK input, checked against the subject count and image size."""
+    masks = masks if masks.ndim == 3 else masks[None]
+    if masks.shape[0] != n:
+        raise DynASynError(f"{masks.shape[0]} masks for {n} class nouns: give one mask per subject, in the same order.")
+    if tuple(masks.shape[-2:]) != tuple(size):
+        raise DynASynError(f"The masks ({masks.shape[-1]}x{masks.shape[-2]}) must have the image's size ({size[1]}x{size[0]}).")
+    return [m.float() for m in masks]

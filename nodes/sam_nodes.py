@@ -12,7 +12,7 @@ import comfy.model_management as mm
 import folder_paths
 
 from ..dynasyn.errors import DynASynError
-from .common import user_error
+from .common import one_image, user_error
 
 TINY = "tiny (random test-size SAM, for trying graphs)"
 
@@ -104,9 +104,7 @@ class DynASynSAMMasks:
     def segment(self, sam, image, subject_prompts, clip_to_box):
         try:
             from ..dynasyn.sam import segment
-            from .augment_nodes import _one_image
-
-            ref = _one_image(image)
+            ref = one_image(image)
             prompts = parse_subject_prompts(subject_prompts)
             with torch.inference_mode(False):
                 masks = segment(sam["model"].to(mm.get_torch_device()), ref, prompts, clip_to_box=clip_to_box)
