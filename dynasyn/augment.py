@@ -1,9 +1,12 @@
-"""The whole augmentation stage in one call (the standalone library path):
+"""The whole augmentation stage in one call, written once for every sampler backend:
 
     templates -> drafts with pseudo-masks -> paste the real subjects -> inpaint the gaps -> GSA -> pairs
 
 Each pair is (GSA image, class-noun prompt ĉ_a, per-subject pseudo-masks) as the trainer wants.
 A draft where a subject was not found (empty or tiny pseudo-mask) is skipped and counted.
+The sampling is a ``Renderer``: ``DiffusersRenderer`` here (the standalone library path); the
+ComfyUI nodes pass one that samples the native MODEL with ComfyUI's own sampler. Drafts are
+rendered ``draft_batch`` at a time; prompt k always uses seed + k, whatever the batch.
 ``progress(k, K, prompt, latest augmented image or None)`` is called before each prompt.
 """
 
@@ -11,13 +14,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
 from .compose import paste_subjects
 from .dataset import AugmentedPair
-from .drafts import pseudo_masks, render_draft
+from .drafts import Draft, pseudo_masks, render_draft
 from .errors import DynASynError
 from .gsa import GSAConfig, guided_sde_augment, masked_inpaint
 from .models import SDComponents
@@ -34,6 +37,7 @@ class AugmentConfig:
     attention_threshold: float = 0.5
     guidance_scale: float = 7.5
     seed: int = 0
+    draft_batch: int = 4             # drafts sampled together (same images as one at a time)
     gsa: GSAConfig = field(default_factory=GSAConfig)
 
 
@@ -46,52 +50,105 @@ class AugmentReport:
     seconds: float = 0.0
 
 
-def augment(comps: SDComponents, reference: torch.Tensor, ref_masks: Sequence[torch.Tensor], class_nouns: Sequence[str],
-            descriptions: Sequence[str], templates: Sequence[PromptTemplate], cfg: AugmentConfig | None = None, *, sam=None,
-            device="cpu", progress: Callable[[int, int, str, torch.Tensor | None], None] | None = None,
+class Renderer(Protocol):
+    """The three sampling jobs of the stage; every image is [H, W, 3] in [0, 1]."""
+
+    def drafts(self, templates: Sequence[PromptTemplate], descriptions: Sequence[str], seeds: Sequence[int],
+               size: tuple[int, int]) -> list[Draft]: ...
+
+    def inpaint(self, image: torch.Tensor, mask: torch.Tensor, prompt: str, seed: int) -> tuple[torch.Tensor, int]: ...
+
+    def gsa(self, image: torch.Tensor, prompt: str, seed: int) -> tuple[torch.Tensor, dict]: ...
+
+
+class DiffusersRenderer:
+    """The library's own sampling loops (``gsa.denoise``) on diffusers components."""
+
+    def __init__(self, comps: SDComponents, cfg: AugmentConfig, device="cpu"):
+        self.comps, self.cfg, self.device = comps, cfg, device
+
+    def drafts(self, templates, descriptions, seeds, size):
+        out = []
+        for template, seed in zip(templates, seeds):
+            out.append(render_draft(self.comps, template, descriptions, GSAConfig(
+                steps=self.cfg.draft_steps, guidance_scale=self.cfg.guidance_scale, seed=seed), size, self.device))
+        return out
+
+    def inpaint(self, image, mask, prompt, seed):
+        out, info = masked_inpaint(self.comps, image, mask, prompt, GSAConfig(
+            strength=1.0, steps=self.cfg.inpaint_steps, guidance_scale=self.cfg.guidance_scale, seed=seed), device=self.device)
+        return out, info["unet_evaluations"]
+
+    def gsa(self, image, prompt, seed):
+        out, info = guided_sde_augment(self.comps, image, prompt, GSAConfig(**{**self.cfg.gsa.__dict__, "seed": seed}),
+                                       device=self.device)
+        return out, info
+
+
+def augment(renderer: Renderer | SDComponents, reference: torch.Tensor, ref_masks: Sequence[torch.Tensor],
+            class_nouns: Sequence[str], descriptions: Sequence[str], templates: Sequence[PromptTemplate],
+            cfg: AugmentConfig | None = None, *, sam=None, device="cpu",
+            progress: Callable[[int, int, str, torch.Tensor | None], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> AugmentReport:
     cfg = cfg or AugmentConfig()
+    if isinstance(renderer, SDComponents):
+        renderer = DiffusersRenderer(renderer, cfg, device)
     n = len(class_nouns)
     if len(ref_masks) != n or len(descriptions) != n:
         raise DynASynError(f"{len(ref_masks)} masks, {len(descriptions)} descriptions and {n} class nouns: "
                            "give one of each per subject.")
     if not templates:
         raise DynASynError("No prompts to augment with (K = 0).")
+    if cfg.draft_batch < 1:
+        raise DynASynError(f"draft_batch must be at least 1 (got {cfg.draft_batch}).")
     started = time.time()
     report = AugmentReport([], [], [])
     size = (cfg.size, cfg.size)
-    for k, template in enumerate(templates):
+    evaluations = 0
+    for first in range(0, len(templates), cfg.draft_batch):
         if should_stop and should_stop():
             break
+        chunk = list(templates[first:first + cfg.draft_batch])
         if progress:
-            latest = report.pairs[-1].image if report.pairs else None  # for a preview
-            progress(k, len(templates), template.render(descriptions), latest)
-        seed = cfg.seed + k
-        draft = render_draft(comps, template, descriptions,
-                             GSAConfig(steps=cfg.draft_steps, guidance_scale=cfg.guidance_scale, seed=seed), size, device)
-        report.drafts.append(draft.image)
-        report.unet_evaluations += cfg.draft_steps
-        pseudo = pseudo_masks(draft, n, sam, cfg.attention_threshold)
-        composed = paste_subjects(draft.image, pseudo, reference, ref_masks, dilation=cfg.inpaint_dilation,
-                                  min_pixels=cfg.min_mask_pixels)
-        if composed.skipped:
-            report.skipped.append((k, "no pseudo-mask for " + ", ".join(class_nouns[i] for i in composed.skipped)))
-            continue
-        image = composed.image
-        if composed.inpaint_mask.sum() > 0:
-            image, info = masked_inpaint(comps, image, composed.inpaint_mask, draft.prompt,
-                                         GSAConfig(strength=1.0, steps=cfg.inpaint_steps, guidance_scale=cfg.guidance_scale,
-                                                   seed=seed), device=device)
-            report.unet_evaluations += info["unet_evaluations"]
-        inpainted = bool(composed.inpaint_mask.sum() > 0)
-        gsa_cfg = GSAConfig(**{**cfg.gsa.__dict__, "seed": seed})
-        image, info = guided_sde_augment(comps, image, draft.prompt, gsa_cfg, device=device)
-        report.unet_evaluations += info["unet_evaluations"]
-        order = template.subjects
-        masks = composed.masks[order]
-        masks = torch.nn.functional.interpolate(masks[:, None], size=image.shape[:2], mode="nearest")[:, 0]
-        report.pairs.append(AugmentedPair(image, template.render(class_nouns), list(order), masks,
-                                          {"seed": seed, "template": template.text, "prompt": draft.prompt,
-                                           "start_timestep": info["start_timestep"], "inpainted": inpainted}))
+            progress(first, len(templates), chunk[0].render(descriptions), report.pairs[-1].image if report.pairs else None)
+        drafts = renderer.drafts(chunk, descriptions, [cfg.seed + first + i for i in range(len(chunk))], size)
+        evaluations += cfg.draft_steps * len(chunk)
+        for i, draft in enumerate(drafts):
+            k, seed = first + i, cfg.seed + first + i
+            if should_stop and should_stop():
+                break
+            if progress and i:
+                progress(k, len(templates), draft.prompt, report.pairs[-1].image if report.pairs else None)
+            report.drafts.append(draft.image)
+            pair, evals = _compose_and_gsa(renderer, draft, n, sam, reference, ref_masks, class_nouns, cfg, seed)
+            evaluations += evals
+            if isinstance(pair, str):
+                report.skipped.append((k, pair))
+            else:
+                report.pairs.append(pair)
+    report.unet_evaluations = evaluations
     report.seconds = time.time() - started
     return report
+
+
+def _compose_and_gsa(renderer: Renderer, draft: Draft, n: int, sam, reference, ref_masks, class_nouns, cfg: AugmentConfig,
+                     seed: int) -> tuple[AugmentedPair | str, int]:
+    """One draft to one pair (or the reason it was skipped), and the UNet evaluations it took."""
+    pseudo = pseudo_masks(draft, n, sam, cfg.attention_threshold)
+    composed = paste_subjects(draft.image, pseudo, reference, ref_masks, dilation=cfg.inpaint_dilation,
+                              min_pixels=cfg.min_mask_pixels)
+    if composed.skipped:
+        return "no pseudo-mask for " + ", ".join(class_nouns[i] for i in composed.skipped), 0
+    image, evaluations = composed.image, 0
+    inpainted = bool(composed.inpaint_mask.sum() > 0)
+    if inpainted:
+        image, evals = renderer.inpaint(image, composed.inpaint_mask, draft.prompt, seed)
+        evaluations += evals
+    image, info = renderer.gsa(image, draft.prompt, seed)
+    evaluations += info["unet_evaluations"]
+    order = draft.template.subjects
+    masks = composed.masks[order]
+    masks = torch.nn.functional.interpolate(masks[:, None], size=image.shape[:2], mode="nearest")[:, 0]
+    return AugmentedPair(image, draft.template.render(class_nouns), list(order), masks,
+                         {"seed": seed, "template": draft.template.text, "prompt": draft.prompt,
+                          "start_timestep": info["start_timestep"], "inpainted": inpainted}), evaluations

@@ -102,13 +102,20 @@ def _find(seq: list[int], sub: list[int], start: int) -> int:
 def token_positions(tokenizer, prompt: str, words: Sequence[str]) -> list[list[int]]:
     """Positions of each of ``words`` (in order) in the tokenized ``prompt`` (start token at 0)."""
     ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    return phrase_positions(ids, [word_ids(tokenizer, w) for w in words], words, prompt, tokenizer.model_max_length)
+
+
+def phrase_positions(ids: Sequence[int], phrases: Sequence[Sequence[int]], words: Sequence[str], prompt: str,
+                     max_length: int = 77) -> list[list[int]]:
+    """Positions of each token sequence in ``phrases`` in ``ids``, searched in order (any tokenizer)."""
+    ids = list(ids)
     out, cursor = [], 0
-    for w in words:
-        sub = word_ids(tokenizer, w)
-        at = _find(ids, sub, cursor)
+    for w, sub in zip(words, phrases):
+        sub = list(sub)
+        at = _find(ids, sub, cursor) if sub else -1
         if at < 0:
             raise DynASynError(f"{w!r} is not in the prompt {prompt!r} (or the prompt is longer than "
-                               f"{tokenizer.model_max_length} tokens).")
+                               f"{max_length} tokens).")
         out.append(list(range(at, at + len(sub))))
         cursor = at + len(sub)
     return out

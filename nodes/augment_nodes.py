@@ -12,6 +12,7 @@ import os
 import torch
 
 import comfy.model_management as mm
+import comfy.samplers
 import comfy.utils
 import folder_paths
 
@@ -158,7 +159,8 @@ def _gallery(pairs) -> torch.Tensor:
 
 
 class DynASynAugment:
-    DESCRIPTION = ("Steps 4-6 in one node: for each prompt, a draft is drawn with the subjects' descriptions; the attention "
+    DESCRIPTION = ("Steps 4-6 in one node, sampled by ComfyUI's own sampler on this MODEL: for each prompt, a draft is drawn "
+                   "with the subjects' descriptions (draft_batch at a time); the cross-attention "
                    "of each subject's words points SAM (or, without SAM, the attention itself) to a pseudo-mask; the real "
                    "subjects are pasted there (aspect kept), the gaps inpainted by the same model, and Guided SDE "
                    "Augmentation re-noises the result to t = 700/1000 and denoises it under the prompt. Drafts where a "
@@ -191,43 +193,39 @@ class DynASynAugment:
             "paper_exact": ("BOOLEAN", {"default": False, "tooltip": "GSA as in the paper: 700 DDPM steps from t = 700 (slow)."}),
             "guidance": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.5, "tooltip": "Classifier-free guidance scale."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Prompt k uses seed + k."}),
+            "draft_sampler": (comfy.samplers.KSampler.SAMPLERS, {"default": "euler", "tooltip": "ComfyUI sampler for the drafts and the inpainting."}),
+            "draft_scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "normal", "tooltip": "ComfyUI scheduler for the drafts and the inpainting."}),
+            "draft_batch": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Drafts sampled together (more is faster on a GPU, needs more memory). Prompt k's noise depends only on seed + k."}),
         }, "optional": {
             "sam": ("DYNASYN_SAM", {"tooltip": "SAM for the pseudo-masks (recommended); without it the attention map is the mask."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def augment(self, model, clip, vae, image, masks, prompts, size, draft_steps, inpaint_steps, gsa_strength, gsa_steps,
-                gsa_sampler, paper_exact, guidance, seed, sam=None, unique_id=None):
+                gsa_sampler, paper_exact, guidance, seed, draft_sampler="euler", draft_scheduler="normal", draft_batch=4,
+                sam=None, unique_id=None):
         try:
             from ..dynasyn.augment import AugmentConfig, augment
             from ..dynasyn.gsa import GSAConfig
-            from . import bridge
+            from .comfy_render import ComfyRenderer
 
             ref = one_image(image)
             nouns = prompts["class_nouns"]
             ms = subject_masks(masks, len(nouns), ref.shape[:2])
             cfg = AugmentConfig(size=size, draft_steps=draft_steps, inpaint_steps=inpaint_steps, guidance_scale=guidance,
-                                seed=seed, gsa=GSAConfig(strength=gsa_strength, steps=gsa_steps, sampler=gsa_sampler,
-                                                         guidance_scale=guidance, paper_exact=paper_exact))
+                                seed=seed, draft_batch=draft_batch,
+                                gsa=GSAConfig(strength=gsa_strength, steps=gsa_steps, sampler=gsa_sampler,
+                                              guidance_scale=guidance, paper_exact=paper_exact))
             templates = prompts["templates"]
-            pbar = comfy.utils.ProgressBar(len(templates), node_id=unique_id)
-            mm.unload_all_models()
-            mm.soft_empty_cache()
-            device = mm.get_torch_device()
-            with torch.inference_mode(False):
-                comps = bridge.native_to_components(model, clip, vae)
-                sam_model = sam["model"].to(device) if sam else None
-
-                def progress(k, n, text, latest):
-                    preview = None
-                    if latest is not None:
-                        from PIL import Image
-                        preview = ("JPEG", Image.fromarray((latest.clamp(0, 1).numpy() * 255).round().astype("uint8")), 512)
-                    pbar.update_absolute(k, n, preview)
-
-                report = augment(comps, ref, ms, nouns, prompts["descriptions"], templates, cfg, sam=sam_model, device=device,
-                                 progress=progress, should_stop=mm.processing_interrupted)
+            # one bar over every UNet evaluation of the stage, with the latest step's preview
+            renderer = ComfyRenderer(model, clip, vae, cfg, draft_sampler, draft_scheduler)
+            total = renderer.planned_evaluations(len(templates))
+            pbar = comfy.utils.ProgressBar(total, node_id=unique_id)
+            renderer.step = lambda done, preview: pbar.update_absolute(min(done, total), total, preview)
+            sam_model = sam["model"].to(mm.get_torch_device()) if sam else None
+            report = augment(renderer, ref, ms, nouns, prompts["descriptions"], templates, cfg, sam=sam_model,
+                             should_stop=mm.processing_interrupted)
             mm.throw_exception_if_processing_interrupted()
-            pbar.update_absolute(len(templates), len(templates))
+            pbar.update_absolute(total, total)
             lines = [f"{len(report.pairs)} augmented pairs from {len(templates)} prompts in {report.seconds:.0f} s "
                      f"({report.unet_evaluations} UNet evaluations); {len(report.skipped)} skipped"]
             lines += [f"  prompt {k + 1}: {why}" for k, why in report.skipped]

@@ -8,26 +8,11 @@ the sampler.
 
 from __future__ import annotations
 
-import torch
-
 import comfy.model_management as mm
-import comfy.sample
 import comfy.samplers
-import comfy.utils
-import latent_preview
 
-from ..dynasyn.gsa import PAPER_START_T, GSAConfig, make_scheduler, start_timesteps
+from .comfy_render import comfy_gsa
 from .common import user_error
-
-
-def gsa_sigmas(model, strength: float, steps: int, paper_exact: bool = False) -> tuple[torch.Tensor, int]:
-    """Sigmas of the GSA timesteps for this model (then 0), and the start timestep as the model reads its first sigma."""
-    cfg = GSAConfig(strength=strength, steps=steps, paper_exact=paper_exact)
-    steps, strength = (1000, PAPER_START_T / 1000) if paper_exact else (steps, strength)
-    timesteps = start_timesteps(make_scheduler(cfg, "epsilon"), steps, strength)
-    ms = model.get_model_object("model_sampling")
-    sigmas = torch.cat([ms.sigma(timesteps.float()).float().cpu(), torch.zeros(1)])
-    return sigmas, int(round(float(ms.timestep(sigmas[:1]))))
 
 
 class DynASynGSA:
@@ -59,19 +44,9 @@ class DynASynGSA:
 
     def gsa(self, model, positive, negative, vae, image, strength, steps, sampler_name, cfg, seed, paper_exact):
         try:
-            sigmas, start_t = gsa_sigmas(model, strength, steps, paper_exact)
-            sampler = comfy.samplers.sampler_object("ddpm" if paper_exact else sampler_name)
-            latent = vae.encode(image[..., :3])
-            latent = comfy.sample.fix_empty_latent_channels(model, latent)
-            noise = comfy.sample.prepare_noise(latent, seed)
-            callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
-            samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent,
-                                                 callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
-                                                 seed=seed)
-            out = vae.decode(samples)
-            if out.ndim == 5:
-                out = out.reshape(-1, *out.shape[-3:])
-            info = f"start t = {start_t} of 1000, {len(sigmas) - 1} {'ddpm' if paper_exact else sampler_name} steps"
+            out, start_t, n = comfy_gsa(model, positive, negative, vae, image, strength, steps, sampler_name, cfg, seed,
+                                        paper_exact)
+            info = f"start t = {start_t} of 1000, {n} {'ddpm' if paper_exact else sampler_name} steps"
             return {"ui": {"text": [info]}, "result": (out, info)}
         except mm.InterruptProcessingException:
             raise

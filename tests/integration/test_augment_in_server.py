@@ -29,7 +29,8 @@ def augment_graph(name, count=2):
         "7": {"class_type": "DynASynAugment", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "image": ["2", 0], "masks": ["4", 0], "prompts": ["6", 0],
             "size": 64, "draft_steps": 3, "inpaint_steps": 3, "gsa_strength": 0.7, "gsa_steps": 10, "gsa_sampler": "ddim",
-            "paper_exact": False, "guidance": 5.0, "seed": 0, "sam": ["3", 0]}},
+            "paper_exact": False, "guidance": 5.0, "seed": 0, "draft_sampler": "euler", "draft_scheduler": "normal",
+            "draft_batch": 2, "sam": ["3", 0]}},
         "8": {"class_type": "DynASynSaveDataset", "inputs": {"dataset": ["7", 0], "name": name}},
         "9": {"class_type": "SaveImage", "inputs": {"images": ["7", 1], "filename_prefix": f"dynasyn_it/{name}"}},
     }
@@ -41,6 +42,9 @@ def test_augmentation_chain_then_dataset_round_trip_and_training(server):
     assert entry["status"]["status_str"] == "success", execution_error(entry) or server.log()[-3000:]
     report = entry["outputs"]["7"]["text"][0]
     assert "from 2 prompts" in report
+    made = int(report.split()[0])
+    # ComfyUI's sampler on the native MODEL: 2 drafts x 3 steps, then per pair <= 3 inpaint + 7 GSA steps
+    assert 6 + 7 * made <= int(report.split("(")[1].split()[0]) <= 6 + 10 * made
     folder = server.base / "output" / "dynasyn" / "datasets" / "it_ds"
     assert entry["outputs"]["8"]["text"][0] == str(folder)
     index = json.loads((folder / "dataset.json").read_text())

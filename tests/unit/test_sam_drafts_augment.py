@@ -93,3 +93,24 @@ def test_augment_skips_a_draft_without_a_subject_and_counts_it(monkeypatch):
         augment(comps, image, masks, nouns, nouns, [])
     with pytest.raises(DynASynError, match="one of each per subject"):
         augment(comps, image, masks[:1], nouns, nouns, offline_prompts(2, 1))
+
+
+def test_draft_batch_changes_nothing_but_the_grouping():
+    comps = tiny_components(seed=0)
+    image, masks, nouns = scene()
+    templates = offline_prompts(2, 3, seed=3)
+    runs = []
+    for batch in (1, 2):
+        seen = []
+        cfg = AugmentConfig(size=64, draft_steps=2, inpaint_steps=2, min_mask_pixels=4, gsa=GSAConfig(steps=4), draft_batch=batch)
+        runs.append((augment(comps, image, masks, nouns, nouns, templates, cfg,
+                             progress=lambda k, n, p, img: seen.append(k)), seen))
+    (one, seen1), (two, seen2) = runs
+    assert seen1 == seen2 == [0, 1, 2]  # progress per prompt either way
+    assert len(one.drafts) == len(two.drafts) == 3 and one.skipped == two.skipped
+    for a, b in zip(one.drafts, two.drafts):
+        assert torch.equal(a, b)
+    for a, b in zip(one.pairs, two.pairs):
+        assert torch.equal(a.image, b.image) and a.meta["seed"] == b.meta["seed"]
+    with pytest.raises(DynASynError, match="draft_batch"):
+        augment(comps, image, masks, nouns, nouns, templates, AugmentConfig(size=64, draft_batch=0))

@@ -1,0 +1,216 @@
+"""The augmentation stage's sampling on the native MODEL with ComfyUI's own sampler.
+
+``ComfyRenderer`` is the ComfyUI side of ``dynasyn.augment.Renderer``: drafts (txt2img, batched,
+with the subjects' cross-attention captured by attn2 replace patches), inpainting (ComfyUI's
+``noise_mask``, the known pixels put back exactly) and GSA (the sigmas of the library's start
+timesteps). Everything else, the method's bookkeeping, stays in ``dynasyn.augment``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+import comfy.model_management as mm
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+from comfy.ldm.modules.attention import optimized_attention
+
+from ..dynasyn.drafts import Draft
+from ..dynasyn.gsa import PAPER_START_T, GSAConfig, make_scheduler, start_timesteps
+from ..dynasyn.subjects import phrase_positions
+from ..dynasyn.attention import token_maps
+
+CAPTURE_SIDE = 16  # the paper's 16x16 cross-attention layers (SD at 512 px; the tiny model at 64 px)
+
+
+def gsa_sigmas(model, strength: float, steps: int, paper_exact: bool = False) -> tuple[torch.Tensor, int]:
+    """Sigmas of the GSA timesteps for this model (then 0), and the start timestep as the model reads its first sigma."""
+    cfg = GSAConfig(strength=strength, steps=steps, paper_exact=paper_exact)
+    steps, strength = (1000, PAPER_START_T / 1000) if paper_exact else (steps, strength)
+    timesteps = start_timesteps(make_scheduler(cfg, "epsilon"), steps, strength)
+    ms = model.get_model_object("model_sampling")
+    sigmas = torch.cat([ms.sigma(timesteps.float()).float().cpu(), torch.zeros(1)])
+    return sigmas, int(round(float(ms.timestep(sigmas[:1]))))
+
+
+def comfy_gsa(model, positive, negative, vae, image: torch.Tensor, strength: float, steps: int, sampler_name: str,
+              cfg: float, seed: int, paper_exact: bool = False, callback=None) -> tuple[torch.Tensor, int, int]:
+    """GSA of IMAGE ``[B, H, W, 3]``: returns the images, the start timestep and the number of steps run."""
+    sigmas, start_t = gsa_sigmas(model, strength, steps, paper_exact)
+    sampler = comfy.samplers.sampler_object("ddpm" if paper_exact else sampler_name)
+    latent = comfy.sample.fix_empty_latent_channels(model, vae.encode(image[..., :3]))
+    noise = comfy.sample.prepare_noise(latent, seed)
+    if callback is None:
+        callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
+    samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent, callback=callback,
+                                         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    return decode(vae, samples), start_t, len(sigmas) - 1
+
+
+def decode(vae, samples: torch.Tensor) -> torch.Tensor:
+    out = vae.decode(samples)
+    return out.reshape(-1, *out.shape[-3:]).float().cpu().clamp(0, 1)
+
+
+class NativeAttentionCapture:
+    """An attn2 replace patch: the normal attention output, and for the conditional samples of the
+    16x16 layers (not the middle block) the head-averaged probabilities, summed over calls."""
+
+    def __init__(self, side: int = CAPTURE_SIDE):
+        self.side = side
+        self.total: torch.Tensor | None = None   # [B, HW, T]
+        self.calls = 0
+
+    def __call__(self, q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        out = optimized_attention(q, k, v, heads)
+        H, W = extra_options["original_shape"][-2:]
+        if extra_options["block"][0] == "middle" or H % self.side or q.shape[1] != self.side * (W * self.side // H):
+            return out
+        flags = extra_options["cond_or_uncond"]  # 0 = cond, 1 = uncond; one chunk each
+        chunk = q.shape[0] // len(flags)
+        rows = [i * chunk + j for i, f in enumerate(flags) if f == 0 for j in range(chunk)]
+        if not rows:
+            return out
+        b, n, inner = q[rows].shape
+        d = inner // heads
+        qh = q[rows].float().view(b, n, heads, d).transpose(1, 2)                 # [b, heads, HW, d]
+        kh = k[rows].float().view(b, k.shape[1], heads, d).transpose(1, 2)        # [b, heads, T, d]
+        probs = torch.softmax(qh @ kh.transpose(-1, -2) * d ** -0.5, dim=-1).mean(dim=1).cpu()  # [b, HW, T]
+        self.total = probs if self.total is None else self.total + probs
+        self.calls += 1
+        return out
+
+    def maps(self, height: int, width: int) -> torch.Tensor:
+        """[B, r, r', T]: the mean over every captured layer and step."""
+        if self.total is None:
+            raise RuntimeError(f"No {self.side}x{self.side} cross-attention layer ran for {width}x{height} latents.")
+        mean = self.total / self.calls
+        return mean.reshape(mean.shape[0], self.side, width * self.side // height, mean.shape[-1])
+
+
+def with_attention_capture(model, capture: NativeAttentionCapture):
+    """A clone of MODEL with ``capture`` on every block that has cross-attention."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+
+    patched = model.clone()
+    unet = model.model.diffusion_model
+    blocks = [("input", i, b) for i, b in enumerate(unet.input_blocks)] + [("output", i, b) for i, b in enumerate(unet.output_blocks)]
+    for name, i, block in blocks:
+        if any(isinstance(layer, SpatialTransformer) for layer in block):
+            patched.set_model_attn2_replace(capture, name, i)
+    return patched
+
+
+def _ids(clip, text: str) -> list[int]:
+    tokens = clip.tokenize(text)
+    chunks = next(iter(tokens.values()))  # one encoder for SD 1.x ("l") and 2.x ("h")
+    return [int(t[0]) for chunk in chunks for t in chunk]
+
+
+def description_positions(clip, prompt: str, phrases: Sequence[str]) -> list[list[int]]:
+    """Token positions of each phrase in ``prompt`` as ComfyUI's own tokenizer writes it."""
+    end = _ids(clip, "")[1]  # [start, end, pad...]
+    subs = []
+    for p in phrases:
+        ids = _ids(clip, p)
+        subs.append(ids[1:ids.index(end, 1)])
+    return phrase_positions(_ids(clip, prompt), subs, phrases, prompt)
+
+
+def _to_bchw_mask(mask: torch.Tensor) -> torch.Tensor:
+    return mask.float().reshape(1, 1, *mask.shape[-2:])
+
+
+class ComfyRenderer:
+    """Drafts, inpainting and GSA on the native MODEL/CLIP/VAE (``dynasyn.augment.Renderer``).
+
+    ``step(done_evaluations, preview)`` is called after every sampler step, for one progress bar
+    over the whole stage.
+    """
+
+    def __init__(self, model, clip, vae, cfg, sampler_name: str = "euler", scheduler: str = "normal",
+                 step: Callable[[int, tuple | None], None] | None = None):
+        self.model, self.clip, self.vae, self.cfg = model, clip, vae, cfg
+        self.sampler_name, self.scheduler = sampler_name, scheduler
+        self.step = step
+        self.evaluations = 0
+        self.previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+        self.negative = self.encode(cfg.gsa.negative_prompt)
+        self.factor = int(vae.spacial_compression_encode()) if hasattr(vae, "spacial_compression_encode") else vae.downscale_ratio
+
+    def encode(self, text: str):
+        return self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text))
+
+    def _callback(self):
+        base = self.evaluations
+
+        def callback(step, x0, x, total):
+            self.evaluations = base + step + 1
+            if self.step:
+                preview = self.previewer.decode_latent_to_preview_image("JPEG", x0[-1:]) if self.previewer else None
+                self.step(self.evaluations, preview)
+        return callback
+
+    def drafts(self, templates, descriptions, seeds, size):
+        prompts = [t.render(descriptions) for t in templates]
+        conds = [self.encode(p) for p in prompts]
+        # one conditioning whose batch is the prompts (ComfyUI repeats a batch-1 negative)
+        tensor = torch.cat([c[0][0] for c in conds])
+        extra = dict(conds[0][0][1])
+        if extra.get("pooled_output") is not None:
+            extra["pooled_output"] = torch.cat([c[0][1]["pooled_output"] for c in conds])
+        positive = [[tensor, extra]]
+        h, w = size[0] // self.factor, size[1] // self.factor
+        latent = comfy.sample.fix_empty_latent_channels(self.model, torch.zeros(len(prompts), 4, h, w))
+        # prompt k's starting noise depends only on its seed (deterministic samplers draw the same
+        # image in any batch; ancestral ones add batch noise from the first seed)
+        noise = torch.cat([comfy.sample.prepare_noise(latent[i:i + 1], s) for i, s in enumerate(seeds)])
+        capture = NativeAttentionCapture()
+        samples = comfy.sample.sample(with_attention_capture(self.model, capture), noise, self.cfg.draft_steps,
+                                      self.cfg.guidance_scale, self.sampler_name, self.scheduler, positive, self.negative,
+                                      latent, denoise=1.0, callback=self._callback(),
+                                      disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seeds[0])
+        images = decode(self.vae, samples)
+        maps = capture.maps(h, w)
+        out = []
+        for i, (template, prompt) in enumerate(zip(templates, prompts)):
+            positions = description_positions(self.clip, prompt, [descriptions[s] for s in template.subjects])
+            out.append(Draft(images[i], template, prompt, token_maps(maps[i], positions)))
+        return out
+
+    def inpaint(self, image, mask, prompt, seed):
+        latent = comfy.sample.fix_empty_latent_channels(self.model, self.vae.encode(image[None, ..., :3]))
+        noise = comfy.sample.prepare_noise(latent, seed)
+        samples = comfy.sample.sample(self.model, noise, self.cfg.inpaint_steps, self.cfg.guidance_scale, self.sampler_name,
+                                      self.scheduler, self.encode(prompt), self.negative, latent, denoise=1.0,
+                                      noise_mask=_to_bchw_mask(mask), callback=self._callback(),
+                                      disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        out = decode(self.vae, samples)[0]
+        if out.shape[:2] != image.shape[:2]:
+            out = torch.nn.functional.interpolate(out.permute(2, 0, 1)[None], size=image.shape[:2], mode="bilinear",
+                                                  align_corners=False)[0].permute(1, 2, 0)
+        # the VAE decoder mixes globally: the known pixels go back exactly
+        keep = (mask < 0.5)[..., None]
+        return torch.where(keep, image.float().cpu(), out), self.cfg.inpaint_steps
+
+    def gsa(self, image, prompt, seed):
+        g = self.cfg.gsa
+        images, start_t, steps = comfy_gsa(self.model, self.encode(prompt), self.negative, self.vae, image[None],
+                                           g.strength, g.steps, g.sampler, self.cfg.guidance_scale, seed, g.paper_exact,
+                                           callback=self._callback())
+        return images[0], {"start_timestep": start_t, "unet_evaluations": steps}
+
+    def planned_evaluations(self, prompts: int) -> int:
+        """UNet evaluations for ``prompts`` prompts (inpainting counted as if every draft needs it)."""
+        g = self.cfg.gsa
+        gsa_steps = len(gsa_sigmas(self.model, g.strength, g.steps, g.paper_exact)[0]) - 1
+        return prompts * (self.cfg.draft_steps + self.cfg.inpaint_steps + gsa_steps)
+
+
+def interrupted() -> bool:
+    return mm.processing_interrupted()
