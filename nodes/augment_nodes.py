@@ -59,9 +59,10 @@ class DynASynDescribeSubjects:
                    "in ComfyUI/user/dynasyn_llm_cache: a re-run with the same inputs does not call again.")
     CATEGORY = "DynASyn/augment"
     FUNCTION = "describe"
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("descriptions",)
-    OUTPUT_TOOLTIPS = ("One description per line, subject 1 first.",)
+    RETURN_TYPES = ("STRING", "STRING")
+    RETURN_NAMES = ("descriptions", "class_nouns")
+    OUTPUT_TOOLTIPS = ("One description per line, subject 1 first.",
+                       "The class nouns, cleaned ('ball, box'): link it to Augment Prompts and Train so they are typed once.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -91,7 +92,7 @@ class DynASynDescribeSubjects:
             else:
                 out = describe_subjects(ref, ms, nouns, base_url=endpoint, model=model, api_key=resolve_api_key(endpoint),
                                         seed=seed, cache_dir=_cache_dir(), timeout=timeout)
-            return {"ui": {"text": ["\n".join(out)]}, "result": ("\n".join(out),)}
+            return {"ui": {"text": ["\n".join(out)]}, "result": ("\n".join(out), ", ".join(nouns))}
         except Exception as e:  # noqa: BLE001
             raise user_error(e) from e
 
@@ -142,6 +143,36 @@ class DynASynAugmentPrompts:
             return {"ui": {"text": [text]}, "result": (bundle, text)}
         except Exception as e:  # noqa: BLE001
             raise user_error(e) from e
+
+
+MASK_COLORS = ((79, 195, 247), (255, 183, 77), (129, 199, 132), (229, 115, 115), (186, 104, 200), (255, 241, 118))
+GALLERY_LIMIT = 64
+
+
+def gallery_ui(pairs) -> list[dict]:
+    """The web extension's gallery: each pair's image and a pseudo-mask overlay as temp PNGs, with its prompt."""
+    import uuid
+
+    import numpy as np
+    from PIL import Image
+
+    folder = os.path.join(folder_paths.get_temp_directory(), "dynasyn")
+    os.makedirs(folder, exist_ok=True)
+    run = uuid.uuid4().hex[:8]
+    items = []
+    for k, p in enumerate(pairs[:GALLERY_LIMIT]):
+        rgb = (p.image.clamp(0, 1).cpu().numpy() * 255).astype(np.float32)
+        overlay = rgb * 0.35
+        for j, m in enumerate(p.masks.cpu().numpy()):
+            color = np.array(MASK_COLORS[p.subjects[j] % len(MASK_COLORS)], np.float32)
+            overlay = np.where(m[..., None] > 0.5, 0.45 * rgb + 0.55 * color, overlay)
+        entry = {"prompt": p.class_prompt}
+        for key, arr in (("image", rgb), ("masks", overlay)):
+            name = f"gallery_{run}_{k:03d}_{key}.png"
+            Image.fromarray(arr.round().clip(0, 255).astype(np.uint8)).save(os.path.join(folder, name), compress_level=1)
+            entry[key] = {"filename": name, "subfolder": "dynasyn", "type": "temp"}
+        items.append(entry)
+    return items
 
 
 def _gallery(pairs) -> torch.Tensor:
@@ -232,7 +263,8 @@ class DynASynAugment:
             text = "\n".join(lines)
             log.info("[DynASyn] %s", text)
             drafts = torch.stack(report.drafts) if report.drafts else torch.zeros(1, size, size, 3)
-            return {"ui": {"text": [text]}, "result": (report.pairs, _gallery(report.pairs), drafts, text)}
+            return {"ui": {"text": [text], "dynasyn_gallery": gallery_ui(report.pairs)},
+                    "result": (report.pairs, _gallery(report.pairs), drafts, text)}
         except mm.InterruptProcessingException:
             raise
         except Exception as e:  # noqa: BLE001
@@ -266,7 +298,7 @@ class DynASynSaveDataset:
             os.makedirs(root, exist_ok=True)
             folder = save_dataset(dataset, os.path.join(root, unique_name(root, name, suffix="")))
             log.info("[DynASyn] dataset of %d pairs written to %s", len(dataset), folder)
-            return {"ui": {"text": [str(folder)]}, "result": (str(folder),)}
+            return {"ui": {"text": [str(folder)], "dynasyn_gallery": gallery_ui(dataset)}, "result": (str(folder),)}
         except Exception as e:  # noqa: BLE001
             raise user_error(e) from e
 
@@ -295,6 +327,7 @@ class DynASynLoadDataset:
 
             path = folder if os.path.isabs(folder) else os.path.join(_datasets_dir(), folder)
             pairs = load_dataset(path)
-            return (pairs, _gallery(pairs), "\n".join(p.class_prompt for p in pairs))
+            return {"ui": {"dynasyn_gallery": gallery_ui(pairs)},
+                    "result": (pairs, _gallery(pairs), "\n".join(p.class_prompt for p in pairs))}
         except Exception as e:  # noqa: BLE001
             raise user_error(e) from e

@@ -42,6 +42,19 @@ def _free_run_name(emb_dir: str, run_name: str, n: int) -> str:
     raise DynASynError(f"No free run name left for {run_name!r} in {emb_dir}.")
 
 
+def _scene_template(text: str, n_subjects: int):
+    """The new-scene template, checked before training starts (None when empty)."""
+    from ..dynasyn.prompts import MARKER, PromptTemplate
+
+    if not (text or "").strip():
+        return None
+    used = sorted({int(m) for m in MARKER.findall(text)})
+    if not used or used[0] < 1 or used[-1] > n_subjects:
+        raise DynASynError(f"new_prompt must name the subjects as [1]…[{n_subjects}] (e.g. '[1] hugging [2] on a beach'); "
+                           f"got {text!r}.")
+    return PromptTemplate(" ".join(text.split()))
+
+
 def _state_dir(run_name: str) -> str:
     return os.path.join(folder_paths.get_output_directory(), "dynasyn", run_name, "state")
 
@@ -103,11 +116,14 @@ class DynASynTrain:
             "preview_every": ("INT", {"default": 50, "min": 0, "max": 10000, "tooltip": "Show the loss curve in the progress bar every N steps (0 = never)."}),
         }, "optional": {
             "dataset": ("DYNASYN_DATASET", {"tooltip": "Augmented (image, prompt, pseudo-mask) pairs for L_AUG."}),
+            "new_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": (
+                "A new scene for the output prompt, [1] = subject 1, [2] = subject 2…, e.g. '[1] hugging [2] on a beach'. "
+                "Each [n] becomes embedding:<run>_asset<n-1>. Empty: 'a photo of' every subject.")}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def train(self, model, clip, vae, image, masks, class_nouns, mode, phase1_steps, phase2_steps, phase1_lr, phase2_lr,
               lambda_md, lambda_m2a, lambda_ica, lambda_aug, seed, resolution, gradient_checkpointing, mixed_precision,
-              optimizer, fused_backward_step, frozen_dtype, train_text_encoder, run_name, save_checkpoint, resume, preview_every, dataset=None, unique_id=None):
+              optimizer, fused_backward_step, frozen_dtype, train_text_encoder, run_name, save_checkpoint, resume, preview_every, dataset=None, new_prompt="", unique_id=None):
         try:
             return self._train(**{k: v for k, v in locals().items() if k != "self"})
         except Cancelled as e:
@@ -119,8 +135,10 @@ class DynASynTrain:
 
     def _train(self, model, clip, vae, image, masks, class_nouns, mode, phase1_steps, phase2_steps, phase1_lr, phase2_lr,
                lambda_md, lambda_m2a, lambda_ica, lambda_aug, seed, resolution, gradient_checkpointing, mixed_precision,
-               optimizer, fused_backward_step, frozen_dtype, train_text_encoder, run_name, save_checkpoint, resume, preview_every, dataset=None, unique_id=None):
+               optimizer, fused_backward_step, frozen_dtype, train_text_encoder, run_name, save_checkpoint, resume, preview_every, dataset=None, new_prompt="", unique_id=None):
         validate_export_name(run_name, "run")
+        n_subjects = len([n for n in class_nouns.split(",") if n.strip()])
+        scene = _scene_template(new_prompt, n_subjects)
         emb_dir = folder_paths.get_folder_paths("embeddings")[0]
         ckpt_dir = folder_paths.get_folder_paths("checkpoints")[0]
         nouns = [n.strip() for n in class_nouns.split(",")]
@@ -166,7 +184,7 @@ class DynASynTrain:
         meta = {"dynasyn.mode": mode, "dynasyn.class_nouns": ", ".join(nouns), "dynasyn.steps": str(trainer.step)}
         save_embeddings(emb_dir, names, meta)
         words = [f"embedding:{n}" for n in names]
-        prompt = "a photo of " + " and ".join(words)
+        prompt = scene.render(words) if scene else "a photo of " + " and ".join(words)
         if save_checkpoint:
             bridge.save_checkpoint(ckpt_dir, unique_name(ckpt_dir, base), trained_model, trained_clip, vae,
                                    metadata={**meta, "dynasyn.embeddings": " ".join(names)})

@@ -1,139 +1,14 @@
-"""Start a real ComfyUI 0.3.75 server on 127.0.0.1 with the pack linked into custom_nodes.
-
-The server gets its own base directory (models, input, output, custom_nodes), a random free port,
-and is always stopped by the caller (``with ComfyServer(...) as s:``).
-"""
+"""The demo's ComfyServer with the tests' own testing pack (extra test-only nodes) loaded too."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-import uuid
 from pathlib import Path
 
-from .comfy_env import COMFY_DIR, ROOT
+from demo.server import ROOT, ComfyServer as _ComfyServer, execution_error, fresh_base  # noqa: F401
 
 TESTING_PACK = ROOT / "tests" / "integration" / "testing_pack"
-PACK_DIR_NAME = "ComfyUI-DynASyn"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ComfyServer:
+class ComfyServer(_ComfyServer):
     def __init__(self, base: Path, env: dict | None = None, startup_timeout: float = 180.0):
-        self.base = Path(base)
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = env or {}
-        self.startup_timeout = startup_timeout
-        self.proc: subprocess.Popen | None = None
-        self.log_path = self.base / "server.log"
-        for sub in ("custom_nodes", "models/checkpoints", "models/embeddings", "models/diffusers", "input", "output", "temp", "user"):
-            (self.base / sub).mkdir(parents=True, exist_ok=True)
-        link = self.base / "custom_nodes" / PACK_DIR_NAME
-        if not link.exists():
-            link.symlink_to(ROOT, target_is_directory=True)
-        (self.base / "extra.yaml").write_text(f"dynasyn_testing:\n  custom_nodes: {TESTING_PACK}\n")
-
-    # -- lifecycle -------------------------------------------------------------------------
-    def start(self) -> "ComfyServer":
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--disable-auto-launch", "--base-directory", str(self.base), "--extra-model-paths-config",
-               str(self.base / "extra.yaml"), "--disable-api-nodes", "--database-url", "sqlite:///:memory:"]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **self.env}
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=COMFY_DIR, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        deadline = time.time() + self.startup_timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            try:
-                self.get("/object_info/CheckpointLoaderSimple")
-                return self
-            except (urllib.error.URLError, ConnectionError, OSError):
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"ComfyUI did not answer within {self.startup_timeout}s:\n{self.log()[-4000:]}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=20)
-        if getattr(self, "_log", None):
-            self._log.close()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    # -- HTTP ----------------------------------------------------------------------------
-    def get(self, path: str, timeout: float = 30):
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
-            return json.loads(r.read())
-
-    def post(self, path: str, body: dict, timeout: float = 30):
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, json.loads(r.read() or b"{}")
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
-
-    def free(self) -> None:
-        """Ask the server to drop cached outputs and loaded models (big models between tests)."""
-        self.post("/free", {"unload_models": True, "free_memory": True})
-        time.sleep(2.0)  # the prompt worker applies the flag when idle
-
-    def run(self, prompt: dict, timeout: float = 900, client_id: str | None = None) -> dict:
-        """POST an API-format prompt and wait for its history entry; returns it (status + outputs)."""
-        status, resp = self.post("/prompt", {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex})
-        if status != 200:
-            raise AssertionError(f"/prompt refused the graph ({status}): {json.dumps(resp)[:3000]}")
-        pid = resp["prompt_id"]
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            hist = self.get(f"/history/{pid}")
-            if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
-                entry = hist[pid]
-                if entry["status"].get("status_str") in ("success", "error"):
-                    return entry
-            time.sleep(0.5)
-        raise AssertionError(f"prompt {pid} did not finish in {timeout}s:\n{self.log()[-3000:]}")
-
-
-def execution_error(entry: dict) -> str | None:
-    """The exception message of a failed prompt (None if it succeeded)."""
-    for kind, data in entry.get("status", {}).get("messages", []):
-        if kind == "execution_error":
-            return data.get("exception_message", "")
-    return None
-
-
-def fresh_base(tmp: Path) -> Path:
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
+        super().__init__(base, env, startup_timeout, extra_custom_nodes=TESTING_PACK)
