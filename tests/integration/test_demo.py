@@ -1,0 +1,71 @@
+"""The one-command demo: runs the shipped dynasyn_full workflow headless on the built-in model, and
+refuses bad input before any work starts."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from demo.server import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def demo(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "demo", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_demo_makes_every_promised_output(tmp_path):
+    out = tmp_path / "run"
+    r = demo("--out", out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"everything is in {out}" in r.stdout
+    augmented = sorted((out / "augmented").glob("*.png"))
+    samples = sorted((out / "samples").glob("*.png"))
+    assert augmented and len(samples) == 2
+    for f in [*augmented, *samples, out / "loss_curve.png"]:
+        with Image.open(f) as im:
+            im.load()
+            assert min(im.size) >= 64
+    index = json.loads((out / "dataset" / "dataset.json").read_text())
+    assert len(index["pairs"]) == len(augmented)
+    embeddings = sorted((out / "embeddings").glob("*.safetensors"))
+    assert [e.name for e in embeddings] == ["dynasyn_asset0.safetensors", "dynasyn_asset1.safetensors"]
+    for e in embeddings:
+        vec = next(iter(load_file(e).values()))
+        assert vec.shape[-1] == 32 and torch.isfinite(vec).all()  # the tiny model's text width
+    ckpt = load_file(out / "checkpoint" / "dynasyn.safetensors")
+    assert any(k.startswith("model.diffusion_model.") for k in ckpt) and any(k.startswith("cond_stage_model.") for k in ckpt)
+    times = json.loads((out / "timings.json").read_text())
+    assert {"augment", "train", "sample", "total"} <= set(times)
+    assert "wall time per stage" in r.stdout
+    assert not (out / ".comfyui").exists()
+
+
+def test_demo_bad_input_is_refused_before_any_work(tmp_path):
+    r = demo("--checkpoint", tmp_path / "nope.safetensors", "--out", tmp_path / "a")
+    assert r.returncode == 2 and "no such file" in r.stderr
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2)}, tmp_path / "flux.safetensors")
+    r = demo("--checkpoint", tmp_path / "flux.safetensors", "--out", tmp_path / "b")
+    assert r.returncode == 2 and "not a Stable Diffusion 1.x / 2.x checkpoint" in r.stderr
+    save_file({"conditioner.embedders.0.transformer.x": torch.zeros(1),
+               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, tmp_path / "xl.safetensors")
+    r = demo("--checkpoint", tmp_path / "xl.safetensors", "--out", tmp_path / "c")
+    assert r.returncode == 2 and "SDXL" in r.stderr
+    (tmp_path / "notes.txt").write_text("hello")
+    r = demo("--checkpoint", tmp_path / "notes.txt", "--out", tmp_path / "d")
+    assert r.returncode == 2 and ".safetensors or .ckpt" in r.stderr
+    Image.new("RGB", (64, 64)).save(tmp_path / "me.png")
+    r = demo("--image", tmp_path / "me.png", "--out", tmp_path / "e")
+    assert r.returncode == 2 and "--image needs --masks" in r.stderr
+    Image.new("L", (32, 32)).save(tmp_path / "m.png")
+    r = demo("--image", tmp_path / "me.png", "--masks", tmp_path / "m.png", "--class-nouns", "dog", "--out", tmp_path / "f")
+    assert r.returncode == 2 and "must be the size of the picture" in r.stderr
+    r = demo("--image", tmp_path / "me.png", "--masks", tmp_path / "m.png", "--class-nouns", "dog, cat", "--out", tmp_path / "g")
+    assert r.returncode == 2 and "1 masks but 2 class nouns" in r.stderr
+    assert not any((tmp_path / x).exists() for x in "abcdefg")  # nothing started
