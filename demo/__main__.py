@@ -112,9 +112,14 @@ def check_inputs(args) -> dict:
 
 
 # ------------------------------------------------------------------ the prompt
-def build_prompt(workflow: dict, object_info: dict, *, tiny: bool, ckpt_name: str | None, sam_name: str | None,
-                 nouns: str, mask_names: list[str], image_name: str) -> dict:
-    prompt = ui_to_api(workflow, object_info)
+def build_prompt(workflow: dict, object_info: dict, **kw) -> dict:
+    return substitute(ui_to_api(workflow, object_info), **kw)
+
+
+def substitute(prompt: dict, *, tiny: bool, ckpt_name: str | None = None, sam_name: str | None = None,
+               nouns: str = example.CLASS_NOUNS, mask_names=example.MASKS, image_name: str = example.IMAGE) -> dict:
+    """The API prompt with this run's model, SAM, picture and masks (and small settings for the tiny model)."""
+    prompt = json.loads(json.dumps(prompt))
     for k in nodes_of(prompt, "CheckpointLoaderSimple"):
         prompt[k] = ({"class_type": "DynASynTinyModel", "inputs": {"seed": 0, "prediction": "epsilon"}} if tiny
                      else {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}})

@@ -2,8 +2,8 @@
 
 The same rules as the frontend's ``graphToPrompt``, from the server's ``/object_info``: widgets
 come in the node's input order (required, then optional); an INT named ``seed`` / ``noise_seed``
-or marked ``control_after_generate`` carries one extra "control" value, and an image-upload COMBO
-one extra "upload" value. Notes and other frontend-only nodes are dropped; muted nodes are left out.
+or marked ``control_after_generate`` carries one extra "control" value right after it (an
+image-upload button's value comes last). Notes and other frontend-only nodes are dropped; muted nodes are left out.
 The browser tier checks this against the page's own conversion.
 """
 
@@ -31,9 +31,9 @@ def _extra_values(name: str, spec: list) -> int:
     opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
     if kind == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
         return 1
-    if (isinstance(kind, list) or kind == "COMBO") and (opts.get("image_upload") or opts.get("control_after_generate")):
+    if (isinstance(kind, list) or kind == "COMBO") and opts.get("control_after_generate"):
         return 1
-    return 0
+    return 0  # an image-upload button's value comes after every widget: nothing to skip
 
 
 def widget_names(info: dict) -> list[tuple[str, list]]:

@@ -2,9 +2,10 @@
 # The test command: sets everything up on a fresh machine, then runs every tier.
 #   unit         tiny random models, no ComfyUI          (seconds)
 #   format       real ComfyUI loaders in-process, random real-size SD 1.5 / 2.1-768-v  (minutes)
-#   integration  a real ComfyUI 0.3.75 server on 127.0.0.1 running the pack's nodes     (minutes)
+#   integration  a real ComfyUI 0.3.75 server on 127.0.0.1 running the pack's nodes, the demo (minutes)
+#   browser      the real page in headless Chromium: extension, workflows, chart, SAM picker (minutes)
 # Each tier runs in its own process so real-size models are freed between tiers.
-# Usage: bash scripts/test.sh [unit|format|integration ...] [-- extra pytest args]
+# Usage: bash scripts/test.sh [unit|format|integration|browser ...] [-- extra pytest args]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -15,7 +16,8 @@ while [ $# -gt 0 ]; do
   if [ "$1" = "--" ]; then shift; extra=("$@"); break; fi
   tiers+=("$1"); shift
 done
-[ ${#tiers[@]} -gt 0 ] || tiers=(unit format integration)
+[ ${#tiers[@]} -gt 0 ] || tiers=(unit format integration browser)
+for tier in "${tiers[@]}"; do [ "$tier" != browser ] || bash scripts/setup_browser.sh; done
 status=0
 for tier in "${tiers[@]}"; do
   echo "=== tier: $tier ==="
