@@ -89,7 +89,8 @@ def augment(renderer: Renderer | SDComponents, reference: torch.Tensor, ref_mask
             class_nouns: Sequence[str], descriptions: Sequence[str], templates: Sequence[PromptTemplate],
             cfg: AugmentConfig | None = None, *, sam=None, device="cpu",
             progress: Callable[[int, int, str, torch.Tensor | None], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> AugmentReport:
+            should_stop: Callable[[], bool] | None = None,
+            on_pair: Callable[[AugmentedPair], None] | None = None) -> AugmentReport:
     cfg = cfg or AugmentConfig()
     if isinstance(renderer, SDComponents):
         renderer = DiffusersRenderer(renderer, cfg, device)
@@ -126,6 +127,8 @@ def augment(renderer: Renderer | SDComponents, reference: torch.Tensor, ref_mask
                 report.skipped.append((k, pair))
             else:
                 report.pairs.append(pair)
+                if on_pair:
+                    on_pair(pair)  # the caller can keep the pairs made so far if the run is cancelled
     report.unet_evaluations = evaluations
     report.seconds = time.time() - started
     return report

@@ -253,9 +253,14 @@ class DynASynAugment:
             pbar = comfy.utils.ProgressBar(total, node_id=unique_id)
             renderer.step = lambda done, preview: pbar.update_absolute(min(done, total), total, preview)
             sam_model = sam["model"].to(mm.get_torch_device()) if sam else None
-            report = augment(renderer, ref, ms, nouns, prompts["descriptions"], templates, cfg, sam=sam_model,
-                             should_stop=mm.processing_interrupted)
-            mm.throw_exception_if_processing_interrupted()
+            made = []
+            try:
+                report = augment(renderer, ref, ms, nouns, prompts["descriptions"], templates, cfg, sam=sam_model,
+                                 should_stop=mm.processing_interrupted, on_pair=made.append)
+                mm.throw_exception_if_processing_interrupted()
+            except mm.InterruptProcessingException:
+                _keep_cancelled(made)
+                raise
             pbar.update_absolute(total, total)
             lines = [f"{len(report.pairs)} augmented pairs from {len(templates)} prompts in {report.seconds:.0f} s "
                      f"({report.unet_evaluations} UNet evaluations); {len(report.skipped)} skipped"]
@@ -269,6 +274,19 @@ class DynASynAugment:
             raise
         except Exception as e:  # noqa: BLE001
             raise user_error(e) from e
+
+
+def _keep_cancelled(pairs) -> None:
+    """Cancel loses nothing: the pairs made before it go to a dataset folder of their own."""
+    if not pairs:
+        return
+    from ..dynasyn.dataset import save_dataset
+
+    root = _datasets_dir()
+    os.makedirs(root, exist_ok=True)
+    folder = save_dataset(pairs, os.path.join(root, unique_name(root, "cancelled", suffix="")))
+    log.warning("[DynASyn] augmentation cancelled: the %d pairs made so far are in %s (DynASyn Load Dataset reads it)",
+                len(pairs), folder)
 
 
 class DynASynSaveDataset:

@@ -69,6 +69,7 @@ def test_training_chart_receives_events_and_draws(server):
     assert {"loss", "md", "m2a", "ica"} <= set(chart["terms"]), chart["terms"]
     assert "step 8/8" in chart["head"] and "phase 2" in chart["head"] and "ETA" in chart["head"]
     assert chart["drawn"] > 0.01 * chart["pixels"]  # lines, grid and legend: the canvas is not blank
+    assert chart["preview"] == "block"  # the latest progress preview is shown under the chart
     assert res["pageErrors"] == [] and ours(res["consoleErrors"]) == []
 
 
@@ -114,3 +115,35 @@ def test_no_api_key_in_saved_workflow_or_png(server, fake_llm):
         with Image.open(p) as im:
             meta = json.dumps(dict(im.text))
         assert "workflow" in im.text and "prompt" in im.text and SENTINEL_KEY not in meta
+
+
+def test_dataset_gallery_shows_the_augmented_images_with_prompts(server):
+    prompts = json.dumps([{"box": [72, 225, 236, 389]}, {"box": [287, 174, 461, 389]}])
+    spec = {"nodes": [
+        {"id": 1, "type": "DynASynTinyModel", "pos": [0, 0]},
+        {"id": 2, "type": "LoadImage", "pos": [0, 300], "widgets": {"image": example.IMAGE}},
+        {"id": 3, "type": "DynASynSAMLoader", "pos": [0, 700], "widgets": {"sam_name": "tiny (random test-size SAM, for trying graphs)"}},
+        {"id": 4, "type": "DynASynSAMMasks", "pos": [300, 300], "links": {"sam": [3, 0], "image": [2, 0]},
+         "widgets": {"subject_prompts": prompts}},
+        {"id": 5, "type": "DynASynDescribeSubjects", "pos": [700, 0], "links": {"image": [2, 0], "masks": [4, 0]},
+         "widgets": {"class_nouns": "ball, box"}},
+        {"id": 6, "type": "DynASynAugmentPrompts", "pos": [700, 400],
+         "links": {"descriptions": [5, 0], "class_nouns": [5, "class_nouns"]}, "widgets": {"count": 3, "seed": 11}},
+        {"id": 7, "type": "DynASynAugment", "pos": [1100, 0],
+         "links": {"model": [1, 0], "clip": [1, 1], "vae": [1, 2], "image": [2, 0], "masks": [4, 0], "prompts": [6, 0],
+                   "sam": [3, 0]},
+         "widgets": {"size": 64, "draft_steps": 3, "inpaint_steps": 3, "gsa_steps": 10, "guidance": 5.0, "draft_batch": 3}},
+        {"id": 8, "type": "DynASynSaveDataset", "pos": [1500, 0], "links": {"dataset": [7, 0]}, "widgets": {"name": "gallery_ds"}},
+    ]}
+    built = run_page(server, "build_workflow", {"spec": spec})["value"]
+    res = run_page(server, "queue_graph", {"workflow": built})
+    value = res["value"]
+    assert res["pageErrors"] == [] and ours(res["consoleErrors"]) == []
+    index = json.loads((server.base / "output" / "dynasyn" / "datasets" / "gallery_ds" / "dataset.json").read_text())
+    made = len(index["pairs"])
+    assert made >= 1
+    galleries = {g["type"]: g for g in value["galleries"]}
+    for kind in ("DynASynAugment", "DynASynSaveDataset"):
+        g = galleries[kind]
+        assert g["images"] == g["loaded"] == made, g
+        assert g["captions"] == [p["class_prompt"] for p in index["pairs"]]

@@ -114,3 +114,23 @@ def test_no_node_takes_an_api_key(server):
         inputs = {**node["input"].get("required", {}), **node["input"].get("optional", {})}
         assert not [k for k in inputs if "key" in k.lower() or "token" in k.lower() or "secret" in k.lower()], name
     assert "endpoint" in info["DynASynDescribeSubjects"]["input"]["required"]
+
+
+def test_cancel_keeps_the_pairs_made_so_far(server):
+    write_scene(server.base / "input")
+    g = augment_graph("it_cancel", count=8)
+    g["7"]["inputs"].update(draft_batch=1, seed=5)
+    interrupted = []
+
+    def on_message(msg):
+        # one prompt is <= 3 draft + 3 inpaint + 7 GSA evaluations: past 30, at least two prompts are done
+        if msg.get("type") == "progress" and msg["data"].get("node") == "7" and msg["data"]["value"] >= 30 and not interrupted:
+            interrupted.append(msg["data"]["value"])
+            server.post("/interrupt", {})
+
+    entry = server.run(g, on_message=on_message)
+    assert interrupted and entry["status"]["status_str"] == "error"
+    assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"])
+    index = json.loads((server.base / "output" / "dynasyn" / "datasets" / "cancelled" / "dataset.json").read_text())
+    assert 1 <= len(index["pairs"]) < 8
+    assert "augmentation cancelled" in server.log()
