@@ -299,7 +299,8 @@ function addSamPicker(node) {
 }
 
 // ---------------------------------------------------------------- registration
-app.registerExtension({
+// A second copy of the pack (two folders in custom_nodes) must not break the page.
+if (!app.extensions?.some?.((e) => e.name === "DynASyn.ui")) app.registerExtension({
   name: "DynASyn.ui",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     const name = nodeData.name;
