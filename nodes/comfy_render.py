@@ -20,6 +20,7 @@ import latent_preview
 from comfy.ldm.modules.attention import optimized_attention
 
 from ..dynasyn.drafts import Draft
+from ..dynasyn.errors import DynASynError
 from ..dynasyn.gsa import PAPER_START_T, GSAConfig, make_scheduler, start_timesteps
 from ..dynasyn.subjects import phrase_positions
 from ..dynasyn.attention import token_maps
@@ -88,7 +89,8 @@ class NativeAttentionCapture:
     def maps(self, height: int, width: int) -> torch.Tensor:
         """[B, r, r', T]: the mean over every captured layer and step."""
         if self.total is None:
-            raise RuntimeError(f"No {self.side}x{self.side} cross-attention layer ran for {width}x{height} latents.")
+            raise DynASynError(f"No {self.side}x{self.side} cross-attention layer ran for {width}x{height} latents: "
+                               "the drafts need 16x16 attention maps; use size 512 for SD 1.x / 2.x.")
         mean = self.total / self.calls
         return mean.reshape(mean.shape[0], self.side, width * self.side // height, mean.shape[-1])
 

@@ -188,3 +188,27 @@ def test_unsupported_models_get_a_clear_error(pack):
         with pytest.raises(err) as e:
             bridge.model_family(fake)
         assert cls.__name__ in str(e.value) and "SD 1.5 or SD 2.1" in str(e.value)
+
+
+def test_native_drafts_capture_the_16x16_layers_at_512(native, pack):
+    """The augmentation's drafts on the real architectures: ComfyUI's sampler, 512 px, the 16x16 attn2 blocks."""
+    import importlib
+
+    family, model, clip, vae = native
+    render = importlib.import_module("dynasyn_pack.nodes.comfy_render")
+    aug = importlib.import_module("dynasyn_pack.dynasyn.augment")
+    template = importlib.import_module("dynasyn_pack.dynasyn.prompts").PromptTemplate("[1] sitting in [2] on a beach")
+    capture = render.NativeAttentionCapture()
+    real = render.NativeAttentionCapture
+    render.NativeAttentionCapture = lambda: capture  # to count the layers the renderer's capture saw
+    try:
+        cfg = aug.AugmentConfig(size=512, draft_steps=1, guidance_scale=5.0)
+        draft, = render.ComfyRenderer(model, clip, vae, cfg, "euler", "normal").drafts(
+            [template], ["red panda", "blue bowl"], [0], (512, 512))
+    finally:
+        render.NativeAttentionCapture = real
+    # SD 1.x / 2.x at 512 px: input blocks 7, 8 and output blocks 3, 4, 5 are 16x16 (not the 8x8 middle), once per step
+    assert capture.calls == 5
+    assert draft.image.shape == (512, 512, 3) and draft.attention.shape == (2, 16, 16)
+    assert torch.isfinite(draft.attention).all() and (draft.attention > 0).all()
+    free_comfy_memory()
