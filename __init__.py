@@ -17,6 +17,7 @@ _CLASSES = load_node_classes(__name__ + ".nodes", {
     "mask_nodes": ("DynASynMaskBatch",),
     "sam_nodes": ("DynASynSAMLoader", "DynASynSAMMasks"),
     "gsa_node": ("DynASynGSA",),
+    "grounding_node": ("DynASynDetectorLoader",),
     "augment_nodes": ("DynASynDescribeSubjects", "DynASynAugmentPrompts", "DynASynAugment", "DynASynSaveDataset",
                       "DynASynLoadDataset"),
 })
@@ -34,6 +35,7 @@ NODE_CLASS_MAPPINGS = {
     "DynASynAugmentPrompts": _CLASSES.get("DynASynAugmentPrompts"),
     "DynASynAugment": _CLASSES.get("DynASynAugment"),
     "DynASynGSA": _CLASSES.get("DynASynGSA"),
+    "DynASynDetectorLoader": _CLASSES.get("DynASynDetectorLoader"),
     "DynASynSaveDataset": _CLASSES.get("DynASynSaveDataset"),
     "DynASynLoadDataset": _CLASSES.get("DynASynLoadDataset"),
 }
@@ -49,6 +51,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DynASynAugmentPrompts": "DynASyn Augment Prompts (LLM / offline)",
     "DynASynAugment": "DynASyn Augment (drafts, compose, inpaint, GSA)",
     "DynASynGSA": "DynASyn Guided SDE Augmentation",
+    "DynASynDetectorLoader": "DynASyn Detector Loader (optional, for Augment)",
     "DynASynSaveDataset": "DynASyn Save Dataset",
     "DynASynLoadDataset": "DynASyn Load Dataset",
 }

@@ -87,7 +87,7 @@ class DiffusersRenderer:
 
 def augment(renderer: Renderer | SDComponents, reference: torch.Tensor, ref_masks: Sequence[torch.Tensor],
             class_nouns: Sequence[str], descriptions: Sequence[str], templates: Sequence[PromptTemplate],
-            cfg: AugmentConfig | None = None, *, sam=None, device="cpu",
+            cfg: AugmentConfig | None = None, *, sam=None, detector=None, device="cpu",
             progress: Callable[[int, int, str, torch.Tensor | None], None] | None = None,
             should_stop: Callable[[], bool] | None = None,
             on_pair: Callable[[AugmentedPair], None] | None = None) -> AugmentReport:
@@ -121,7 +121,7 @@ def augment(renderer: Renderer | SDComponents, reference: torch.Tensor, ref_mask
             if progress and i:
                 progress(k, len(templates), draft.prompt, report.pairs[-1].image if report.pairs else None)
             report.drafts.append(draft.image)
-            pair, evals = _compose_and_gsa(renderer, draft, n, sam, reference, ref_masks, class_nouns, cfg, seed)
+            pair, evals = _compose_and_gsa(renderer, draft, n, sam, detector, reference, ref_masks, class_nouns, cfg, seed)
             evaluations += evals
             if isinstance(pair, str):
                 report.skipped.append((k, pair))
@@ -134,10 +134,10 @@ def augment(renderer: Renderer | SDComponents, reference: torch.Tensor, ref_mask
     return report
 
 
-def _compose_and_gsa(renderer: Renderer, draft: Draft, n: int, sam, reference, ref_masks, class_nouns, cfg: AugmentConfig,
-                     seed: int) -> tuple[AugmentedPair | str, int]:
+def _compose_and_gsa(renderer: Renderer, draft: Draft, n: int, sam, detector, reference, ref_masks, class_nouns,
+                     cfg: AugmentConfig, seed: int) -> tuple[AugmentedPair | str, int]:
     """One draft to one pair (or the reason it was skipped), and the UNet evaluations it took."""
-    pseudo = pseudo_masks(draft, n, sam, cfg.attention_threshold)
+    pseudo = pseudo_masks(draft, n, sam, cfg.attention_threshold, detector)
     composed = paste_subjects(draft.image, pseudo, reference, ref_masks, dilation=cfg.inpaint_dilation,
                               min_pixels=cfg.min_mask_pixels)
     if composed.skipped:

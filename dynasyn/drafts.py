@@ -8,7 +8,7 @@ the thresholded map itself is the pseudo-mask.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -47,6 +47,7 @@ class Draft:
     template: PromptTemplate
     prompt: str                         # rendered with the descriptions
     attention: torch.Tensor             # [S, r, r] per subject, in template order of subjects
+    phrases: list[str] = field(default_factory=list)  # each subject's description, in the same order
 
 
 def render_draft(comps: SDComponents, template: PromptTemplate, descriptions: Sequence[str], cfg: GSAConfig,
@@ -61,7 +62,7 @@ def render_draft(comps: SDComponents, template: PromptTemplate, descriptions: Se
         remove_attention_capture(comps.unet)
     order = template.subjects
     positions = token_positions(comps.tokenizer, prompt, [descriptions[i] for i in order])
-    return Draft(image, template, prompt, token_maps(store.mean(), positions))
+    return Draft(image, template, prompt, token_maps(store.mean(), positions), [descriptions[i] for i in order])
 
 
 def attention_prompt(attn: torch.Tensor, size: tuple[int, int], threshold: float = 0.5) -> tuple[SubjectPrompt, torch.Tensor]:
@@ -75,11 +76,28 @@ def attention_prompt(attn: torch.Tensor, size: tuple[int, int], threshold: float
     return SubjectPrompt(box=(x0, y0, x1, y1), points=[(px, py)], labels=[1]), region
 
 
-def pseudo_masks(draft: Draft, num_subjects: int, sam=None, threshold: float = 0.5) -> torch.Tensor:
-    """[N, H, W]: SAM on the attention peaks (or the thresholded attention without SAM), by subject index."""
+def pseudo_masks(draft: Draft, num_subjects: int, sam=None, threshold: float = 0.5, detector=None) -> torch.Tensor:
+    """[N, H, W]: SAM on the attention peaks (or the thresholded attention without SAM), by subject index.
+
+    With a ``detector`` (``grounding.Detector``), a subject it finds by its description gets the
+    detected box instead of the attention box (and, without SAM, the attention region inside it,
+    or the whole box when none is).
+    """
     H, W = draft.image.shape[:2]
-    prompts, regions = zip(*(attention_prompt(a, (H, W), threshold) for a in draft.attention))
-    masks = segment(sam, draft.image, list(prompts)) if sam is not None else torch.stack(regions)
+    prompts, regions = (list(x) for x in zip(*(attention_prompt(a, (H, W), threshold) for a in draft.attention)))
+    if detector is not None:
+        from .grounding import detect
+
+        for k, box in enumerate(detect(detector, draft.image, draft.phrases)):
+            if box is None:
+                continue
+            x0, y0, x1, y1 = box
+            inside = [(x, y) for x, y in prompts[k].points if x0 <= x < x1 and y0 <= y < y1]
+            prompts[k] = SubjectPrompt(box=box, points=inside, labels=[1] * len(inside))
+            in_box = torch.zeros(H, W)
+            in_box[y0:y1, x0:x1] = 1
+            regions[k] = regions[k] * in_box if (regions[k] * in_box).sum() > 0 else in_box
+    masks = segment(sam, draft.image, prompts) if sam is not None else torch.stack(regions)
     out = torch.zeros(num_subjects, H, W)
     for k, subject in enumerate(draft.template.subjects):
         out[subject] = masks[k]

@@ -229,11 +229,13 @@ class DynASynAugment:
             "draft_batch": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Drafts sampled together (more is faster on a GPU, needs more memory). Prompt k's noise depends only on seed + k."}),
         }, "optional": {
             "sam": ("DYNASYN_SAM", {"tooltip": "SAM for the pseudo-masks (recommended); without it the attention map is the mask."}),
+            "detector": ("DYNASYN_DETECTOR", {"tooltip": "Optional zero-shot detector: finds each subject by its description "
+                                                         "(its box prompts SAM) instead of by its attention."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def augment(self, model, clip, vae, image, masks, prompts, size, draft_steps, inpaint_steps, gsa_strength, gsa_steps,
                 gsa_sampler, paper_exact, guidance, seed, draft_sampler="euler", draft_scheduler="normal", draft_batch=4,
-                sam=None, unique_id=None):
+                sam=None, detector=None, unique_id=None):
         try:
             from ..dynasyn.augment import AugmentConfig, augment
             from ..dynasyn.gsa import GSAConfig
@@ -256,7 +258,7 @@ class DynASynAugment:
             made = []
             try:
                 report = augment(renderer, ref, ms, nouns, prompts["descriptions"], templates, cfg, sam=sam_model,
-                                 should_stop=mm.processing_interrupted, on_pair=made.append)
+                                 detector=detector, should_stop=mm.processing_interrupted, on_pair=made.append)
                 mm.throw_exception_if_processing_interrupted()
             except mm.InterruptProcessingException:
                 _keep_cancelled(made)

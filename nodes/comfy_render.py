@@ -182,7 +182,8 @@ class ComfyRenderer:
         out = []
         for i, (template, prompt) in enumerate(zip(templates, prompts)):
             positions = description_positions(self.clip, prompt, [descriptions[s] for s in template.subjects])
-            out.append(Draft(images[i], template, prompt, token_maps(maps[i], positions)))
+            out.append(Draft(images[i], template, prompt, token_maps(maps[i], positions),
+                             [descriptions[s] for s in template.subjects]))
         return out
 
     def inpaint(self, image, mask, prompt, seed):

@@ -134,3 +134,19 @@ def test_cancel_keeps_the_pairs_made_so_far(server):
     index = json.loads((server.base / "output" / "dynasyn" / "datasets" / "cancelled" / "dataset.json").read_text())
     assert 1 <= len(index["pairs"]) < 8
     assert "augmentation cancelled" in server.log()
+
+
+def test_augment_with_a_zero_shot_detector(server):
+    from tests.support.tiny_detector import write_tiny_owlvit
+
+    write_scene(server.base / "input")
+    write_tiny_owlvit(server.base / "models" / "grounding" / "owlvit-tiny")
+    g = augment_graph("it_detector")
+    g["11"] = {"class_type": "DynASynDetectorLoader", "inputs": {"detector_name": "owlvit-tiny", "threshold": 0.0}}
+    g["7"]["inputs"]["detector"] = ["11", 0]
+    entry = server.run(g)
+    assert entry["status"]["status_str"] == "success", execution_error(entry) or server.log()[-3000:]
+    assert "from 2 prompts" in entry["outputs"]["7"]["text"][0]
+    g["11"]["inputs"]["detector_name"] = "grounding-dino-tiny"  # not in models/grounding: refused before running
+    status, resp = server.post("/prompt", {"prompt": g})
+    assert status == 400 and "grounding-dino-tiny" in json.dumps(resp)

@@ -80,8 +80,8 @@ def test_augment_skips_a_draft_without_a_subject_and_counts_it(monkeypatch):
     image, masks, nouns = scene()
     real = aug.pseudo_masks
 
-    def lose_the_bowl(draft, n, sam=None, threshold=0.5):
-        out = real(draft, n, sam, threshold)
+    def lose_the_bowl(draft, n, sam=None, threshold=0.5, detector=None):
+        out = real(draft, n, sam, threshold, detector)
         out[1] = 0
         return out
 
