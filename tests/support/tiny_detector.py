@@ -26,3 +26,28 @@ def write_tiny_owlvit(folder: Path) -> Path:
     size = {"height": 64, "width": 64}
     OwlViTProcessor(image_processor=OwlViTImageProcessor(size=size, crop_size=size), tokenizer=tok).save_pretrained(folder)
     return folder
+
+
+def write_tiny_grounding_dino(folder: Path) -> Path:
+    """A tiny random Grounding DINO (Swin backbone, BERT text tower) with its processor."""
+    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
+
+    folder = Path(folder)
+    vocab = folder.parent / f"{folder.name}_vocab.txt"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "red", "panda", "blue", "bowl", "ball", "box"]
+    vocab.parent.mkdir(parents=True, exist_ok=True)
+    vocab.write_text("\n".join(words) + "\n")
+    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4,
+                          out_features=["stage1", "stage2"])
+    text = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=64)
+    cfg = GroundingDinoConfig(backbone_config=backbone, text_config=text, d_model=32, encoder_layers=1, decoder_layers=2,
+                              encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2, decoder_attention_heads=2,
+                              num_queries=10, num_feature_levels=2, max_text_len=32, use_timm_backbone=False,
+                              encoder_n_points=2, decoder_n_points=2)
+    torch.manual_seed(0)
+    GroundingDinoForObjectDetection(cfg).save_pretrained(folder)
+    GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}),
+                           tokenizer=BertTokenizer(str(vocab))).save_pretrained(folder)
+    return folder

@@ -7,7 +7,7 @@ from dynasyn.drafts import Draft, pseudo_masks
 from dynasyn.errors import DynASynError
 from dynasyn.grounding import detect, load_detector
 from dynasyn.prompts import PromptTemplate
-from tests.support.tiny_detector import write_tiny_owlvit
+from tests.support.tiny_detector import write_tiny_grounding_dino, write_tiny_owlvit
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,17 @@ def test_detected_box_replaces_the_attention_box(monkeypatch):
     masks = pseudo_masks(draft, 2, sam=None, detector=object())
     assert masks[0][10:22, 10:22].all() and masks[0][32:].sum() == 0  # not found: the attention region stays
     assert masks[1][40:64, 0:24].all() and masks[1].sum() == 24 * 24  # found: the box (no attention inside it)
+
+
+def test_grounding_dino_detects_phrases_from_one_dotted_text(tmp_path):
+    det = load_detector(write_tiny_grounding_dino(tmp_path / "grounding-dino-tiny"), threshold=0.0)
+    assert det.model_type == "grounding-dino"
+    image = torch.rand(48, 80, 3, generator=torch.Generator().manual_seed(1))
+    boxes = detect(det, image, ["Red panda", "blue bowl"])
+    assert len(boxes) == 2 and any(b is not None for b in boxes)
+    for b in filter(None, boxes):
+        x0, y0, x1, y1 = b
+        assert 0 <= x0 < x1 <= 80 and 0 <= y0 < y1 <= 48
 
 
 def test_missing_or_wrong_detector_folder_is_a_clear_error(tmp_path):
