@@ -280,7 +280,19 @@ def main(argv=None) -> int:
         if ckpt and not sam_name:
             print("[demo] no --sam: pseudo-masks come from the attention maps")
         progress = Progress(prompt)
-        entry = server.run(prompt, timeout=args.timeout, on_message=progress)
+        try:
+            entry = server.run(prompt, timeout=args.timeout, on_message=progress)
+        except KeyboardInterrupt:
+            # a clean Cancel, not a killed server: the trainer saves a resumable state, augmentation keeps its pairs
+            print("\n[demo] cancelling: asking ComfyUI to stop the running node…", file=sys.stderr)
+            server.post("/interrupt", {})
+            for _ in range(120):
+                queue = server.get("/queue")
+                if not queue["queue_running"] and not queue["queue_pending"]:
+                    break
+                time.sleep(0.5)
+            print(f"[demo] cancelled; what was made so far is under {base / 'output'} and {base / 'models'}", file=sys.stderr)
+            return 130
         times = {"start ComfyUI": round(setup_s, 1), **progress.finish()}
         if entry["status"]["status_str"] != "success":
             print(f"[demo] the workflow failed: {execution_error(entry) or entry['status']}", file=sys.stderr)

@@ -12,7 +12,6 @@ from typing import Callable, Sequence
 
 import torch
 
-import comfy.model_management as mm
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -213,7 +212,3 @@ class ComfyRenderer:
         g = self.cfg.gsa
         gsa_steps = len(gsa_sigmas(self.model, g.strength, g.steps, g.paper_exact)[0]) - 1
         return prompts * (self.cfg.draft_steps + self.cfg.inpaint_steps + gsa_steps)
-
-
-def interrupted() -> bool:
-    return mm.processing_interrupted()
