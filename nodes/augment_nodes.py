@@ -298,9 +298,10 @@ class DynASynSaveDataset:
     CATEGORY = "DynASyn/augment"
     FUNCTION = "save"
     OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("folder",)
-    OUTPUT_TOOLTIPS = ("The folder written.",)
+    RETURN_TYPES = ("STRING", "DYNASYN_DATASET")
+    RETURN_NAMES = ("folder", "dataset")
+    OUTPUT_TOOLTIPS = ("The folder written.",
+                       "The same dataset, passed on: link DynASyn Train here so the dataset is on disk before training starts.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -318,7 +319,7 @@ class DynASynSaveDataset:
             os.makedirs(root, exist_ok=True)
             folder = save_dataset(dataset, os.path.join(root, unique_name(root, name, suffix="")))
             log.info("[DynASyn] dataset of %d pairs written to %s", len(dataset), folder)
-            return {"ui": {"text": [str(folder)], "dynasyn_gallery": gallery_ui(dataset)}, "result": (str(folder),)}
+            return {"ui": {"text": [str(folder)], "dynasyn_gallery": gallery_ui(dataset)}, "result": (str(folder), dataset)}
         except Exception as e:  # noqa: BLE001
             raise user_error(e) from e
 

@@ -148,7 +148,7 @@ def workflows() -> dict[str, list[dict]]:
             {"id": 14, "type": "DynASynSAMLoader", "pos": [900, 900], "widgets": {"sam_name": SAM_B["name"]},
              "properties": {"models": [dict(SAM_B)]}},
             *describe_and_prompts(900, 0, img, masks), *augment(1320, 0, img, masks, [14, 0]),
-            *train_and_sample(2160, 0, img, masks, [20, "class_nouns"], [30, "dataset"])]
+            *train_and_sample(2160, 0, img, masks, [20, "class_nouns"], [31, "dataset"])]
     aug = [checkpoint(1, [0, 0]), note(2, [0, 200], AUGMENT_NOTE),
            {"id": 10, "type": "LoadImage", "pos": [460, 0], "widgets": {"image": example.IMAGE}},
            {"id": 14, "type": "DynASynSAMLoader", "pos": [460, 420], "widgets": {"sam_name": SAM_B["name"]},

@@ -69,3 +69,31 @@ def test_demo_bad_input_is_refused_before_any_work(tmp_path):
     r = demo("--image", tmp_path / "me.png", "--masks", tmp_path / "m.png", "--class-nouns", "dog, cat", "--out", tmp_path / "g")
     assert r.returncode == 2 and "1 masks but 2 class nouns" in r.stderr
     assert not any((tmp_path / x).exists() for x in "abcdefg")  # nothing started
+
+
+def test_ctrl_c_cancels_cleanly_and_keeps_the_training_state(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "demo", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 600
+        seen = []
+        for line in proc.stdout:  # bounded by the deadline and by the process ending
+            seen.append(line)
+            if "train step 10/" in line or time.time() > deadline:
+                break
+        assert any("train step 10/" in s for s in seen), "".join(seen)[-3000:]
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "cancelling" in stderr and "cancelled; what was made so far is under" in stderr
+    state = out / ".comfyui" / "output" / "dynasyn" / "dynasyn" / "state" / "state.json"
+    assert state.is_file()  # the trainer saved a resumable state
+    assert (out / ".comfyui" / "output" / "dynasyn" / "datasets" / "dynasyn_dataset" / "dataset.json").is_file()
