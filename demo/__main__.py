@@ -35,6 +35,15 @@ TINY_SETTINGS = {
     "EmptyLatentImage": {"width": 256, "height": 256},
     "KSampler": {"steps": 10, "sampler_name": "euler", "scheduler": "normal"},
 }
+# --quick: the whole pipeline once with a real checkpoint at its real size, as fast as it goes (a smoke run:
+# the numbers are far too small for good results)
+QUICK_SETTINGS = {
+    "DynASynAugmentPrompts": {"count": 1},
+    "DynASynAugment": {"draft_steps": 2, "inpaint_steps": 2, "gsa_steps": 3, "draft_batch": 1},
+    "DynASynTrain": {"phase1_steps": 2, "phase2_steps": 0, "preview_every": 1},
+    "EmptyLatentImage": {"batch_size": 1},
+    "KSampler": {"steps": 2},
+}
 STAGES = {
     "DynASynDescribeSubjects": "describe", "DynASynAugmentPrompts": "prompts", "DynASynSAMLoader": "load models",
     "CheckpointLoaderSimple": "load models", "DynASynTinyModel": "load models", "DynASynAugment": "augment",
@@ -117,7 +126,8 @@ def build_prompt(workflow: dict, object_info: dict, **kw) -> dict:
 
 
 def substitute(prompt: dict, *, tiny: bool, ckpt_name: str | None = None, sam_name: str | None = None,
-               nouns: str = example.CLASS_NOUNS, mask_names=example.MASKS, image_name: str = example.IMAGE) -> dict:
+               nouns: str = example.CLASS_NOUNS, mask_names=example.MASKS, image_name: str = example.IMAGE,
+               quick: bool = False) -> dict:
     """The API prompt with this run's model, SAM, picture and masks (and small settings for the tiny model)."""
     prompt = json.loads(json.dumps(prompt))
     for k in nodes_of(prompt, "CheckpointLoaderSimple"):
@@ -130,9 +140,9 @@ def substitute(prompt: dict, *, tiny: bool, ckpt_name: str | None = None, sam_na
             del prompt[k]
             for node in prompt.values():
                 node["inputs"] = {n: v for n, v in node["inputs"].items() if not (isinstance(v, list) and v[0] == k)}
-    if tiny:
+    for settings in ([TINY_SETTINGS] if tiny else []) + ([QUICK_SETTINGS] if quick else []):
         for node in prompt.values():
-            node["inputs"].update(TINY_SETTINGS.get(node["class_type"], {}))
+            node["inputs"].update(settings.get(node["class_type"], {}))
     for k in nodes_of(prompt, "LoadImage"):
         prompt[k]["inputs"]["image"] = image_name
     _set_masks(prompt, mask_names)
@@ -232,6 +242,8 @@ def main(argv=None) -> int:
     ap.add_argument("--class-nouns", help='what each subject is, e.g. "dog, ball", with --image')
     ap.add_argument("--out", help="output folder (default demo_output/<date-time>)")
     ap.add_argument("--workflow", default=str(WORKFLOW), help="UI-format workflow to run (default the shipped dynasyn_full)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run with a real --checkpoint: 1 prompt, 2 training steps, "
+                                                          "2 sampling steps (checks the setup in minutes; not for results)")
     ap.add_argument("--timeout", type=float, default=7200, help="seconds to wait for the job")
     args = ap.parse_args(argv)
     try:
@@ -273,7 +285,8 @@ def main(argv=None) -> int:
             os.symlink(Path(args.sam).resolve(), base / "models" / "sams" / sam_name)
         try:
             prompt = build_prompt(workflow, server.get("/object_info"), tiny=ckpt is None, ckpt_name=ckpt and ckpt.name,
-                                  sam_name=sam_name, nouns=nouns, mask_names=mask_names, image_name=image_name)
+                                  sam_name=sam_name, nouns=nouns, mask_names=mask_names, image_name=image_name,
+                                  quick=args.quick)
         except WorkflowError as e:
             print(f"[demo] error: {e}", file=sys.stderr)
             return 2

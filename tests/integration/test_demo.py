@@ -97,3 +97,20 @@ def test_ctrl_c_cancels_cleanly_and_keeps_the_training_state(tmp_path):
     state = out / ".comfyui" / "output" / "dynasyn" / "dynasyn" / "state" / "state.json"
     assert state.is_file()  # the trainer saved a resumable state
     assert (out / ".comfyui" / "output" / "dynasyn" / "datasets" / "dynasyn_dataset" / "dataset.json").is_file()
+
+
+def test_demo_with_a_real_size_checkpoint_quick(tmp_path):
+    """--checkpoint path end to end: a random-weight SD 1.5 checkpoint at its real size (512 px), no SAM."""
+    from tests.support.sd_fixtures import random_checkpoint
+
+    ckpt = random_checkpoint("sd15")
+    out = tmp_path / "real"
+    r = demo("--checkpoint", ckpt, "--quick", "--out", out, timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "no --sam: pseudo-masks come from the attention maps" in r.stdout
+    samples = sorted((out / "samples").glob("*.png"))
+    assert len(samples) == 1 and Image.open(samples[0]).size == (512, 512)
+    for e in sorted((out / "embeddings").glob("*.safetensors")):
+        assert next(iter(load_file(e).values())).shape[-1] == 768  # SD 1.x text width
+    assert (out / "checkpoint" / "dynasyn.safetensors").stat().st_size > 1e9
+    assert not list((out / "checkpoint").glob(ckpt.name))  # the input checkpoint is not copied as an output
