@@ -114,8 +114,9 @@ def check_inputs(args) -> dict:
     for m in args.masks:
         if not Path(m).is_file():
             raise DemoError(f"--masks {m}: no such file.")
-        if Image.open(m).size != size:
-            raise DemoError(f"--masks {m} is {Image.open(m).size[0]}x{Image.open(m).size[1]}, the picture {size[0]}x{size[1]}; "
+        mask_size = Image.open(m).size
+        if mask_size != size:
+            raise DemoError(f"--masks {m} is {mask_size[0]}x{mask_size[1]}, the picture {size[0]}x{size[1]}; "
                             "masks must be the size of the picture.")
     return {"image": img.resolve(), "masks": [Path(m).resolve() for m in args.masks], "class_nouns": ", ".join(nouns)}
 

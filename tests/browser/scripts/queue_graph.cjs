@@ -4,7 +4,7 @@ module.exports = async (page, { workflow }) => {
   return await page.evaluate(async (workflow) => {
     const app = window.app;
     await app.loadGraphData(workflow, true, true, "keycheck");
-    const res = await app.queuePrompt(0, 1);
+    await app.queuePrompt(0, 1);
     for (let k = 0; k < 600; k++) {
       const h = await (await fetch("/queue")).json();
       if (!h.queue_running.length && !h.queue_pending.length) break;

@@ -1,18 +1,18 @@
 // Picks subject 1 with a dragged box and subject 2 with a click on the SAM picker, then saves the
 // workflow and loads it back: returns the widget value before and after and what the picker drew.
+const { buildGraph } = require("./graph.cjs");
+
 module.exports = async (page, { image }) => {
-  await page.evaluate(async (image) => {
-    const app = window.app, LG = window.LiteGraph;
-    app.graph.clear();
-    const img = LG.createNode("LoadImage"); img.pos = [20, 60]; app.graph.add(img);
-    img.widgets.find((w) => w.name === "image").value = image;
-    const sam = LG.createNode("DynASynSAMMasks"); sam.pos = [360, 60]; app.graph.add(sam);
-    sam.widgets.find((w) => w.name === "subject_prompts").value = "[]";
-    img.connect(0, sam, sam.inputs.findIndex((i) => i.name === "image"));
-    sam.setSize([420, 640]);
+  const ids = await page.evaluate(buildGraph, { nodes: [
+    { id: 1, type: "LoadImage", pos: [20, 60], widgets: { image } },
+    { id: 2, type: "DynASynSAMMasks", pos: [360, 60], size: [420, 640], widgets: { subject_prompts: "[]" },
+      links: { image: [1, 0] } },
+  ] });
+  await page.evaluate((sam) => {
+    const app = window.app;
     app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 1; app.canvas.setDirty(true, true);
-    window.__sam = sam.id;
-  }, image);
+    window.__sam = sam;
+  }, ids[2]);
   await page.waitForFunction(() => {
     const c = document.querySelector(".dynasyn-sam canvas");
     return c && c.getBoundingClientRect().width > 100 && c.height !== 240;  // the picture is in

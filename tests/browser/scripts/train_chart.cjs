@@ -1,31 +1,26 @@
 // Builds a tiny training graph in the page, queues it from the page, and watches the loss chart
 // fill from the server's dynasyn.train events; returns what the chart holds and how much it drew.
+const { buildGraph } = require("./graph.cjs");
+
 module.exports = async (page, { image, masks, steps }) => {
-  const id = await page.evaluate(async ({ image, masks, steps }) => {
-    const app = window.app, LG = window.LiteGraph;
-    app.graph.clear();
-    const add = (type, pos, widgets = {}) => {
-      const n = LG.createNode(type); n.pos = pos; app.graph.add(n);
-      for (const [k, v] of Object.entries(widgets)) n.widgets.find((w) => w.name === k).value = v;
-      return n;
-    };
-    const link = (a, out, b, input) => a.connect(out, b, b.inputs.findIndex((i) => i.name === input));
-    const model = add("DynASynTinyModel", [0, 0]);
-    const img = add("LoadImage", [0, 200], { image });
-    const m1 = add("LoadImageMask", [0, 600], { image: masks[0], channel: "red" });
-    const m2 = add("LoadImageMask", [0, 900], { image: masks[1], channel: "red" });
-    const batch = add("DynASynMaskBatch", [300, 600]);
-    link(m1, 0, batch, "mask_1"); link(m2, 0, batch, "mask_2");
-    const train = add("DynASynTrain", [400, 0], { class_nouns: "ball, box", phase1_steps: steps[0], phase2_steps: steps[1],
-      resolution: 64, preview_every: 2, run_name: "chart_" + Date.now(), save_checkpoint: false });
-    for (const [i, name] of [[0, "model"], [1, "clip"], [2, "vae"]]) link(model, i, train, name);
-    link(img, 0, train, "image"); link(batch, 0, train, "masks");
-    const save = add("SaveImage", [800, 0]);
-    link(train, 3, save, "images");
+  const spec = { nodes: [
+    { id: 1, type: "DynASynTinyModel", pos: [0, 0] },
+    { id: 2, type: "LoadImage", pos: [0, 200], widgets: { image } },
+    { id: 3, type: "LoadImageMask", pos: [0, 600], widgets: { image: masks[0], channel: "red" } },
+    { id: 4, type: "LoadImageMask", pos: [0, 900], widgets: { image: masks[1], channel: "red" } },
+    { id: 5, type: "DynASynMaskBatch", pos: [300, 600], links: { mask_1: [3, 0], mask_2: [4, 0] } },
+    { id: 6, type: "DynASynTrain", pos: [400, 0],
+      links: { model: [1, 0], clip: [1, 1], vae: [1, 2], image: [2, 0], masks: [5, 0] },
+      widgets: { class_nouns: "ball, box", phase1_steps: steps[0], phase2_steps: steps[1], resolution: 64,
+                 preview_every: 2, run_name: "chart_" + Date.now(), save_checkpoint: false } },
+    { id: 7, type: "SaveImage", pos: [800, 0], links: { images: [6, 3] } },
+  ] };
+  const id = (await page.evaluate(buildGraph, spec))[6];
+  await page.evaluate(async () => {
+    const app = window.app;
     app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 0.8; app.canvas.setDirty(true, true);
-    const res = await app.queuePrompt(0, 1);
-    return train.id;
-  }, { image, masks, steps });
+    await app.queuePrompt(0, 1);
+  });
   const total = steps[0] + steps[1];
   await page.waitForFunction(({ id, total }) => {
     const c = window.app.graph.getNodeById(id)?.dynasynChart;
