@@ -8,7 +8,7 @@ const { chromium } = require("playwright-core");
 (async () => {
   const [url, scriptPath, argsPath, resultPath] = process.argv.slice(2);
   const args = JSON.parse(fs.readFileSync(argsPath, "utf8"));
-  const out = { value: null, pageErrors: [], consoleErrors: [] };
+  const out = { value: null, pageErrors: [], consoleErrors: [], blockedRequests: [] };
   const browser = await chromium.launch({
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
     headless: true,
@@ -18,6 +18,14 @@ const { chromium } = require("playwright-core");
   let code = 0;
   try {
     const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
+    // Only loopback: a result must never depend on the network (fonts, CDNs, telemetry the page may ask for).
+    await page.route("**/*", (route) => {
+      const u = new URL(route.request().url());
+      const loopback = ["localhost", "[::1]"].includes(u.hostname) || /^127\./.test(u.hostname);
+      if (loopback || ["data:", "blob:"].includes(u.protocol)) return route.continue();
+      out.blockedRequests.push(u.origin);
+      return route.abort("blockedbyclient");
+    });
     page.on("pageerror", (e) => out.pageErrors.push(String((e && e.stack) || e)));
     page.on("console", (m) => { if (m.type() === "error") out.consoleErrors.push(m.text()); });
     await page.goto(url, { waitUntil: "networkidle", timeout: 120000 });

@@ -36,23 +36,35 @@ def digests(server, loader_node: dict, keys, text_from=None) -> dict:
     return json.loads(entry["outputs"]["2"]["text"][0])
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd21v"])
-def test_exported_checkpoint_loads_with_checkpoint_loader_simple(server, tmp_path, family):
-    name = f"changed_{family}"
-    expected = make(family, server, name, tmp_path)
+@pytest.fixture(scope="module")
+def changed_sd15(server, tmp_path_factory):
+    """One changed SD 1.5 export shared by the tests that need it (made once, whichever runs first)."""
+    name = "changed_sd15"
+    expected = make("sd15", server, name, tmp_path_factory.mktemp("sd15"))
+    yield name, expected
+    (server.base / "models" / "checkpoints" / f"{name}.safetensors").unlink(missing_ok=True)
+
+
+def check_loads_with_checkpoint_loader_simple(server, name, expected, family):
     got = digests(server, {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": f"{name}.safetensors"}},
                   expected)
     for key, want in expected.items():
         assert got[key] == want, key
     assert got["prediction"] == ("v_prediction" if family == "sd21v" else "epsilon")
-    if family != "sd15":  # the sd15 file is reused by the next test
-        (server.base / "models" / "checkpoints" / f"{name}.safetensors").unlink()
 
 
-def test_save_checkpoint_node_never_overwrites(server, tmp_path):
-    ckpt = "changed_sd15.safetensors"
-    if not (server.base / "models" / "checkpoints" / ckpt).exists():
-        pytest.skip("needs the sd15 export test")
+def test_exported_sd15_checkpoint_loads_with_checkpoint_loader_simple(server, changed_sd15):
+    check_loads_with_checkpoint_loader_simple(server, *changed_sd15, "sd15")
+
+
+def test_exported_sd21v_checkpoint_loads_with_checkpoint_loader_simple(server, tmp_path):
+    name = "changed_sd21v"
+    check_loads_with_checkpoint_loader_simple(server, name, make("sd21v", server, name, tmp_path), "sd21v")
+    (server.base / "models" / "checkpoints" / f"{name}.safetensors").unlink()
+
+
+def test_save_checkpoint_node_never_overwrites(server, changed_sd15):
+    ckpt = f"{changed_sd15[0]}.safetensors"
     def graph(if_exists):
         return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
                 "2": {"class_type": "DynASynSaveCheckpoint", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
@@ -76,7 +88,6 @@ def test_save_checkpoint_node_never_overwrites(server, tmp_path):
     assert not list((server.base / "models").glob("escape*"))
     for p in (server.base / "models" / "checkpoints").glob("node_saved*"):
         p.unlink()
-    (server.base / "models" / "checkpoints" / ckpt).unlink()
 
 
 def test_diffusers_folder_loader_keeps_weights_v_prediction_and_placeholders(server, tmp_path):

@@ -75,16 +75,23 @@ def test_unwritable_folder_gets_a_clear_error(tmp_path):
     assert blocker.read_text().startswith("a file")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
 def test_read_only_folder_gets_a_clear_error(tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
+    # Root ignores permission bits (CI runs as root), so there the folder is read-only by construction:
+    # procfs refuses writes to /proc/sys/kernel to everyone without CAP_SYS_ADMIN over the whole host.
+    if os.geteuid() == 0:
+        ro, restore = Path("/proc/sys/kernel"), None
+        assert ro.is_dir() and not os.access(ro, os.W_OK)
+    else:
+        ro, restore = tmp_path / "ro", 0o755
+        ro.mkdir()
+        ro.chmod(0o555)
     try:
         with pytest.raises(ExportWriteError, match="not writable"):
             save_embedding(ro, "panda", torch.randn(768))
+        assert not (ro / "panda.safetensors").exists()
     finally:
-        ro.chmod(0o755)
+        if restore:
+            ro.chmod(restore)
 
 
 def test_non_finite_embedding_is_refused(tmp_path):
