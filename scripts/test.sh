@@ -4,8 +4,12 @@
 #   format       real ComfyUI loaders in-process, random real-size SD 1.5 / 2.1-768-v  (minutes)
 #   integration  a real ComfyUI 0.3.75 server on 127.0.0.1 running the pack's nodes, the demo (minutes)
 #   browser      the real page in headless Chromium: extension, workflows, chart, SAM picker (minutes)
+#   realsize     the tests on random-weight real-size SD 1.5 / 2.1 checkpoints (format + integration;
+#                GBs of RAM, ~10 min). With no tier named they run only if their inputs changed since the
+#                last passing run (tests/realsize.passed, see scripts/realsize_stamp.py); naming the tier
+#                always runs it, and a pass on a clean tree re-stamps.
 # Each tier runs in its own process so real-size models are freed between tiers.
-# Usage: bash scripts/test.sh [unit|format|integration|browser ...] [-- extra pytest args]
+# Usage: bash scripts/test.sh [unit|format|integration|browser|realsize ...] [-- extra pytest args]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -16,13 +20,28 @@ while [ $# -gt 0 ]; do
   if [ "$1" = "--" ]; then shift; extra=("$@"); break; fi
   tiers+=("$1"); shift
 done
-[ ${#tiers[@]} -gt 0 ] || tiers=(unit format integration browser)
+[ ${#tiers[@]} -gt 0 ] || tiers=(unit format integration browser realsize-if-changed)
 for tier in "${tiers[@]}"; do [ "$tier" != browser ] || bash scripts/setup_browser.sh; done
 status=0
+# pytest's exit 5 (nothing collected, e.g. a tier whose every test is realsize) is not a failure.
+run_pytest() { .venv/bin/python -m pytest -c tests/pytest.ini -q -p no:cacheprovider "$@" ${extra[@]+"${extra[@]}"} || [ $? -eq 5 ]; }
 for tier in "${tiers[@]}"; do
+  if [ "$tier" = realsize-if-changed ]; then
+    .venv/bin/python scripts/realsize_stamp.py check && continue
+    tier=realsize
+  fi
   echo "=== tier: $tier ==="
   start=$(date +%s)
-  if ! .venv/bin/python -m pytest -c tests/pytest.ini "tests/$tier" -q -p no:cacheprovider ${extra[@]+"${extra[@]}"}; then
+  if [ "$tier" = realsize ]; then
+    log="$(mktemp)"
+    if run_pytest tests/format tests/integration -m realsize 2>&1 | tee "$log"; [ "${PIPESTATUS[0]}" -eq 0 ]; then
+      passed="$(grep -oE '[0-9]+ passed' "$log" | tail -1 | cut -d' ' -f1)"
+      [ ${#extra[@]} -gt 0 ] || .venv/bin/python scripts/realsize_stamp.py write "${passed:-0}" $(( $(date +%s) - start ))
+    else
+      status=1
+    fi
+    rm -f "$log"
+  elif ! run_pytest "tests/$tier" -m "not realsize"; then
     status=1
   fi
   echo "=== tier $tier took $(( $(date +%s) - start )) s ==="

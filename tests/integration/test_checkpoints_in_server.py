@@ -10,7 +10,7 @@ import pytest
 
 from tests.support.comfy_server import execution_error
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.realsize]  # every test here writes real-size checkpoints
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -99,6 +99,7 @@ def test_ctrl_c_cancels_cleanly_and_keeps_the_training_state(tmp_path):
     assert (out / ".comfyui" / "output" / "dynasyn" / "datasets" / "dynasyn_dataset" / "dataset.json").is_file()
 
 
+@pytest.mark.realsize
 def test_demo_with_a_real_size_checkpoint_quick(tmp_path):
     """--checkpoint path end to end: a random-weight SD 1.5 checkpoint at its real size (512 px), no SAM."""
     from tests.support.sd_fixtures import random_checkpoint
