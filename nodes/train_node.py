@@ -127,8 +127,11 @@ class DynASynTrain:
         try:
             return self._train(**{k: v for k, v in locals().items() if k != "self"})
         except Cancelled as e:
+            # Cancel ends the prompt with ComfyUI's own exception (shown as "interrupted", not as an error)
             log.info("[DynASyn] %s", e)
             mm.throw_exception_if_processing_interrupted()
+            raise mm.InterruptProcessingException(str(e)) from e
+        except mm.InterruptProcessingException:
             raise
         except Exception as e:  # noqa: BLE001
             raise user_error(e) from e
@@ -165,7 +168,13 @@ class DynASynTrain:
             preview = None
             if preview_every and entry.step % preview_every == 0:
                 preview = ("PNG", loss_curve_image(trainer.history, as_pil=True), 512)
-            pbar.update_absolute(entry.step, cfg.total_steps, preview)
+            try:
+                pbar.update_absolute(entry.step, cfg.total_steps, preview)
+            except mm.InterruptProcessingException:
+                # A Cancel that arrived after the check above: ComfyUI's progress hook raised and cleared the flag.
+                # Set it again, so the loop saves a resumable state before the next step (or, after the last
+                # step, the export finishes and the next node stops the prompt) instead of failing with no state.
+                mm.interrupt_current_processing(True)
 
         with torch.inference_mode(False), torch.enable_grad():
             comps = bridge.native_to_components(model, clip, vae)
@@ -175,7 +184,11 @@ class DynASynTrain:
             if resume and os.path.isfile(os.path.join(state_dir, "state.json")):
                 trainer.load_state(state_dir)
                 log.info("[DynASyn] resuming %s from step %d", run_name, trainer.step)
-            trainer.train(state_dir=state_dir)
+            try:
+                trainer.train(state_dir=state_dir)
+            except mm.InterruptProcessingException:  # an interrupt raised anywhere inside the loop is a Cancel too
+                trainer.save_state(state_dir)
+                raise
             vectors = trainer.placeholder_embeddings()
             trained_model, trained_clip = bridge.components_to_native(model, clip, comps,
                                                                       include_text_encoder=cfg.phases != (1,))

@@ -1,0 +1,130 @@
+"""Nothing lost on Cancel or failure, nothing kept alive after: the Train / Augment / GSA nodes in-process.
+
+Real ComfyUI 0.3.75 modules (its progress bar, interrupt flag, model classes), the tiny random model made
+native by the bridge, every folder ComfyUI would write to redirected under ``tmp_path``.
+"""
+
+import gc
+import importlib
+import json
+import types
+import weakref
+
+import pytest
+import torch
+
+from tests.support.scene import tensor_scene
+
+
+def _mod(name):
+    return importlib.import_module(f"dynasyn_pack.{name}")
+
+
+@pytest.fixture(scope="module")
+def tiny(pack):
+    from transformers import CLIPTokenizer
+
+    bridge = pack.nodes.bridge
+    tok = CLIPTokenizer.from_pretrained(str(bridge.TOKENIZER_DIR), model_max_length=77, local_files_only=True)
+    with torch.inference_mode(False):
+        comps = _mod("dynasyn.tiny").tiny_components(seed=0, tokenizer=tok)
+        model, clip, vae = bridge.tiny_native(comps)
+    return model, clip, vae
+
+
+@pytest.fixture
+def dirs(tmp_path, monkeypatch):
+    """ComfyUI's output / user / temp / embeddings / checkpoints folders under tmp_path; no interrupt pending."""
+    import comfy.model_management as mm
+    import comfy.utils
+    import folder_paths
+
+    for name in ("output", "user", "temp", "embeddings", "checkpoints"):
+        (tmp_path / name).mkdir()
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
+    monkeypatch.setattr(folder_paths, "user_directory", str(tmp_path / "user"))
+    monkeypatch.setattr(folder_paths, "temp_directory", str(tmp_path / "temp"))
+    for name in ("embeddings", "checkpoints"):
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, name,
+                            ([str(tmp_path / name)], folder_paths.folder_names_and_paths[name][1]))
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", None)
+    mm.interrupt_current_processing(False)
+    yield tmp_path
+    mm.interrupt_current_processing(False)
+
+
+def comfy_progress_hook(interrupt_at=None):
+    """ComfyUI's own progress hook as main.py installs it: it raises (and clears) a pending interrupt.
+
+    ``interrupt_at``: the step at which a Cancel arrives while the node is busy between its own
+    interrupt check and the hook (e.g. rendering the loss-curve preview)."""
+    import comfy.model_management as mm
+
+    seen = []
+
+    def hook(value, total, preview, prompt_id=None, node_id=None):
+        seen.append(value)
+        if value == interrupt_at:
+            mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()
+
+    hook.seen = seen
+    return hook
+
+
+def train_inputs(tiny, **kw):
+    model, clip, vae = tiny
+    image, masks, nouns = tensor_scene()
+    args = dict(model=model, clip=clip, vae=vae, image=image[None], masks=torch.stack(masks), class_nouns=", ".join(nouns),
+                mode="dynasyn", phase1_steps=3, phase2_steps=3, phase1_lr=5e-3, phase2_lr=1e-4, lambda_md=1.0,
+                lambda_m2a=0.01, lambda_ica=0.01, lambda_aug=0.01, seed=0, resolution=64, gradient_checkpointing=False,
+                mixed_precision="no", optimizer="adamw", fused_backward_step=False, frozen_dtype="fp32",
+                train_text_encoder=True, run_name="lost", save_checkpoint=False, resume=True, preview_every=1)
+    args.update(kw)
+    return args
+
+
+def saved_state(root):
+    states = sorted(root.rglob("state.json"))
+    return json.loads(states[0].read_text()) if states else None
+
+
+# ---------------------------------------------------------------------------------------------- item 7
+def test_cancel_through_the_progress_hook_saves_state_and_raises_comfys_interrupt(pack, tiny, dirs, monkeypatch):
+    """ComfyUI's progress hook raises InterruptProcessingException inside pbar.update_absolute: that is a
+    Cancel (resumable state saved, ComfyUI's own exception re-raised), not a generic node error."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    hook = comfy_progress_hook(interrupt_at=2)
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    node = pack.nodes.train_node.DynASynTrain()
+    with pytest.raises(mm.InterruptProcessingException):
+        node.train(**train_inputs(tiny))
+    state = saved_state(dirs)
+    assert state is not None and state["step"] == 2  # stopped before step 3, the state of step 2 kept
+    assert not mm.processing_interrupted()  # the flag is spent, as ComfyUI's own check leaves it
+    assert not list((dirs / "embeddings").iterdir())  # nothing exported from an unfinished run
+
+    # queued again with resume on, it continues from step 2 and finishes
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", comfy_progress_hook())
+    out = node.train(**train_inputs(tiny))
+    assert "embedding:lost_asset0" in out["result"][2]
+    assert saved_state(dirs) is None  # finished: the state is gone
+
+
+def test_an_interrupt_raised_anywhere_in_the_loop_is_a_cancel(pack, tiny, dirs, monkeypatch):
+    import comfy.model_management as mm
+
+    train_node = pack.nodes.train_node
+    calls = []
+
+    def send(event, data):
+        calls.append(data["step"])
+        if data["step"] == 4:
+            raise mm.InterruptProcessingException()
+
+    monkeypatch.setattr(train_node, "_send", send)
+    with pytest.raises(mm.InterruptProcessingException):
+        train_node.DynASynTrain().train(**train_inputs(tiny))
+    assert saved_state(dirs)["step"] == 4
