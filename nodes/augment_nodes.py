@@ -18,7 +18,7 @@ import folder_paths
 
 from ..dynasyn.errors import DynASynError
 from ..dynasyn.export import unique_name, validate_export_name
-from .common import one_image, subject_masks, user_error
+from .common import class_nouns, one_image, subject_masks, user_error
 
 log = logging.getLogger("DynASyn")
 
@@ -33,11 +33,7 @@ def _datasets_dir() -> str:
     return os.path.join(folder_paths.get_output_directory(), "dynasyn", "datasets")
 
 
-def _nouns(text: str) -> list[str]:
-    nouns = [n.strip() for n in text.split(",") if n.strip()]
-    if not nouns:
-        raise DynASynError("Write the class noun of each subject, comma-separated (e.g. 'panda, bowl').")
-    return nouns
+_nouns = class_nouns  # one parser for every node (Train included)
 
 
 def _lines(text: str) -> list[str]:

@@ -128,3 +128,73 @@ def test_an_interrupt_raised_anywhere_in_the_loop_is_a_cancel(pack, tiny, dirs, 
     with pytest.raises(mm.InterruptProcessingException):
         train_node.DynASynTrain().train(**train_inputs(tiny))
     assert saved_state(dirs)["step"] == 4
+
+
+# ---------------------------------------------------------------------------------------------- item 10
+@pytest.mark.parametrize("cancel", [False, True], ids=["finished", "cancelled"])
+def test_nothing_of_the_trainer_outlives_the_node(pack, tiny, dirs, monkeypatch, cancel):
+    """No reference cycle keeps the trainer (and its modules) until the next garbage collection."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    train_node = pack.nodes.train_node
+    made = []
+
+    class Tracked(train_node.DynASynTrainer):
+        def __init__(self, comps, *a, **kw):
+            super().__init__(comps, *a, **kw)
+            made.extend([weakref.ref(self), weakref.ref(comps.unet), weakref.ref(comps.text_encoder)])
+
+    monkeypatch.setattr(train_node, "DynASynTrainer", Tracked)
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", comfy_progress_hook(interrupt_at=2 if cancel else None))
+    gc.collect()
+    gc.disable()
+    try:
+        try:
+            out = train_node.DynASynTrain().train(**train_inputs(tiny, phase1_steps=2, phase2_steps=2))
+        except mm.InterruptProcessingException:
+            assert cancel
+        else:
+            assert not cancel
+            del out
+        alive = [r() for r in made if r() is not None]
+        assert not alive, f"still alive without gc.collect(): {[type(a).__name__ for a in alive]}"
+    finally:
+        gc.enable()
+
+
+# ---------------------------------------------------------------------------------------------- item 12
+def test_train_parses_nouns_and_checks_the_image_like_every_other_node(pack, tiny, dirs):
+    train = pack.nodes.train_node.DynASynTrain()
+    out = train.train(**train_inputs(tiny, class_nouns=" panda, bowl, ", phase1_steps=1, phase2_steps=0,
+                                     mode="textual_inversion"))
+    assert out["result"][2] == "a photo of embedding:lost_asset0 and embedding:lost_asset1"
+    image = train_inputs(tiny)["image"]
+    with pytest.raises(RuntimeError, match="ONE image, not a batch of 2"):
+        train.train(**train_inputs(tiny, image=torch.cat([image, image])))
+    with pytest.raises(RuntimeError, match="2 masks for 3 class nouns"):
+        train.train(**train_inputs(tiny, class_nouns="panda, bowl, cup"))
+    with pytest.raises(RuntimeError, match="class noun of each subject"):
+        train.train(**train_inputs(tiny, class_nouns=" , "))
+
+
+def test_out_of_memory_reaches_comfyui_as_its_oom_exception(pack, tiny, dirs, monkeypatch):
+    """ComfyUI's executor handles OOM itself (unloads every model, shows its tips) only for its OOM type."""
+    import comfy.model_management as mm
+
+    train_node = pack.nodes.train_node
+    OutOfMemory = pack.dynasyn.train.OutOfMemory
+
+    def oom(self, state_dir=None):
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        except torch.OutOfMemoryError as e:
+            raise OutOfMemory("Out of memory at step 1 (cuda): turn on gradient_checkpointing") from e
+
+    monkeypatch.setattr(train_node.DynASynTrainer, "train", oom)
+    with pytest.raises(mm.OOM_EXCEPTION, match="DynASyn: Out of memory at step 1.*gradient_checkpointing"):
+        train_node.DynASynTrain().train(**train_inputs(tiny))
+
+    user_error = pack.nodes.common.user_error
+    assert isinstance(user_error(torch.OutOfMemoryError("CUDA out of memory")), mm.OOM_EXCEPTION)
+    assert not isinstance(user_error(ValueError("x")), mm.OOM_EXCEPTION)
