@@ -257,8 +257,15 @@ class DynASynAugment:
                                  detector=detector, should_stop=mm.processing_interrupted, on_pair=made.append)
                 mm.throw_exception_if_processing_interrupted()
             except mm.InterruptProcessingException:
-                _keep_cancelled(made)
+                _keep_made(made, "cancelled")
                 raise
+            except Exception as e:  # noqa: BLE001  (any failure: the finished pairs are kept, and the error says where)
+                kept = _keep_made(made, "failed")
+                if kept is None:
+                    raise
+                what = str(e) if isinstance(e, DynASynError) else f"{type(e).__name__}: {e}"
+                raise DynASynError(f"{what} The {len(made)} augmented pairs finished before this are kept in {kept} "
+                                   f"(DynASyn Load Dataset '{os.path.basename(kept)}' reads them).") from e
             pbar.update_absolute(total, total)
             lines = [f"{len(report.pairs)} augmented pairs from {len(templates)} prompts in {report.seconds:.0f} s "
                      f"({report.unet_evaluations} UNet evaluations); {len(report.skipped)} skipped"]
@@ -274,17 +281,24 @@ class DynASynAugment:
             raise user_error(e) from e
 
 
-def _keep_cancelled(pairs) -> None:
-    """Cancel loses nothing: the pairs made before it go to a dataset folder of their own."""
+def _keep_made(pairs, why: str) -> str | None:
+    """Cancel or a failure loses nothing: the pairs made before it go to a dataset folder of their own
+    (output/dynasyn/datasets/<why>[_NNN]); returns that folder, or None when there was nothing to keep or it
+    could not be written (the original error is then what the user sees)."""
     if not pairs:
-        return
+        return None
     from ..dynasyn.dataset import save_dataset
 
-    root = _datasets_dir()
-    os.makedirs(root, exist_ok=True)
-    folder = save_dataset(pairs, os.path.join(root, unique_name(root, "cancelled", suffix="")))
-    log.warning("[DynASyn] augmentation cancelled: the %d pairs made so far are in %s (DynASyn Load Dataset reads it)",
-                len(pairs), folder)
+    try:
+        root = _datasets_dir()
+        os.makedirs(root, exist_ok=True)
+        folder = str(save_dataset(pairs, os.path.join(root, unique_name(root, why, suffix=""))))
+    except Exception:  # noqa: BLE001
+        log.exception("[DynASyn] augmentation %s and the %d pairs made so far could not be saved", why, len(pairs))
+        return None
+    log.warning("[DynASyn] augmentation %s: the %d pairs made so far are in %s (DynASyn Load Dataset reads it)",
+                why, len(pairs), folder)
+    return folder
 
 
 class DynASynSaveDataset:

@@ -198,3 +198,56 @@ def test_out_of_memory_reaches_comfyui_as_its_oom_exception(pack, tiny, dirs, mo
     user_error = pack.nodes.common.user_error
     assert isinstance(user_error(torch.OutOfMemoryError("CUDA out of memory")), mm.OOM_EXCEPTION)
     assert not isinstance(user_error(ValueError("x")), mm.OOM_EXCEPTION)
+
+
+# ---------------------------------------------------------------------------------------------- item 9
+def augment_inputs(pack, tiny, **kw):
+    model, clip, vae = tiny
+    image, masks, nouns = tensor_scene()
+    prompts = pack.nodes.augment_nodes.DynASynAugmentPrompts().prompts(
+        "panda\nbowl", "panda, bowl", 3, "offline", "m", "http://127.0.0.1:9/v1", 10.0, 0)["result"][0]
+    args = dict(model=model, clip=clip, vae=vae, image=image[None], masks=torch.stack(masks), prompts=prompts, size=64,
+                draft_steps=1, inpaint_steps=1, gsa_strength=0.7, gsa_steps=10, gsa_sampler="ddim", paper_exact=False,
+                guidance=5.0, seed=0)
+    args.update(kw)
+    return args
+
+
+def failing_augment(pack, error, monkeypatch, pairs=2):
+    """The augmentation stage finishes ``pairs`` pairs, then fails with ``error``."""
+    AugmentedPair = _mod("dynasyn.dataset").AugmentedPair
+
+    def augment(renderer, ref, masks, nouns, descriptions, templates, cfg, *, on_pair, **kw):
+        for k in range(pairs):
+            on_pair(AugmentedPair(torch.rand(64, 64, 3), "a panda next to a bowl", [0, 1], torch.stack(masks)))
+        raise error
+
+    monkeypatch.setattr(_mod("dynasyn.augment"), "augment", augment)
+
+
+@pytest.mark.parametrize("error, kind", [(ValueError("the sampler broke"), RuntimeError),
+                                         (torch.OutOfMemoryError("CUDA out of memory"), torch.OutOfMemoryError)])
+def test_augment_keeps_the_finished_pairs_on_any_failure_and_says_where(pack, tiny, dirs, monkeypatch, error, kind):
+    failing_augment(pack, error, monkeypatch)
+    with pytest.raises(kind) as e:
+        pack.nodes.augment_nodes.DynASynAugment().augment(**augment_inputs(pack, tiny))
+    kept = dirs / "output" / "dynasyn" / "datasets" / "failed"
+    assert f"The 2 augmented pairs finished before this are kept in {kept}" in str(e.value)
+    assert str(error) in str(e.value)
+    assert len(_mod("dynasyn.dataset").load_dataset(kept)) == 2
+
+
+def test_augment_keeps_the_finished_pairs_on_cancel(pack, tiny, dirs, monkeypatch):
+    import comfy.model_management as mm
+
+    failing_augment(pack, mm.InterruptProcessingException(), monkeypatch, pairs=1)
+    with pytest.raises(mm.InterruptProcessingException):
+        pack.nodes.augment_nodes.DynASynAugment().augment(**augment_inputs(pack, tiny))
+    assert len(_mod("dynasyn.dataset").load_dataset(dirs / "output" / "dynasyn" / "datasets" / "cancelled")) == 1
+
+
+def test_augment_failure_with_nothing_made_is_the_plain_error(pack, tiny, dirs, monkeypatch):
+    failing_augment(pack, ValueError("the sampler broke"), monkeypatch, pairs=0)
+    with pytest.raises(RuntimeError, match="ValueError: the sampler broke$"):
+        pack.nodes.augment_nodes.DynASynAugment().augment(**augment_inputs(pack, tiny))
+    assert not (dirs / "output" / "dynasyn" / "datasets").exists()
