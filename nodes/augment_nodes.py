@@ -235,8 +235,10 @@ class DynASynAugment:
         try:
             from ..dynasyn.augment import AugmentConfig, augment
             from ..dynasyn.gsa import GSAConfig
+            from .bridge import model_family
             from .comfy_render import ComfyRenderer
 
+            model_family(model)  # Train's check, first: no hours of sampling on a model the method does not fit
             ref = one_image(image)
             nouns = prompts["class_nouns"]
             ms = subject_masks(masks, len(nouns), ref.shape[:2])

@@ -251,3 +251,32 @@ def test_augment_failure_with_nothing_made_is_the_plain_error(pack, tiny, dirs, 
     with pytest.raises(RuntimeError, match="ValueError: the sampler broke$"):
         pack.nodes.augment_nodes.DynASynAugment().augment(**augment_inputs(pack, tiny))
     assert not (dirs / "output" / "dynasyn" / "datasets").exists()
+
+
+# ---------------------------------------------------------------------------------------------- item 11
+@pytest.mark.parametrize("family", ["SDXL", "Flux", "SD15_instructpix2pix", "SD21UnclipH", "inpaint"])
+def test_augment_and_gsa_check_the_model_family_first(pack, tiny, dirs, monkeypatch, family):
+    """The error Train gives, before any sampling (the renderer / sampler are never reached)."""
+    import comfy.supported_models as sm
+
+    unet_config = {"in_channels": 4, "model_channels": 320, "context_dim": 2048, "use_linear_in_transformer": True,
+                   "adm_in_channels": 2816, "use_temporal_attention": False, "transformer_depth": [0, 0, 2, 2, 10, 10]}
+    if family == "inpaint":  # an SD 1.5 inpainting checkpoint: SD15 class, 9 input channels
+        config = sm.SD15({**unet_config, "in_channels": 9})
+    else:
+        config = getattr(sm, family)(dict(unet_config))
+    wrong = types.SimpleNamespace(model=types.SimpleNamespace(model_config=config))
+
+    def never(*a, **kw):
+        raise AssertionError("sampling started on an unsupported model")
+
+    monkeypatch.setattr(pack.nodes.comfy_render, "ComfyRenderer", never)
+    monkeypatch.setattr(pack.nodes.gsa_node, "comfy_gsa", never)
+    with pytest.raises(RuntimeError, match="SD 1.5 or SD 2.1|input channels") as augment_error:
+        pack.nodes.augment_nodes.DynASynAugment().augment(**augment_inputs(pack, tiny, model=wrong))
+    _, clip, vae = tiny
+    with pytest.raises(RuntimeError, match="SD 1.5 or SD 2.1|input channels") as gsa_error:
+        pack.nodes.gsa_node.DynASynGSA().gsa(wrong, [], [], vae, torch.rand(1, 64, 64, 3), 0.7, 10, "ddim", 5.0, 0, False)
+    with pytest.raises(RuntimeError) as train_error:
+        pack.nodes.train_node.DynASynTrain().train(**train_inputs(tiny, model=wrong))
+    assert str(augment_error.value) == str(gsa_error.value) == str(train_error.value)
