@@ -40,12 +40,22 @@ def _lines(text: str) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
+def _interrupt_if_cancelled(e: Exception) -> None:
+    """An LLM call stopped by Cancel ends the prompt with ComfyUI's own exception, not as an error."""
+    from ..dynasyn.llm import LLMCancelled
+
+    if isinstance(e, LLMCancelled):
+        mm.throw_exception_if_processing_interrupted()
+        raise mm.InterruptProcessingException(str(e)) from e
+
+
 LLM_INPUTS = {
     "endpoint": ("STRING", {"default": DEFAULT_ENDPOINT, "tooltip": (
         "OpenAI-compatible base URL: Ollama http://127.0.0.1:11434/v1, LM Studio http://127.0.0.1:1234/v1, vLLM, or "
         "https://api.openai.com/v1. The key comes from the DYNASYN_API_KEY (or OPENAI_API_KEY) environment variable "
         "or ~/.config/dynasyn/api_key, never from the workflow.")}),
-    "timeout": ("FLOAT", {"default": 120.0, "min": 1.0, "max": 3600.0, "step": 1.0, "tooltip": "Seconds to wait for a reply."}),
+    "timeout": ("FLOAT", {"default": 120.0, "min": 1.0, "max": 3600.0, "step": 1.0, "tooltip": (
+        "Seconds the node waits for the model in all (every subject's call, retries after 429 / 5xx replies included).")}),
 }
 
 
@@ -87,9 +97,11 @@ class DynASynDescribeSubjects:
                 out = describe_subjects(ref, ms, nouns, phrases=phrases.splitlines())
             else:
                 out = describe_subjects(ref, ms, nouns, base_url=endpoint, model=model, api_key=resolve_api_key(endpoint),
-                                        seed=seed, cache_dir=_cache_dir(), timeout=timeout)
+                                        seed=seed, cache_dir=_cache_dir(), timeout=timeout,
+                                        should_stop=mm.processing_interrupted)
             return {"ui": {"text": ["\n".join(out)]}, "result": ("\n".join(out), ", ".join(nouns))}
         except Exception as e:  # noqa: BLE001
+            _interrupt_if_cancelled(e)
             raise user_error(e) from e
 
 
@@ -131,13 +143,15 @@ class DynASynAugmentPrompts:
                 templates = offline_prompts(len(nouns), count, seed)
             else:
                 templates, dropped = llm_prompts(descs, count, base_url=endpoint, model=model, seed=seed,
-                                                 api_key=resolve_api_key(endpoint), cache_dir=_cache_dir(), timeout=timeout)
+                                                 api_key=resolve_api_key(endpoint), cache_dir=_cache_dir(), timeout=timeout,
+                                                 should_stop=mm.processing_interrupted)
             if dropped:
                 log.info("[DynASyn] %d of the LLM's prompts were invalid or duplicates and were dropped.", dropped)
             text = "\n".join(t.render(descs) for t in templates)
             bundle = {"templates": templates, "descriptions": descs, "class_nouns": nouns, "dropped": dropped}
             return {"ui": {"text": [text]}, "result": (bundle, text)}
         except Exception as e:  # noqa: BLE001
+            _interrupt_if_cancelled(e)
             raise user_error(e) from e
 
 

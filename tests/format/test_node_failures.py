@@ -280,3 +280,24 @@ def test_augment_and_gsa_check_the_model_family_first(pack, tiny, dirs, monkeypa
     with pytest.raises(RuntimeError) as train_error:
         pack.nodes.train_node.DynASynTrain().train(**train_inputs(tiny, model=wrong))
     assert str(augment_error.value) == str(gsa_error.value) == str(train_error.value)
+
+
+def test_cancel_during_an_llm_call_ends_the_prompt_as_comfys_interrupt(pack, dirs, monkeypatch):
+    import comfy.model_management as mm
+
+    from tests.support.openai_server import FakeOpenAI
+
+    monkeypatch.setattr(_mod("dynasyn.llm"), "resolve_api_key", lambda *a, **kw: "k")
+    image, masks, _ = tensor_scene()
+    with FakeOpenAI() as server:
+        server.replies = [{"status": 429, "message": "slow down"}] * 5
+        mm.interrupt_current_processing(True)  # Cancel pressed while the node waits for the model
+        with pytest.raises(mm.InterruptProcessingException):
+            pack.nodes.augment_nodes.DynASynDescribeSubjects().describe(
+                image[None], torch.stack(masks), "panda, bowl", "vlm", "llava", server.base_url, 30.0, 0)
+        with pytest.raises(mm.InterruptProcessingException):
+            mm.interrupt_current_processing(True)
+            pack.nodes.augment_nodes.DynASynAugmentPrompts().prompts(
+                "red panda\nblue bowl", "panda, bowl", 3, "llm", "llama", server.base_url, 30.0, 0)
+        assert server.requests == []
+    assert not mm.processing_interrupted()
