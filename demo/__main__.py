@@ -233,6 +233,45 @@ def collect(base: Path, out: Path, ckpt_input: str | None) -> dict[str, list[str
     return made
 
 
+def _ask_interrupt(server) -> bool:
+    try:
+        server.post("/interrupt", {})
+        return True
+    except OSError:
+        return False
+
+
+def wait_for_cancel(server, poll: float = 0.5, say_every: float = 30.0) -> bool:
+    """After Ctrl-C: interrupt the running node and wait, however long it takes, until ComfyUI has finished it.
+
+    The trainer writes its resumable state (gigabytes on a real model, slow on a busy machine) and augmentation its
+    pairs before the node ends, so stopping the server any earlier could lose them. A second Ctrl-C stops waiting
+    (returns False)."""
+    try:
+        asked = _ask_interrupt(server)
+        print("[demo] waiting for ComfyUI to end the running node and write what it made (the training state can take "
+              "minutes on a big model); Ctrl-C again to stop without waiting", file=sys.stderr, flush=True)
+        started = last_said = time.time()
+        while True:
+            if server.proc is not None and server.proc.poll() is not None:
+                print(f"[demo] ComfyUI exited ({server.proc.returncode}); see {server.log_path}", file=sys.stderr)
+                return True
+            try:
+                asked = asked or _ask_interrupt(server)
+                queue = server.get("/queue")
+                if asked and not queue["queue_running"] and not queue["queue_pending"]:
+                    return True
+            except OSError:  # a busy server may answer slowly: keep asking
+                pass
+            if time.time() - last_said >= say_every:
+                last_said = time.time()
+                print(f"[demo] still waiting for ComfyUI to finish writing ({time.time() - started:.0f} s)…",
+                      file=sys.stderr, flush=True)
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        return False
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", help="SD 1.x / 2.x checkpoint (.safetensors); default: the built-in tiny random model")
@@ -299,12 +338,10 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             # a clean Cancel, not a killed server: the trainer saves a resumable state, augmentation keeps its pairs
             print("\n[demo] cancelling: asking ComfyUI to stop the running node…", file=sys.stderr)
-            server.post("/interrupt", {})
-            for _ in range(120):
-                queue = server.get("/queue")
-                if not queue["queue_running"] and not queue["queue_pending"]:
-                    break
-                time.sleep(0.5)
+            if not wait_for_cancel(server):
+                print(f"[demo] stopped without waiting; the training state may be incomplete. What was made so far "
+                      f"is under {base / 'output'} and {base / 'models'}", file=sys.stderr)
+                return 130
             print(f"[demo] cancelled; what was made so far is under {base / 'output'} and {base / 'models'}", file=sys.stderr)
             return 130
         times = {"start ComfyUI": round(setup_s, 1), **progress.finish()}

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import io
 import re
+import time
 from typing import Sequence
 
 import numpy as np
@@ -22,6 +23,7 @@ DESCRIBE_PROMPT = ("The picture shows one subject on a grey background; it is a 
                    "at most 4 words that names its most distinctive look (colour, material, kind) and ends with what it "
                    "is, e.g. 'fluffy red panda toy'. Reply with the phrase only.")
 MAX_WORDS = 4
+MAX_SIDE = 768  # crops are sent at most this large: VLMs tile or downscale bigger pictures anyway (and bill per tile)
 _ARTICLES = ("a ", "an ", "the ")
 
 
@@ -37,6 +39,18 @@ def subject_crop(image: torch.Tensor, mask: torch.Tensor, pad: float = 0.1) -> n
     y0, y1, x0, x1 = max(0, y0 - py), min(h, y1 + py), max(0, x0 - px), min(w, x1 + px)
     crop = torch.where(m[y0:y1, x0:x1, None], image[y0:y1, x0:x1].float(), torch.tensor(0.5))
     return (crop.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def fit_within(pixels: np.ndarray, max_side: int = MAX_SIDE) -> np.ndarray:
+    """``pixels`` scaled down (aspect kept) so that neither side exceeds ``max_side``; smaller ones unchanged."""
+    from PIL import Image
+
+    h, w = pixels.shape[:2]
+    if max(h, w) <= max_side:
+        return pixels
+    scale = max_side / max(h, w)
+    size = (max(1, min(max_side, round(w * scale))), max(1, min(max_side, round(h * scale))))
+    return np.asarray(Image.fromarray(pixels).resize(size, Image.LANCZOS))
 
 
 def png_data_url(pixels: np.ndarray) -> tuple[str, str]:
@@ -68,21 +82,25 @@ def clean_phrase(reply: str) -> str:
 
 def describe_subjects(image: torch.Tensor, masks: Sequence[torch.Tensor], class_nouns: Sequence[str], *,
                       base_url: str | None = None, model: str = "", api_key: str = "", seed: int = 0,
-                      cache_dir=None, phrases: Sequence[str] | None = None, timeout: float = 60.0) -> list[str]:
-    """One description per subject. ``base_url`` None = offline: ``phrases`` (when given) or the class nouns."""
+                      cache_dir=None, phrases: Sequence[str] | None = None, timeout: float = 60.0,
+                      should_stop=None) -> list[str]:
+    """One description per subject. ``base_url`` None = offline: ``phrases`` (when given) or the class nouns.
+
+    ``timeout`` bounds every subject's call together (retries included); ``should_stop()`` cancels between attempts."""
     if len(masks) != len(class_nouns):
         raise LLMError(f"{len(masks)} masks but {len(class_nouns)} class nouns: give one class noun per subject mask.")
     if base_url is None:
         given = [p.strip() for p in (phrases or [])]
         return [given[i] if i < len(given) and given[i] else n.strip() for i, n in enumerate(class_nouns)]
     cache = ReplyCache(cache_dir)
+    deadline = time.monotonic() + timeout
     out = []
     for mask, noun in zip(masks, class_nouns):
-        url, digest = png_data_url(subject_crop(image, mask))
+        url, digest = png_data_url(fit_within(subject_crop(image, mask)))
         prompt = DESCRIBE_PROMPT.format(noun=noun.strip())
         messages = [{"role": "user", "content": [{"type": "text", "text": prompt},
                                                  {"type": "image_url", "image_url": {"url": url}}]}]
         out.append(chat(base_url, model, messages, seed=seed, api_key=api_key, cache=cache, timeout=timeout,
                         cache_key={"kind": "describe", "image": digest, "prompt": prompt}, max_tokens=32,
-                        parse=clean_phrase))
+                        parse=clean_phrase, deadline=deadline, should_stop=should_stop))
     return out

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -24,6 +25,15 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 class LLMError(DynASynError):
     """The endpoint could not give a usable reply; the message says what to do."""
+
+
+class LLMCancelled(LLMError):
+    """``should_stop`` asked to stop while waiting for the endpoint (e.g. ComfyUI's Cancel)."""
+
+
+RETRIES = 3            # extra attempts after a 429 / 5xx reply
+RETRY_BASE_S = 1.0     # backoff: 1, 2, 4 ... seconds (or the server's Retry-After), capped
+RETRY_MAX_S = 20.0
 
 
 def validate_base_url(base_url: str) -> str:
@@ -83,11 +93,50 @@ class ReplyCache:
         os.replace(tmp, self.folder / f"{key}.json")
 
 
+def _retry_after(error, attempt: int) -> float:
+    """Seconds to wait before the next attempt: the server's Retry-After (seconds) when it sent one, else exponential."""
+    try:
+        value = float(error.response.headers.get("retry-after"))
+    except (AttributeError, TypeError, ValueError):
+        value = RETRY_BASE_S * 2 ** attempt
+    return min(max(value, 0.0), RETRY_MAX_S)
+
+
+def _create(client, base_url: str, timeout: float, deadline: float, should_stop, **request):
+    """``chat.completions.create`` with the overall ``deadline`` (time.monotonic()), Cancel checked before every
+    attempt and during the waits, and 429 / 5xx retried with backoff (at most ``RETRIES`` times, never past the
+    deadline). The last error is raised as the openai exception it was."""
+    import openai
+
+    attempt = 0
+    while True:
+        if should_stop is not None and should_stop():
+            raise LLMCancelled(f"Cancelled while waiting for {base_url}.")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise LLMError(f"{base_url} did not answer within {timeout:.0f} s; raise the timeout or use a smaller model.")
+        try:
+            return client.chat.completions.create(timeout=left, **request)
+        except (openai.RateLimitError, openai.InternalServerError) as e:
+            wait = _retry_after(e, attempt)
+            if attempt >= RETRIES or time.monotonic() + wait >= deadline:
+                raise
+            attempt += 1
+            end = time.monotonic() + wait
+            while (now := time.monotonic()) < end:
+                if should_stop is not None and should_stop():
+                    raise LLMCancelled(f"Cancelled while waiting for {base_url} (it answered HTTP {e.status_code}).") from e
+                time.sleep(min(0.1, end - now))
+
+
 def chat(base_url: str, model: str, messages: list, *, seed: int, api_key: str, cache: ReplyCache | None = None,
          cache_key: dict | None = None, timeout: float = 60.0, max_tokens: int = 1024, json_mode: bool = False,
-         parse=None):
+         parse=None, deadline: float | None = None, should_stop=None):
     """One chat completion: ``parse(reply text)`` (or the text). ``cache_key`` (what identifies the request) keys
-    the cache; a reply is cached only once ``parse`` accepted it, so a bad reply is asked for again next time."""
+    the cache; a reply is cached only once ``parse`` accepted it, so a bad reply is asked for again next time.
+
+    The call, retries included, ends by ``deadline`` (a ``time.monotonic()`` value; default ``timeout`` seconds from
+    now); ``should_stop()`` is checked before each attempt and while waiting to retry (raises ``LLMCancelled``)."""
     import openai
 
     base_url = validate_base_url(base_url)
@@ -98,8 +147,8 @@ def chat(base_url: str, model: str, messages: list, *, seed: int, api_key: str, 
     client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
     extra = {"response_format": {"type": "json_object"}} if json_mode else {}
     try:
-        resp = client.chat.completions.create(model=model, messages=messages, seed=seed, temperature=0.7,
-                                              max_tokens=max_tokens, **extra)
+        resp = _create(client, base_url, timeout, time.monotonic() + timeout if deadline is None else deadline, should_stop,
+                       model=model, messages=messages, seed=seed, temperature=0.7, max_tokens=max_tokens, **extra)
     except openai.AuthenticationError as e:
         raise LLMError(f"{base_url} rejected the API key (401). Check {KEY_ENV_VARS[0]} or the key file.") from e
     except openai.APITimeoutError as e:

@@ -138,8 +138,10 @@ def parse_llm_prompts(reply: str, num_subjects: int) -> tuple[list[PromptTemplat
 
 
 def llm_prompts(descriptions: Sequence[str], k: int, *, base_url: str, model: str, api_key: str, seed: int = 0,
-                cache_dir=None, timeout: float = 120.0) -> tuple[list[PromptTemplate], int]:
-    """Up to ``k`` templates written by the LLM, and the number of invalid or duplicate ones dropped."""
+                cache_dir=None, timeout: float = 120.0, should_stop=None) -> tuple[list[PromptTemplate], int]:
+    """Up to ``k`` templates written by the LLM, and the number of invalid or duplicate ones dropped.
+
+    ``timeout`` bounds the call, retries included; ``should_stop()`` cancels between attempts."""
     if k < 1:
         raise LLMError(f"The number of prompts must be at least 1 (got {k}).")
     n = len(descriptions)
@@ -148,7 +150,7 @@ def llm_prompts(descriptions: Sequence[str], k: int, *, base_url: str, model: st
                                      markers=", ".join(f"[{i + 1}]" for i in range(n)))
     templates, dropped = chat(base_url, model, [{"role": "user", "content": prompt}], seed=seed, api_key=api_key,
                               cache=ReplyCache(cache_dir), cache_key={"kind": "prompts", "prompt": prompt},
-                              timeout=timeout, max_tokens=64 * k + 64, json_mode=True,
+                              timeout=timeout, max_tokens=64 * k + 64, json_mode=True, should_stop=should_stop,
                               parse=lambda reply: parse_llm_prompts(reply, n))
     if not templates:
         raise LLMError(f"None of the LLM's prompts named every subject marker ({dropped} dropped); try another model "

@@ -483,6 +483,19 @@ class DynASynTrainer:
             m.eval().requires_grad_(False)
         self.frozen, self.class_hidden = None, {}
 
+    def release(self) -> None:
+        """Let go of everything training holds besides the components and the history: the callbacks (a caller's
+        callback that refers back to the trainer makes a cycle only the garbage collector would free), the optimizer,
+        the frozen copy, the encoded data and the attention hooks. Called when the caller is done with the trainer
+        (also after Cancel or an error), so its device memory is freed when the last reference goes."""
+        if isinstance(self.optimizer, FusedBackwardOptimizer):
+            self.optimizer.remove()
+        self.callback = self.should_stop = None
+        self.optimizer, self.frozen, self.class_hidden, self.params = None, None, {}, []
+        self.ref_dist, self.aug_latents, self.orig_embeddings = [], [], None
+        self.store.clear()
+        remove_attention_capture(self.c.unet)
+
     def placeholder_embeddings(self) -> dict[str, torch.Tensor]:
         emb = self.c.text_encoder.get_input_embeddings().weight
         return {s.token: emb[i].detach().float().cpu().clone() for s, i in zip(self.subjects, self.token_ids)}

@@ -18,7 +18,7 @@ import folder_paths
 
 from ..dynasyn.errors import DynASynError
 from ..dynasyn.export import unique_name, validate_export_name
-from .common import one_image, subject_masks, user_error
+from .common import class_nouns, one_image, subject_masks, user_error
 
 log = logging.getLogger("DynASyn")
 
@@ -33,15 +33,20 @@ def _datasets_dir() -> str:
     return os.path.join(folder_paths.get_output_directory(), "dynasyn", "datasets")
 
 
-def _nouns(text: str) -> list[str]:
-    nouns = [n.strip() for n in text.split(",") if n.strip()]
-    if not nouns:
-        raise DynASynError("Write the class noun of each subject, comma-separated (e.g. 'panda, bowl').")
-    return nouns
+_nouns = class_nouns  # one parser for every node (Train included)
 
 
 def _lines(text: str) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+def _interrupt_if_cancelled(e: Exception) -> None:
+    """An LLM call stopped by Cancel ends the prompt with ComfyUI's own exception, not as an error."""
+    from ..dynasyn.llm import LLMCancelled
+
+    if isinstance(e, LLMCancelled):
+        mm.throw_exception_if_processing_interrupted()
+        raise mm.InterruptProcessingException(str(e)) from e
 
 
 LLM_INPUTS = {
@@ -49,7 +54,8 @@ LLM_INPUTS = {
         "OpenAI-compatible base URL: Ollama http://127.0.0.1:11434/v1, LM Studio http://127.0.0.1:1234/v1, vLLM, or "
         "https://api.openai.com/v1. The key comes from the DYNASYN_API_KEY (or OPENAI_API_KEY) environment variable "
         "or ~/.config/dynasyn/api_key, never from the workflow.")}),
-    "timeout": ("FLOAT", {"default": 120.0, "min": 1.0, "max": 3600.0, "step": 1.0, "tooltip": "Seconds to wait for a reply."}),
+    "timeout": ("FLOAT", {"default": 120.0, "min": 1.0, "max": 3600.0, "step": 1.0, "tooltip": (
+        "Seconds the node waits for the model in all (every subject's call, retries after 429 / 5xx replies included).")}),
 }
 
 
@@ -91,9 +97,11 @@ class DynASynDescribeSubjects:
                 out = describe_subjects(ref, ms, nouns, phrases=phrases.splitlines())
             else:
                 out = describe_subjects(ref, ms, nouns, base_url=endpoint, model=model, api_key=resolve_api_key(endpoint),
-                                        seed=seed, cache_dir=_cache_dir(), timeout=timeout)
+                                        seed=seed, cache_dir=_cache_dir(), timeout=timeout,
+                                        should_stop=mm.processing_interrupted)
             return {"ui": {"text": ["\n".join(out)]}, "result": ("\n".join(out), ", ".join(nouns))}
         except Exception as e:  # noqa: BLE001
+            _interrupt_if_cancelled(e)
             raise user_error(e) from e
 
 
@@ -135,13 +143,15 @@ class DynASynAugmentPrompts:
                 templates = offline_prompts(len(nouns), count, seed)
             else:
                 templates, dropped = llm_prompts(descs, count, base_url=endpoint, model=model, seed=seed,
-                                                 api_key=resolve_api_key(endpoint), cache_dir=_cache_dir(), timeout=timeout)
+                                                 api_key=resolve_api_key(endpoint), cache_dir=_cache_dir(), timeout=timeout,
+                                                 should_stop=mm.processing_interrupted)
             if dropped:
                 log.info("[DynASyn] %d of the LLM's prompts were invalid or duplicates and were dropped.", dropped)
             text = "\n".join(t.render(descs) for t in templates)
             bundle = {"templates": templates, "descriptions": descs, "class_nouns": nouns, "dropped": dropped}
             return {"ui": {"text": [text]}, "result": (bundle, text)}
         except Exception as e:  # noqa: BLE001
+            _interrupt_if_cancelled(e)
             raise user_error(e) from e
 
 
@@ -239,8 +249,10 @@ class DynASynAugment:
         try:
             from ..dynasyn.augment import AugmentConfig, augment
             from ..dynasyn.gsa import GSAConfig
+            from .bridge import model_family
             from .comfy_render import ComfyRenderer
 
+            model_family(model)  # Train's check, first: no hours of sampling on a model the method does not fit
             ref = one_image(image)
             nouns = prompts["class_nouns"]
             ms = subject_masks(masks, len(nouns), ref.shape[:2])
@@ -261,8 +273,15 @@ class DynASynAugment:
                                  detector=detector, should_stop=mm.processing_interrupted, on_pair=made.append)
                 mm.throw_exception_if_processing_interrupted()
             except mm.InterruptProcessingException:
-                _keep_cancelled(made)
+                _keep_made(made, "cancelled")
                 raise
+            except Exception as e:  # noqa: BLE001  (any failure: the finished pairs are kept, and the error says where)
+                kept = _keep_made(made, "failed")
+                if kept is None:
+                    raise
+                what = str(e) if isinstance(e, DynASynError) else f"{type(e).__name__}: {e}"
+                raise DynASynError(f"{what} The {len(made)} augmented pairs finished before this are kept in {kept} "
+                                   f"(DynASyn Load Dataset '{os.path.basename(kept)}' reads them).") from e
             pbar.update_absolute(total, total)
             lines = [f"{len(report.pairs)} augmented pairs from {len(templates)} prompts in {report.seconds:.0f} s "
                      f"({report.unet_evaluations} UNet evaluations); {len(report.skipped)} skipped"]
@@ -278,17 +297,24 @@ class DynASynAugment:
             raise user_error(e) from e
 
 
-def _keep_cancelled(pairs) -> None:
-    """Cancel loses nothing: the pairs made before it go to a dataset folder of their own."""
+def _keep_made(pairs, why: str) -> str | None:
+    """Cancel or a failure loses nothing: the pairs made before it go to a dataset folder of their own
+    (output/dynasyn/datasets/<why>[_NNN]); returns that folder, or None when there was nothing to keep or it
+    could not be written (the original error is then what the user sees)."""
     if not pairs:
-        return
+        return None
     from ..dynasyn.dataset import save_dataset
 
-    root = _datasets_dir()
-    os.makedirs(root, exist_ok=True)
-    folder = save_dataset(pairs, os.path.join(root, unique_name(root, "cancelled", suffix="")))
-    log.warning("[DynASyn] augmentation cancelled: the %d pairs made so far are in %s (DynASyn Load Dataset reads it)",
-                len(pairs), folder)
+    try:
+        root = _datasets_dir()
+        os.makedirs(root, exist_ok=True)
+        folder = str(save_dataset(pairs, os.path.join(root, unique_name(root, why, suffix=""))))
+    except Exception:  # noqa: BLE001
+        log.exception("[DynASyn] augmentation %s and the %d pairs made so far could not be saved", why, len(pairs))
+        return None
+    log.warning("[DynASyn] augmentation %s: the %d pairs made so far are in %s (DynASyn Load Dataset reads it)",
+                why, len(pairs), folder)
+    return folder
 
 
 class DynASynSaveDataset:

@@ -7,11 +7,35 @@ import torch
 from ..dynasyn.errors import DynASynError
 
 
+def _out_of_memory(e: BaseException | None) -> bool:
+    """A device out-of-memory error, itself or as the cause of a library error (e.g. the trainer's OutOfMemory)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            return True
+        seen.add(id(e))
+        e = e.__cause__
+    return False
+
+
 def user_error(e: Exception) -> RuntimeError:
-    """Wrap a library error so ComfyUI shows its message (no deep torch trace needed to understand it)."""
+    """Wrap a library error so ComfyUI shows its message (no deep torch trace needed to understand it).
+
+    Out-of-memory stays torch's OutOfMemoryError (with the message added), so ComfyUI's own OOM handling runs:
+    it unloads every model and shows its memory tips."""
+    if _out_of_memory(e):
+        return torch.cuda.OutOfMemoryError(f"DynASyn: {e}")
     if isinstance(e, DynASynError):
         return RuntimeError(f"DynASyn: {e}")
     return RuntimeError(f"DynASyn: {type(e).__name__}: {e}")
+
+
+def class_nouns(text: str) -> list[str]:
+    """The class nouns of a comma-separated widget ('panda, bowl,' -> ['panda', 'bowl']); none is an error."""
+    nouns = [n.strip() for n in (text or "").split(",") if n.strip()]
+    if not nouns:
+        raise DynASynError("Write the class noun of each subject, comma-separated (e.g. 'panda, bowl').")
+    return nouns
 
 
 def one_image(image: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import comfy.model_management as mm
 import comfy.samplers
 
+from .bridge import model_family
 from .comfy_render import comfy_gsa
 from .common import user_error
 
@@ -44,6 +45,7 @@ class DynASynGSA:
 
     def gsa(self, model, positive, negative, vae, image, strength, steps, sampler_name, cfg, seed, paper_exact):
         try:
+            model_family(model)  # the same check as Train: SD 1.x / 2.x only, before any sampling
             out, start_t, n = comfy_gsa(model, positive, negative, vae, image, strength, steps, sampler_name, cfg, seed,
                                         paper_exact)
             info = f"start t = {start_t} of 1000, {n} {'ddpm' if paper_exact else sampler_name} steps"

@@ -18,7 +18,7 @@ from ..dynasyn.export import save_embeddings, unique_name, validate_export_name
 from ..dynasyn.plots import loss_curve_image
 from ..dynasyn.train import MODES, Cancelled, DynASynTrainer, TrainConfig
 from . import bridge
-from .common import user_error
+from .common import class_nouns as parse_class_nouns, one_image, subject_masks, user_error
 
 log = logging.getLogger("DynASyn")
 
@@ -59,6 +59,29 @@ def _state_dir(run_name: str) -> str:
     return os.path.join(folder_paths.get_output_directory(), "dynasyn", run_name, "state")
 
 
+class _Released:
+    """However the training block ends, nothing of the run outlives the node: the trainer lets go of its callbacks
+    (``on_step`` refers back to it: a cycle only the garbage collector would free, gigabytes on the device until
+    then), its optimizer, frozen copy and data; the components' weights leave the device (the MODEL and CLIP the node
+    returns carry their own copies) and ComfyUI gives the cached device memory back."""
+
+    trainer = comps = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.trainer is not None:
+            self.trainer.release()
+        if self.comps is not None:
+            for module in (self.comps.unet, self.comps.text_encoder, self.comps.vae):
+                if module is not None:
+                    module.to("meta")  # drops the storage without copying it anywhere
+        self.trainer = self.comps = None
+        mm.soft_empty_cache()
+        return False
+
+
 class DynASynTrain:
     DESCRIPTION = (
         "Trains one placeholder token per subject, then the tokens + every UNet weight + the text encoder on ONE reference "
@@ -83,7 +106,7 @@ class DynASynTrain:
             "model": ("MODEL", {"tooltip": "SD 1.5 / SD 2.1 MODEL from CheckpointLoaderSimple."}),
             "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint."}),
             "vae": ("VAE", {"tooltip": "The VAE of the same checkpoint."}),
-            "image": ("IMAGE", {"tooltip": "The ONE reference picture holding the subjects (the first image of a batch is used)."}),
+            "image": ("IMAGE", {"tooltip": "The ONE reference picture holding the subjects (a batch is refused: pick one with ImageFromBatch)."}),
             "masks": ("MASK", {"tooltip": "One mask per subject, as a MASK batch in the order of the class nouns."}),
             "class_nouns": ("STRING", {"default": "panda, bowl", "tooltip": "What each subject is, comma-separated, in mask order."}),
             "mode": (list(MODES), {"default": "dynasyn", "tooltip": (
@@ -127,8 +150,11 @@ class DynASynTrain:
         try:
             return self._train(**{k: v for k, v in locals().items() if k != "self"})
         except Cancelled as e:
+            # Cancel ends the prompt with ComfyUI's own exception (shown as "interrupted", not as an error)
             log.info("[DynASyn] %s", e)
             mm.throw_exception_if_processing_interrupted()
+            raise mm.InterruptProcessingException(str(e)) from e
+        except mm.InterruptProcessingException:
             raise
         except Exception as e:  # noqa: BLE001
             raise user_error(e) from e
@@ -137,19 +163,18 @@ class DynASynTrain:
                lambda_md, lambda_m2a, lambda_ica, lambda_aug, seed, resolution, gradient_checkpointing, mixed_precision,
                optimizer, fused_backward_step, frozen_dtype, train_text_encoder, run_name, save_checkpoint, resume, preview_every, dataset=None, new_prompt="", unique_id=None):
         validate_export_name(run_name, "run")
-        n_subjects = len([n for n in class_nouns.split(",") if n.strip()])
-        scene = _scene_template(new_prompt, n_subjects)
+        nouns = parse_class_nouns(class_nouns)  # the same parsing and checks as every other node
+        ref = one_image(image)
+        masks = subject_masks(masks, len(nouns), ref.shape[:2])
+        scene = _scene_template(new_prompt, len(nouns))
         emb_dir = folder_paths.get_folder_paths("embeddings")[0]
         ckpt_dir = folder_paths.get_folder_paths("checkpoints")[0]
-        nouns = [n.strip() for n in class_nouns.split(",")]
         cfg = TrainConfig(mode=mode, phase1_steps=phase1_steps, phase2_steps=phase2_steps, phase1_lr=phase1_lr,
                           phase2_lr=phase2_lr, lambda_md=lambda_md, lambda_m2a=lambda_m2a, lambda_ica=lambda_ica,
                           lambda_aug=lambda_aug, seed=seed, resolution=resolution,
                           gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
                           optimizer=optimizer, fused_backward_step=fused_backward_step, frozen_dtype=frozen_dtype,
                           train_text_encoder=train_text_encoder)
-        if masks.ndim == 2:
-            masks = masks[None]
         mm.unload_all_models()  # free ComfyUI's loaded models before heavy work
         mm.soft_empty_cache()
         state_dir = _state_dir(run_name)
@@ -165,17 +190,27 @@ class DynASynTrain:
             preview = None
             if preview_every and entry.step % preview_every == 0:
                 preview = ("PNG", loss_curve_image(trainer.history, as_pil=True), 512)
-            pbar.update_absolute(entry.step, cfg.total_steps, preview)
+            try:
+                pbar.update_absolute(entry.step, cfg.total_steps, preview)
+            except mm.InterruptProcessingException:
+                # A Cancel that arrived after the check above: ComfyUI's progress hook raised and cleared the flag.
+                # Set it again, so the loop saves a resumable state before the next step (or, after the last
+                # step, the export finishes and the next node stops the prompt) instead of failing with no state.
+                mm.interrupt_current_processing(True)
 
-        with torch.inference_mode(False), torch.enable_grad():
-            comps = bridge.native_to_components(model, clip, vae)
-            trainer = DynASynTrainer(comps, image[0].clone(), [m.clone() for m in masks], nouns, cfg,
+        with torch.inference_mode(False), torch.enable_grad(), _Released() as run:
+            comps = run.comps = bridge.native_to_components(model, clip, vae)
+            trainer = run.trainer = DynASynTrainer(comps, ref.clone(), [m.clone() for m in masks], nouns, cfg,
                                      augmented=list(dataset or []), device=mm.get_torch_device(), callback=on_step,
                                      should_stop=mm.processing_interrupted, log=lambda m: log.info(m))
             if resume and os.path.isfile(os.path.join(state_dir, "state.json")):
                 trainer.load_state(state_dir)
                 log.info("[DynASyn] resuming %s from step %d", run_name, trainer.step)
-            trainer.train(state_dir=state_dir)
+            try:
+                trainer.train(state_dir=state_dir)
+            except mm.InterruptProcessingException:  # an interrupt raised anywhere inside the loop is a Cancel too
+                trainer.save_state(state_dir)
+                raise
             vectors = trainer.placeholder_embeddings()
             trained_model, trained_clip = bridge.components_to_native(model, clip, comps,
                                                                       include_text_encoder=cfg.phases != (1,))

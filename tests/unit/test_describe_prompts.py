@@ -68,9 +68,10 @@ def test_subject_crop_keeps_subject_pixels_and_greys_the_rest():
     ("", "empty reply"),
     ("here is a detailed description of it", "more than 4 words"),
 ])
-def test_describe_errors_are_clear(server, tmp_path, reply, error):
+def test_describe_errors_are_clear(server, tmp_path, reply, error, monkeypatch):
     image, masks, nouns = scene()
-    server.replies = [reply]
+    monkeypatch.setattr("dynasyn.llm.RETRY_BASE_S", 0.01)
+    server.replies = [reply] * 8  # a 5xx is retried: every attempt gets the same reply
     with pytest.raises(LLMError, match=error):
         describe_subjects(image, masks[:1], nouns[:1], base_url=server.base_url, model="m", api_key="k", cache_dir=tmp_path)
     assert not list(tmp_path.glob("*.json"))  # a bad reply is never cached
