@@ -48,7 +48,8 @@ LLM_INPUTS = {
     "endpoint": ("STRING", {"default": DEFAULT_ENDPOINT, "tooltip": (
         "OpenAI-compatible base URL: Ollama http://127.0.0.1:11434/v1, LM Studio http://127.0.0.1:1234/v1, vLLM, or "
         "https://api.openai.com/v1. The key comes from the DYNASYN_API_KEY (or OPENAI_API_KEY) environment variable "
-        "or ~/.config/dynasyn/api_key, never from the workflow.")}),
+        "or ~/.config/dynasyn/api_key, never from the workflow, and is sent only to hosts the operator lists in "
+        "DYNASYN_API_HOSTS (default api.openai.com); other endpoints get no key. No '?', '#' or credentials.")}),
     "timeout": ("FLOAT", {"default": 120.0, "min": 1.0, "max": 3600.0, "step": 1.0, "tooltip": "Seconds to wait for a reply."}),
 }
 
