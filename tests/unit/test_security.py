@@ -109,3 +109,131 @@ def test_reply_bodies_are_not_echoed_into_errors(clean_env, foreign, reply, capl
     shown = str(err.value) + "".join(str(a) for a in err.value.args)
     assert "INTERNAL-SECRET" not in shown and err.value.__cause__ is None and err.value.__suppress_context__
     assert "INTERNAL-SECRET" in caplog.text  # kept for the operator, at debug level
+
+
+# ------------------------------------------------------------------ 2 / 5. resume: no unpickling, no wrong run
+def _trainer(config=None, image=None, masks=None, nouns=None, comps_seed=0, **kw):
+    from dynasyn.tiny import tiny_components
+    from dynasyn.train import DynASynTrainer, TrainConfig
+    from tests.support.scene import tensor_scene
+
+    img0, masks0, nouns0 = tensor_scene()
+    config = config or TrainConfig(mode="break_a_scene", phase1_steps=2, phase2_steps=2, resolution=64, seed=0)
+    return DynASynTrainer(tiny_components(seed=comps_seed), img0 if image is None else image,
+                          masks0 if masks is None else masks, nouns0 if nouns is None else nouns, config,
+                          device="cpu", log=lambda *_: None, **kw)
+
+
+@pytest.fixture(scope="module")
+def saved_state(tmp_path_factory):
+    """A real resumable state: a run cancelled after 3 steps."""
+    from dynasyn.train import Cancelled
+
+    folder = tmp_path_factory.mktemp("run") / "state"
+    t = _trainer(should_stop=lambda: t.step >= 3)
+    with pytest.raises(Cancelled):
+        t.train(state_dir=folder)
+    return folder
+
+
+def _copy(src, tmp_path):
+    import shutil
+
+    dst = tmp_path / "state"
+    shutil.copytree(src, dst)
+    return dst
+
+
+class _Payload:
+    def __init__(self, flag):
+        self.flag = str(flag)
+
+    def __reduce__(self):
+        return exec, (f"open({self.flag!r}, 'w').write('code ran')",)
+
+
+def test_a_planted_pickle_in_the_state_is_refused_and_never_runs(saved_state, tmp_path):
+    from dynasyn.errors import DynASynError
+
+    state = _copy(saved_state, tmp_path)
+    flag = tmp_path / "pwned"
+    torch.save({"optimizer": _Payload(flag), "torch_gen": torch.zeros(1)}, state / "trainer.pt")
+    t = _trainer()
+    with pytest.raises(DynASynError, match="never unpickled"):
+        t.load_state(state)
+    assert not flag.exists()
+    assert t.step == 0
+
+
+@pytest.mark.parametrize("change,named", [
+    ("picture", "the reference picture"),
+    ("masks", "the subject masks"),
+    ("base_model", "the base model"),
+    ("config", "lambda_m2a: 0.01 -> 0.5"),
+])
+def test_resume_refuses_a_state_made_from_other_inputs(saved_state, change, named):
+    from dynasyn.errors import DynASynError
+    from dynasyn.train import TrainConfig
+    from tests.support.scene import tensor_scene
+
+    image, masks, _ = tensor_scene()
+    kw = {}
+    if change == "picture":
+        kw["image"] = image.flip(0)
+    elif change == "masks":
+        kw["masks"] = [m.roll(2, dims=1) for m in masks]
+    elif change == "base_model":
+        kw["comps_seed"] = 1
+    else:
+        kw["config"] = TrainConfig(mode="break_a_scene", phase1_steps=2, phase2_steps=2, resolution=64, seed=0,
+                                   lambda_m2a=0.5)
+    t = _trainer(**kw)
+    with pytest.raises(DynASynError, match="other inputs") as err:
+        t.load_state(saved_state)
+    msg = str(err.value)
+    assert named in msg
+    assert [w for w in ("picture", "masks", "base model", "settings") if w in msg] == \
+        [w for w in ("picture", "masks", "base model", "settings") if w in named or (w == "settings" and change == "config")]
+    assert t.step == 0
+
+
+def test_resume_accepts_the_same_inputs_with_a_longer_run(saved_state):
+    from dynasyn.train import TrainConfig
+
+    t = _trainer(config=TrainConfig(mode="break_a_scene", phase1_steps=2, phase2_steps=5, resolution=64, seed=0))
+    t.load_state(saved_state)
+    assert t.step == 3
+
+
+def test_resume_refuses_other_class_nouns_and_unmarked_folders(saved_state, tmp_path):
+    from dynasyn.errors import DynASynError
+
+    with pytest.raises(DynASynError, match="other subjects"):
+        _trainer(nouns=["cat", "bowl"]).load_state(saved_state)
+    state = _copy(saved_state, tmp_path)
+    (state / ".dynasyn_state").unlink()
+    with pytest.raises(DynASynError, match="not a DynASyn training state"):
+        _trainer().load_state(state)
+
+
+# ------------------------------------------------------------------ 6. only the pack's own folders are deleted
+def test_saving_state_never_replaces_or_deletes_a_folder_the_trainer_did_not_write(tmp_path):
+    from dynasyn.errors import DynASynError
+    from dynasyn.state import remove_owned
+
+    precious = tmp_path / "state"
+    precious.mkdir()
+    (precious / "dataset.json").write_text("{}")
+    t = _trainer()
+    with pytest.raises(DynASynError, match="not a DynASyn training state"):
+        t.save_state(precious)
+    assert (precious / "dataset.json").read_text() == "{}"
+    assert not remove_owned(precious) and precious.is_dir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / ".dynasyn_state").write_text("")
+    link = tmp_path / "link"
+    link.symlink_to(outside)
+    assert not remove_owned(link) and outside.is_dir()  # a symlink is never followed into a deletion
+    saved = t.save_state(tmp_path / "mine")
+    assert remove_owned(saved) and not saved.exists()
