@@ -218,7 +218,7 @@ def collect(base: Path, out: Path, ckpt_input: str | None) -> dict[str, list[str
     output = base / "output"
     for f in sorted((output / "dynasyn").glob("augmented_*.png")):
         copy(f, out / "augmented" / f.name, "augmented")
-    for d in sorted((output / "dynasyn" / "datasets").glob("*")):
+    for d in sorted((base / "user" / "__dynasyn" / "datasets").glob("*")):
         copy(d, out / "dataset" if d.name == "dynasyn_dataset" else out / f"dataset_{d.name}", "dataset")
     for f in sorted((base / "models" / "embeddings").glob("*.safetensors")):
         copy(f, out / "embeddings" / f.name, "embeddings")
@@ -305,7 +305,8 @@ def main(argv=None) -> int:
                 if not queue["queue_running"] and not queue["queue_pending"]:
                     break
                 time.sleep(0.5)
-            print(f"[demo] cancelled; what was made so far is under {base / 'output'} and {base / 'models'}", file=sys.stderr)
+            print(f"[demo] cancelled; what was made so far is under {base / 'output'}, {base / 'models'} and "
+                  f"{base / 'user' / '__dynasyn'} (datasets, resumable training state)", file=sys.stderr)
             return 130
         times = {"start ComfyUI": round(setup_s, 1), **progress.finish()}
         if entry["status"]["status_str"] != "success":

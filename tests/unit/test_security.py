@@ -237,3 +237,90 @@ def test_saving_state_never_replaces_or_deletes_a_folder_the_trainer_did_not_wri
     assert not remove_owned(link) and outside.is_dir()  # a symlink is never followed into a deletion
     saved = t.save_state(tmp_path / "mine")
     assert remove_owned(saved) and not saved.exists()
+
+
+# ------------------------------------------------------------------ 3. a dataset reads only its own PNGs
+def _dataset(tmp_path, name="ds"):
+    from dynasyn.dataset import AugmentedPair, save_dataset
+
+    g = torch.Generator().manual_seed(0)
+    pair = AugmentedPair(torch.rand(8, 8, 3, generator=g), "a panda and a bowl", [0, 1],
+                         (torch.rand(2, 8, 8, generator=g) > 0.5).float())
+    return save_dataset([pair], tmp_path / name)
+
+
+def _rewrite(folder, **changes):
+    import json
+
+    index = json.loads((folder / "dataset.json").read_text())
+    index["pairs"][0].update(changes)
+    (folder / "dataset.json").write_text(json.dumps(index))
+
+
+@pytest.fixture()
+def host_secret(tmp_path):
+    """A readable PNG outside every dataset folder: what an attacker would like served back."""
+    from PIL import Image
+
+    secret = tmp_path / "outside" / "secret.png"
+    secret.parent.mkdir()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(secret)
+    return secret
+
+
+@pytest.mark.parametrize("entry", ["absolute", "dotdot", "subfolder", "not_png_name"])
+def test_dataset_entries_naming_files_outside_the_folder_are_refused(tmp_path, host_secret, entry):
+    from dynasyn.dataset import load_dataset
+    from dynasyn.errors import DynASynError
+
+    folder = _dataset(tmp_path)
+    name = {"absolute": str(host_secret), "dotdot": "../outside/secret.png", "subfolder": "sub/x.png",
+            "not_png_name": "/etc/passwd"}[entry]
+    _rewrite(folder, image=name)
+    with pytest.raises(DynASynError, match="not a plain .png file name") as err:
+        load_dataset(folder)
+    assert str(tmp_path) not in str(err.value) and "secret" not in str(err.value)
+    _rewrite(folder, image="0000.png", masks=[name, "0000_mask1.png"])
+    with pytest.raises(DynASynError, match="not a plain .png file name"):
+        load_dataset(folder)
+
+
+def test_a_symlink_out_of_the_dataset_is_refused(tmp_path, host_secret):
+    from dynasyn.dataset import load_dataset
+    from dynasyn.errors import DynASynError
+
+    folder = _dataset(tmp_path)
+    (folder / "0000.png").unlink()
+    (folder / "0000.png").symlink_to(host_secret)
+    with pytest.raises(DynASynError, match="not a regular file inside the dataset folder"):
+        load_dataset(folder)
+    link = tmp_path / "linked_ds"
+    link.symlink_to(_dataset(tmp_path, "real"))
+    with pytest.raises(DynASynError, match="no dataset folder"):
+        load_dataset(link)  # the dataset folder itself may not be a symlink either
+
+
+def test_dataset_index_and_images_are_validated(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from dynasyn.dataset import load_dataset
+    from dynasyn.errors import DynASynError
+
+    folder = _dataset(tmp_path)
+    for bad in ({"image": 3}, {"subjects": ["0", 1]}, {"masks": ["0000_mask0.png"]}, {"class_prompt": None}):
+        good = json.loads((folder / "dataset.json").read_text())
+        _rewrite(folder, **bad)
+        with pytest.raises(DynASynError, match="expected fields"):
+            load_dataset(folder)
+        (folder / "dataset.json").write_text(json.dumps(good))
+    (folder / "0000.png").write_bytes(b"\x80\x04 not a png, e.g. a pickle")
+    with pytest.raises(DynASynError, match="not a readable PNG"):
+        load_dataset(folder)
+    Image.new("RGB", (64, 64)).save(folder / "0000.png")
+    with pytest.raises(DynASynError, match="at most 1024 allowed"):
+        load_dataset(folder, max_pixels=1024)  # pixels are capped before decoding
+    (folder / "dataset.json").write_text("[1, 2]")
+    with pytest.raises(DynASynError, match="version 1"):
+        load_dataset(folder)
