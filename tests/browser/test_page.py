@@ -139,7 +139,7 @@ def test_dataset_gallery_shows_the_augmented_images_with_prompts(server):
     res = run_page(server, "queue_graph", {"workflow": built})
     value = res["value"]
     assert res["pageErrors"] == [] and ours(res["consoleErrors"]) == []
-    index = json.loads((server.base / "output" / "dynasyn" / "datasets" / "gallery_ds" / "dataset.json").read_text())
+    index = json.loads((server.base / "user" / "__dynasyn" / "datasets" / "gallery_ds" / "dataset.json").read_text())
     made = len(index["pairs"])
     assert made >= 1
     galleries = {g["type"]: g for g in value["galleries"]}

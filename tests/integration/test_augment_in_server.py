@@ -131,7 +131,7 @@ def test_cancel_keeps_the_pairs_made_so_far(server):
     entry = server.run(g, on_message=on_message)
     assert interrupted and entry["status"]["status_str"] == "error"
     assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"])
-    index = json.loads((server.base / "output" / "dynasyn" / "datasets" / "cancelled" / "dataset.json").read_text())
+    index = json.loads((server.base / "user" / "__dynasyn" / "datasets" / "cancelled" / "dataset.json").read_text())
     assert 1 <= len(index["pairs"]) < 8
     assert "augmentation cancelled" in server.log()
 
