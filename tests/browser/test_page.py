@@ -104,7 +104,7 @@ def test_no_api_key_in_saved_workflow_or_png(server, fake_llm):
     runs = [h for h in res["history"].values() if h["status"]["status_str"] == "success"
             and any(o.get("images") for o in h["outputs"].values())]
     assert runs, res["history"]
-    # the VLM was really called with the key from the environment...
+    # the VLM the operator named (DYNASYN_API_HOSTS) was really called with the key from the environment...
     assert len(fake_llm.requests) > before
     assert fake_llm.requests[-1]["headers"]["authorization"] == f"Bearer {SENTINEL_KEY}"
     # ...and the key is nowhere the workflow or the picture keeps
