@@ -201,6 +201,9 @@ def chat(base_url: str, model: str, messages: list, *, seed: int, api_key: str |
         resp = client.chat.completions.create(model=model, messages=messages, seed=seed, temperature=0.7,
                                               max_tokens=max_tokens, **extra)
     except openai.AuthenticationError as e:
+        if not api_key:
+            raise LLMError(f"{base_url} wants an API key (401), and none was sent: the key goes only to hosts the "
+                           f"operator lists in {KEY_HOSTS_ENV} (default api.openai.com).") from None
         raise LLMError(f"{base_url} rejected the API key (401). Check {KEY_ENV_VARS[0]} or the key file.") from e
     except openai.APITimeoutError as e:
         raise LLMError(f"{base_url} did not answer within {timeout:.0f} s; raise the timeout or use a smaller model.") from e

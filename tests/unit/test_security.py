@@ -324,3 +324,10 @@ def test_dataset_index_and_images_are_validated(tmp_path):
     (folder / "dataset.json").write_text("[1, 2]")
     with pytest.raises(DynASynError, match="version 1"):
         load_dataset(folder)
+
+
+def test_a_host_without_the_key_says_why_on_401(clean_env, foreign):
+    foreign.replies = [{"status": 401, "message": "INTERNAL-SECRET no key"}]
+    with pytest.raises(LLMError, match="none was sent.*DYNASYN_API_HOSTS") as err:
+        chat(foreign.base_url, "m", [{"role": "user", "content": "hi"}], seed=0, api_key=resolve_api_key(foreign.base_url))
+    assert "INTERNAL-SECRET" not in str(err.value)
