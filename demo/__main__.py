@@ -218,7 +218,7 @@ def collect(base: Path, out: Path, ckpt_input: str | None) -> dict[str, list[str
     output = base / "output"
     for f in sorted((output / "dynasyn").glob("augmented_*.png")):
         copy(f, out / "augmented" / f.name, "augmented")
-    for d in sorted((output / "dynasyn" / "datasets").glob("*")):
+    for d in sorted((base / "user" / "__dynasyn" / "datasets").glob("*")):
         copy(d, out / "dataset" if d.name == "dynasyn_dataset" else out / f"dataset_{d.name}", "dataset")
     for f in sorted((base / "models" / "embeddings").glob("*.safetensors")):
         copy(f, out / "embeddings" / f.name, "embeddings")
@@ -340,9 +340,10 @@ def main(argv=None) -> int:
             print("\n[demo] cancelling: asking ComfyUI to stop the running node…", file=sys.stderr)
             if not wait_for_cancel(server):
                 print(f"[demo] stopped without waiting; the training state may be incomplete. What was made so far "
-                      f"is under {base / 'output'} and {base / 'models'}", file=sys.stderr)
+                      f"is under {base / 'output'}, {base / 'models'} and {base / 'user' / '__dynasyn'}", file=sys.stderr)
                 return 130
-            print(f"[demo] cancelled; what was made so far is under {base / 'output'} and {base / 'models'}", file=sys.stderr)
+            print(f"[demo] cancelled; what was made so far is under {base / 'output'}, {base / 'models'} and "
+                  f"{base / 'user' / '__dynasyn'} (datasets, resumable training state)", file=sys.stderr)
             return 130
         times = {"start ComfyUI": round(setup_s, 1), **progress.finish()}
         if entry["status"]["status_str"] != "success":

@@ -1,16 +1,23 @@
 """Chat calls to any OpenAI-compatible endpoint (OpenAI, Ollama, LM Studio, vLLM), with a reply cache.
 
 The API key never travels through a node input: it comes from ``DYNASYN_API_KEY`` (or
-``OPENAI_API_KEY``) or from a key file, and a loopback endpoint (a local Ollama / LM Studio)
-may have none. Replies are cached on disk keyed by endpoint, model, request and seed, so a
-re-run neither calls nor bills again.
+``OPENAI_API_KEY``) or from a key file, and it is sent only to the hosts the operator named
+(``DYNASYN_API_HOSTS`` / ``DYNASYN_API_BASE``; by default only api.openai.com), over https. Any
+other endpoint a workflow names (a local Ollama / LM Studio included) gets no key at all. The
+operator may also restrict which hosts may be called at all (``DYNASYN_ENDPOINT_HOSTS``); cloud
+metadata / link-local addresses are always refused. Reply bodies never reach node errors (they are
+stored in /history for every client): they are logged at debug level. Replies are cached on disk
+keyed by endpoint, model, request and seed, so a re-run neither calls nor bills again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
+import logging
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +27,12 @@ from .errors import DynASynError
 
 KEY_ENV_VARS = ("DYNASYN_API_KEY", "OPENAI_API_KEY")
 DEFAULT_KEY_FILE = Path.home() / ".config" / "dynasyn" / "api_key"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+KEY_HOSTS_ENV = "DYNASYN_API_HOSTS"          # hosts (or host:port, or URLs) that may receive the key
+API_BASE_ENV = "DYNASYN_API_BASE"            # the operator's endpoint: its host may receive the key too
+ENDPOINT_HOSTS_ENV = "DYNASYN_ENDPOINT_HOSTS"  # when set: the only hosts any endpoint may name
+DEFAULT_KEY_HOSTS = ("api.openai.com",)
+
+log = logging.getLogger("DynASyn")
 
 
 class LLMError(DynASynError):
@@ -34,22 +46,99 @@ class LLMCancelled(LLMError):
 RETRIES = 3            # extra attempts after a 429 / 5xx reply
 RETRY_BASE_S = 1.0     # backoff: 1, 2, 4 ... seconds (or the server's Retry-After), capped
 RETRY_MAX_S = 20.0
+def _host_port(url: str) -> tuple[str, int | None]:
+    p = urlparse(url if "//" in url else f"//{url}")
+    try:
+        port = p.port
+    except ValueError:
+        port = None
+    return (p.hostname or "").lower().rstrip("."), port
+
+
+def _host_list(*env_vars: str, default: tuple = ()) -> list[tuple[str, int | None]] | None:
+    """``[(host, port or None)]`` from comma-separated env vars; None when none of them is set."""
+    found, any_set = [], False
+    for var in env_vars:
+        raw = os.environ.get(var, "").strip()
+        if raw:
+            any_set = True
+            found += [_host_port(item.strip()) for item in raw.split(",") if item.strip()]
+    if not any_set:
+        return None if not default else [(h, None) for h in default]
+    return [hp for hp in found if hp[0]]
+
+
+def _listed(url: str, hosts) -> bool:
+    host, port = _host_port(url)
+    port = port or (443 if url.lower().startswith("https") else 80)
+    return any(h == host and (p is None or p == port) for h, p in hosts)
+
+
+def key_hosts() -> list[tuple[str, int | None]]:
+    """The hosts the operator lets the key go to: ``DYNASYN_API_HOSTS`` (default api.openai.com) + ``DYNASYN_API_BASE``."""
+    hosts = _host_list(KEY_HOSTS_ENV, default=DEFAULT_KEY_HOSTS)
+    base = os.environ.get(API_BASE_ENV, "").strip()
+    return hosts + ([_host_port(base)] if base else [])
+
+
+def _literal_ip(host: str):
+    """The address a literal host means to the resolver (``2852039166``, ``0xa9.254.169.254`` and
+    ``::ffff:169.254.169.254`` included), or None for a name."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            ip = ipaddress.ip_address(socket.inet_aton(host)) if host and host[-1].isalnum() else None
+        except OSError:
+            return None
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return mapped or ip
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    ip = _literal_ip(host)
+    return bool(ip and ip.is_loopback)
 
 
 def validate_base_url(base_url: str) -> str:
+    """The endpoint URL, refused when it could carry secrets, steer the request or reach a forbidden host."""
     url = (base_url or "").strip()
     p = urlparse(url)
-    if p.scheme not in ("http", "https") or not p.hostname:
-        raise LLMError(f"The endpoint {url!r} is not an http(s) URL such as http://127.0.0.1:11434/v1 (Ollama) or "
+    if p.scheme not in ("http", "https") or not p.hostname or any(c.isspace() or ord(c) < 32 for c in url):
+        raise LLMError("The endpoint is not an http(s) URL such as http://127.0.0.1:11434/v1 (Ollama) or "
                        "https://api.openai.com/v1.")
-    if p.username or p.password:
+    if p.username or p.password or "@" in p.netloc:
         raise LLMError("Do not put credentials in the endpoint URL (it is saved with the workflow); "
                        f"set {KEY_ENV_VARS[0]} or write the key to {DEFAULT_KEY_FILE} instead.")
+    if "?" in url or "#" in url or p.params:
+        raise LLMError("The endpoint URL may not have a query string ('?...'), a fragment ('#...') or ';' parameters: "
+                       "give the base URL only, e.g. https://api.openai.com/v1.")
+    host = p.hostname.lower()
+    ip = _literal_ip(host)
+    if ip is not None and (ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved):
+        raise LLMError(f"The endpoint host {host} is a link-local / metadata / reserved address; it is never called.")
+    allowed = _host_list(ENDPOINT_HOSTS_ENV)
+    if allowed is not None and not _listed(url, allowed + key_hosts()):
+        raise LLMError(f"The endpoint host {host} is not one the operator allowed ({ENDPOINT_HOSTS_ENV}); "
+                       "pick an allowed endpoint or ask the operator to add it.")
     return url.rstrip("/")
 
 
-def resolve_api_key(base_url: str, key_file: str | os.PathLike | None = None) -> str:
-    """The key from the environment, then ``key_file`` (or the default one); loopback endpoints may go without."""
+def resolve_api_key(base_url: str, key_file: str | os.PathLike | None = None) -> str | None:
+    """The key for ``base_url``, or None (send no key) when the operator did not name its host.
+
+    The key (environment, then ``key_file`` or the default file) goes only to a host listed in
+    ``DYNASYN_API_HOSTS`` (default api.openai.com) or named by ``DYNASYN_API_BASE``, and only over
+    https (or to a listed loopback host). Every other endpoint, loopback included, gets no key: a
+    workflow cannot send the operator's key to a host of its choosing.
+    """
+    url = validate_base_url(base_url)
+    if not _listed(url, key_hosts()):
+        return None
+    if not url.lower().startswith("https://") and not _is_loopback(_host_port(url)[0]):
+        raise LLMError(f"The API key is only sent over https; use https:// for {_host_port(url)[0]}.")
     for var in KEY_ENV_VARS:
         if os.environ.get(var, "").strip():
             return os.environ[var].strip()
@@ -58,9 +147,7 @@ def resolve_api_key(base_url: str, key_file: str | os.PathLike | None = None) ->
         key = path.read_text(encoding="utf-8").strip()
         if key:
             return key
-    if urlparse(base_url).hostname in LOOPBACK:
-        return "local"  # Ollama / LM Studio ignore the key but the client needs one
-    raise LLMError(f"No API key for {base_url}: set the environment variable {KEY_ENV_VARS[0]} before starting ComfyUI, "
+    raise LLMError(f"No API key for {url}: set the environment variable {KEY_ENV_VARS[0]} before starting ComfyUI, "
                    f"or write the key to {path} (never into a node, where it would be saved with the workflow).")
 
 
@@ -129,14 +216,24 @@ def _create(client, base_url: str, timeout: float, deadline: float, should_stop,
                 time.sleep(min(0.1, end - now))
 
 
-def chat(base_url: str, model: str, messages: list, *, seed: int, api_key: str, cache: ReplyCache | None = None,
+def chat(base_url: str, model: str, messages: list, *, seed: int, api_key: str | None, cache: ReplyCache | None = None,
+def _body(e: Exception) -> str:
+    """The reply an API error came with, for the debug log only."""
+    try:
+        return f"{e} {e.response.text}"  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - no response (connection errors) or an unreadable one
+        return str(e)
+
+
+def chat(base_url: str, model: str, messages: list, *, seed: int, api_key: str | None, cache: ReplyCache | None = None,
          cache_key: dict | None = None, timeout: float = 60.0, max_tokens: int = 1024, json_mode: bool = False,
          parse=None, deadline: float | None = None, should_stop=None):
     """One chat completion: ``parse(reply text)`` (or the text). ``cache_key`` (what identifies the request) keys
     the cache; a reply is cached only once ``parse`` accepted it, so a bad reply is asked for again next time.
 
     The call, retries included, ends by ``deadline`` (a ``time.monotonic()`` value; default ``timeout`` seconds from
-    now); ``should_stop()`` is checked before each attempt and while waiting to retry (raises ``LLMCancelled``)."""
+    now); ``should_stop()`` is checked before each attempt and while waiting to retry (raises ``LLMCancelled``).
+    Without ``api_key`` (None or empty) the request carries no Authorization header at all."""
     import openai
 
     base_url = validate_base_url(base_url)
@@ -144,12 +241,17 @@ def chat(base_url: str, model: str, messages: list, *, seed: int, api_key: str, 
     parse = parse or (lambda text: text)
     if cache is not None and (hit := cache.get(key)) is not None:
         return parse(hit)
-    client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
+    client = openai.OpenAI(base_url=base_url, api_key=api_key or "no-key", timeout=timeout, max_retries=0)
     extra = {"response_format": {"type": "json_object"}} if json_mode else {}
+    if not api_key:
+        extra["extra_headers"] = {"Authorization": openai.Omit()}
     try:
         resp = _create(client, base_url, timeout, time.monotonic() + timeout if deadline is None else deadline, should_stop,
                        model=model, messages=messages, seed=seed, temperature=0.7, max_tokens=max_tokens, **extra)
     except openai.AuthenticationError as e:
+        if not api_key:
+            raise LLMError(f"{base_url} wants an API key (401), and none was sent: the key goes only to hosts the "
+                           f"operator lists in {KEY_HOSTS_ENV} (default api.openai.com).") from None
         raise LLMError(f"{base_url} rejected the API key (401). Check {KEY_ENV_VARS[0]} or the key file.") from e
     except openai.APITimeoutError as e:
         raise LLMError(f"{base_url} did not answer within {timeout:.0f} s; raise the timeout or use a smaller model.") from e
@@ -158,14 +260,17 @@ def chat(base_url: str, model: str, messages: list, *, seed: int, api_key: str, 
                        "Or switch the node to offline mode.") from e
     except openai.NotFoundError as e:
         raise LLMError(f"{base_url} does not know the model {model!r} (404); pull it or pick another.") from e
-    except openai.APIStatusError as e:
-        raise LLMError(f"{base_url} answered HTTP {e.status_code}: {str(e)[:300]}") from e
+    except openai.APIStatusError as e:  # the body stays in the log (debug): node errors are shown to every client
+        log.debug("[DynASyn] %s answered HTTP %s: %.2000s", base_url, e.status_code, _body(e))
+        raise LLMError(f"{base_url} answered HTTP {e.status_code} (the reply is in ComfyUI's debug log).") from None
     except openai.APIError as e:  # e.g. a body that is not a chat completion
-        raise LLMError(f"{base_url} sent a reply that is not a chat completion: {str(e)[:300]}") from e
+        log.debug("[DynASyn] %s sent an unusable reply: %.2000s", base_url, _body(e))
+        raise LLMError(f"{base_url} sent a reply that is not a chat completion (details in ComfyUI's debug log).") from None
     try:
         text = resp.choices[0].message.content
-    except (AttributeError, IndexError, TypeError) as e:
-        raise LLMError(f"{base_url} sent a reply that is not a chat completion ({str(resp)[:200]}).") from e
+    except (AttributeError, IndexError, TypeError):
+        log.debug("[DynASyn] %s sent an unusable reply: %.2000s", base_url, resp)
+        raise LLMError(f"{base_url} sent a reply that is not a chat completion (details in ComfyUI's debug log).") from None
     if not isinstance(text, str) or not text.strip():
         raise LLMError(f"{base_url} sent an empty reply for model {model!r}.")
     result = parse(text)

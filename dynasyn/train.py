@@ -34,6 +34,7 @@ from .errors import DynASynError
 from .losses import (augmentation_loss, inter_cross_attention_loss, masked_attention_loss, masked_diffusion_loss,
                      union_mask, union_sample)
 from .models import SDComponents
+from .state import MARKER as MARKER_NAME, check_fingerprint, input_fingerprint, is_owned, mark
 from .optim import FusedBackwardOptimizer, make_optimizer
 from .subjects import (DEFAULT_TEMPLATE, Subject, add_placeholder_tokens, make_prompt_pair, placeholder_tokens,
                        token_positions, validate_subjects)
@@ -195,6 +196,8 @@ class DynASynTrainer:
         tokens = placeholder_tokens(len(masks))
         self.subjects = [Subject(m, n.strip(), t) for m, n, t in zip(masks, class_nouns, tokens)]
         self.token_ids = add_placeholder_tokens(comps.tokenizer, comps.text_encoder, tokens, [s.class_noun for s in self.subjects])
+        # what this run starts from (base weights, before any step): a resume must match it
+        self.fingerprint = input_fingerprint([comps.unet, comps.text_encoder], image, masks, class_nouns, config)
         for pair in augmented:
             pair.validate(len(self.subjects), [s.class_noun for s in self.subjects])
         self.augmented = list(augmented)
@@ -519,6 +522,7 @@ class DynASynTrainer:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.c.unet.state_dict().items()}, tmp / "unet.safetensors")
             save_file({k: v.detach().cpu().contiguous() for k, v in self.c.text_encoder.state_dict().items()},
                       tmp / "text_encoder.safetensors")
+            # tensors, dicts, lists and RNG tuples only: load_state reads it with torch.load(weights_only=True)
             torch.save({"optimizer": self.optimizer.state_dict() if self.optimizer else None,
                         "orig_embeddings": getattr(self, "orig_embeddings", None),
                         "torch_gen": self.gen.get_state(), "python_rng": self.rng.getstate(),
@@ -526,13 +530,19 @@ class DynASynTrainer:
             (tmp / "state.json").write_text(json.dumps({
                 "step": self.step, "phase": self.phase, "config": asdict(self.cfg),
                 "tokens": [s.token for s in self.subjects], "class_nouns": [s.class_noun for s in self.subjects],
-                "history": [asdict(h) for h in self.history]}, indent=1))
-            if folder.exists():
+                "fingerprint": self.fingerprint, "history": [asdict(h) for h in self.history]}, indent=1))
+            mark(tmp)
+            if folder.exists() or folder.is_symlink():
+                if not is_owned(folder):
+                    raise DynASynError(f"{folder} exists and is not a DynASyn training state; it is left alone: "
+                                       "choose another run_name.")
                 old = folder.with_name(folder.name + ".old")
-                shutil.rmtree(old, ignore_errors=True)
+                if is_owned(old):
+                    shutil.rmtree(old, ignore_errors=True)
                 folder.rename(old)
                 tmp.rename(folder)
-                shutil.rmtree(old, ignore_errors=True)
+                if is_owned(old):
+                    shutil.rmtree(old, ignore_errors=True)
             else:
                 tmp.rename(folder)
         finally:
@@ -541,15 +551,30 @@ class DynASynTrainer:
         return folder
 
     def load_state(self, folder: str | os.PathLike) -> None:
+        """Resume from ``folder``: refused unless it is a DynASyn state of the same inputs; never unpickles code."""
+        import pickle
+
         from safetensors.torch import load_file
 
         folder = Path(folder)
-        meta = json.loads((folder / "state.json").read_text())
-        if meta["tokens"] != [s.token for s in self.subjects] or meta["class_nouns"] != [s.class_noun for s in self.subjects]:
-            raise DynASynError(f"The saved state in {folder} belongs to other subjects ({meta['class_nouns']}).")
+        if not is_owned(folder):
+            raise DynASynError(f"{folder} is not a DynASyn training state (no {MARKER_NAME} marker); not resuming.")
+        try:
+            meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError("not an object")
+        except (OSError, ValueError) as e:
+            raise DynASynError(f"The saved state in {folder} is unreadable ({type(e).__name__}); turn 'resume' off.") from None
+        if meta.get("tokens") != [s.token for s in self.subjects] or meta.get("class_nouns") != [s.class_noun for s in self.subjects]:
+            raise DynASynError(f"The saved state in {folder} belongs to other subjects ({meta.get('class_nouns')}).")
+        check_fingerprint(meta.get("fingerprint"), self.fingerprint, folder)
+        try:  # weights_only: tensors and plain containers only, never code (a planted pickle is refused here)
+            extra = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+            raise DynASynError(f"The saved state in {folder} holds something other than tensors (trainer.pt was "
+                               "refused: it is never unpickled); delete the folder or turn 'resume' off.") from None
         self.c.unet.load_state_dict(load_file(folder / "unet.safetensors"))
         self.c.text_encoder.load_state_dict(load_file(folder / "text_encoder.safetensors"))
-        extra = torch.load(folder / "trainer.pt", weights_only=False)
         self.step = meta["step"]
         self.history = [StepLog(**h) for h in meta["history"]]
         if meta["phase"] is not None:

@@ -30,7 +30,57 @@ def _cache_dir() -> str:
 
 
 def _datasets_dir() -> str:
-    return os.path.join(folder_paths.get_output_directory(), "dynasyn", "datasets")
+    # user/__dynasyn/datasets: datasets are read back, so never under output/ (served, and writable by /upload/image)
+    from .paths import datasets_dir
+
+    return datasets_dir()
+
+
+DEFAULT_DATASET = "dynasyn_dataset"
+MAX_LISTED_DATASETS = 2000
+_listing: dict = {}
+
+
+def list_datasets() -> list[str]:
+    """The dataset names in the datasets folder: one bounded scandir, cached on the folder's mtime (this runs on
+    every /object_info). Only real folders with a valid name and a dataset.json are listed; symlinks are not."""
+    root = _datasets_dir()
+    try:
+        mtime = os.stat(root).st_mtime_ns
+    except OSError:
+        return []
+    if _listing.get("key") == (root, mtime):
+        return _listing["names"]
+    names = []
+    try:
+        with os.scandir(root) as it:
+            for k, entry in enumerate(it):
+                if k >= MAX_LISTED_DATASETS:
+                    break
+                if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+                    continue
+                try:
+                    validate_export_name(entry.name, "dataset")
+                except DynASynError:
+                    continue
+                if os.path.isfile(os.path.join(entry.path, "dataset.json")):
+                    names.append(entry.name)
+    except OSError:
+        return []
+    names.sort()
+    _listing.update(key=(root, mtime), names=names)
+    return names
+
+
+def _dataset_path(name: str) -> str:
+    """The folder of dataset ``name``, checked before any filesystem call; errors never say what exists elsewhere."""
+    if not isinstance(name, str):
+        raise DynASynError("Pick a dataset from the list (written by DynASyn Save Dataset).")
+    try:
+        validate_export_name(name, "dataset")
+    except DynASynError:
+        raise DynASynError(f"{name[:80]!r} is not a dataset name: pick a dataset from the list (a name, never a path).") from None
+    return os.path.join(_datasets_dir(), name)
 
 
 _nouns = class_nouns  # one parser for every node (Train included)
@@ -53,7 +103,8 @@ LLM_INPUTS = {
     "endpoint": ("STRING", {"default": DEFAULT_ENDPOINT, "tooltip": (
         "OpenAI-compatible base URL: Ollama http://127.0.0.1:11434/v1, LM Studio http://127.0.0.1:1234/v1, vLLM, or "
         "https://api.openai.com/v1. The key comes from the DYNASYN_API_KEY (or OPENAI_API_KEY) environment variable "
-        "or ~/.config/dynasyn/api_key, never from the workflow.")}),
+        "or ~/.config/dynasyn/api_key, never from the workflow, and is sent only to hosts the operator lists in "
+        "DYNASYN_API_HOSTS (default api.openai.com); other endpoints get no key. No '?', '#' or credentials.")}),
     "timeout": ("FLOAT", {"default": 120.0, "min": 1.0, "max": 3600.0, "step": 1.0, "tooltip": (
         "Seconds the node waits for the model in all (every subject's call, retries after 429 / 5xx replies included).")}),
 }
@@ -318,8 +369,8 @@ def _keep_made(pairs, why: str) -> str | None:
 
 
 class DynASynSaveDataset:
-    DESCRIPTION = ("Writes the augmented dataset (PNG images + masks + dataset.json) to ComfyUI/output/dynasyn/datasets/"
-                   "<name>; an existing folder is never overwritten (a number is added). Load it in another workflow with "
+    DESCRIPTION = ("Writes the augmented dataset (PNG images + masks + dataset.json) to ComfyUI/user/__dynasyn/datasets/"
+                   "<name> (a folder ComfyUI does not serve); an existing folder is never overwritten (a number is added). Load it in another workflow with "
                    "DynASyn Load Dataset.")
     CATEGORY = "DynASyn/augment"
     FUNCTION = "save"
@@ -333,7 +384,7 @@ class DynASynSaveDataset:
     def INPUT_TYPES(cls):
         return {"required": {
             "dataset": ("DYNASYN_DATASET", {"tooltip": "From DynASyn Augment or Load Dataset."}),
-            "name": ("STRING", {"default": "dynasyn_dataset", "tooltip": "Folder name under output/dynasyn/datasets."}),
+            "name": ("STRING", {"default": "dynasyn_dataset", "tooltip": "Dataset name (a folder under ComfyUI/user/__dynasyn/datasets): letters, digits, '_', '-', '.'."}),
         }}
 
     def save(self, dataset, name):
@@ -351,7 +402,8 @@ class DynASynSaveDataset:
 
 
 class DynASynLoadDataset:
-    DESCRIPTION = "Reads a dataset folder written by DynASyn Save Dataset (name under output/dynasyn/datasets, or a full path)."
+    DESCRIPTION = ("Reads a dataset written by DynASyn Save Dataset, picked by name from ComfyUI/user/__dynasyn/datasets. "
+                   "Nothing else is read: no paths, every file of the dataset checked to be a PNG inside its folder.")
     CATEGORY = "DynASyn/augment"
     FUNCTION = "load"
     RETURN_TYPES = ("DYNASYN_DATASET", "IMAGE", "STRING")
@@ -360,19 +412,29 @@ class DynASynLoadDataset:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"folder": ("STRING", {"default": "dynasyn_dataset", "tooltip": "Dataset name or folder path."})}}
+        return {"required": {"folder": (list_datasets() or [DEFAULT_DATASET], {"tooltip": (
+            "A dataset written by DynASyn Save Dataset (its name under ComfyUI/user/__dynasyn/datasets; "
+            "'cancelled…' ones hold the pairs of a cancelled Augment).")})}}
 
     @classmethod
     def IS_CHANGED(cls, folder):
-        path = folder if os.path.isabs(folder) else os.path.join(_datasets_dir(), folder)
+        try:
+            path = _dataset_path(folder)  # validated before any filesystem call
+        except DynASynError:
+            return float("nan")
         index = os.path.join(path, "dataset.json")
-        return os.path.getmtime(index) if os.path.isfile(index) else float("nan")
+        if os.path.islink(path) or os.path.islink(index) or not os.path.isfile(index):
+            return float("nan")
+        return os.path.getmtime(index)
 
     def load(self, folder):
         try:
             from ..dynasyn.dataset import load_dataset
 
-            path = folder if os.path.isabs(folder) else os.path.join(_datasets_dir(), folder)
+            path = _dataset_path(folder)
+            if folder not in list_datasets():
+                raise DynASynError(f"There is no dataset named {folder!r} yet: write one with DynASyn Save Dataset "
+                                   "(dynasyn_augment.json), then refresh.")
             pairs = load_dataset(path)
             return {"ui": {"dynasyn_gallery": gallery_ui(pairs)},
                     "result": (pairs, _gallery(pairs), "\n".join(p.class_prompt for p in pairs))}

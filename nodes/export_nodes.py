@@ -39,6 +39,10 @@ class DynASynSaveCheckpoint:
     def IS_CHANGED(cls, model, clip, vae, name, if_exists="new name"):
         # Re-run (instead of answering from ComfyUI's cache) when the target file appears or vanishes,
         # so a queued re-save reports "already exists" or writes a numbered copy.
+        try:
+            validate_export_name(name, "checkpoint")  # before any filesystem call: no existence probe of other paths
+        except Exception:  # noqa: BLE001 - save() reports the bad name
+            return float("nan")
         folder = folder_paths.get_folder_paths("checkpoints")[0]
         return os.path.exists(os.path.join(folder, f"{name}.safetensors"))
 

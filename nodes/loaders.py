@@ -13,24 +13,72 @@ from . import bridge
 from .common import user_error
 
 
+MAX_SCAN_DEPTH = 3          # models/diffusers/<a>/<b>/<c>/model_index.json at the deepest
+MAX_SCAN_DIRS = 2000        # folders looked at per base folder, whatever is below
+_scan_cache: dict = {}
+
+
+def _scan(base: str) -> tuple[list[str], dict[str, int]]:
+    """Diffusers folders under ``base`` (relative names) and the mtimes of the folders looked at.
+
+    Bounded: at most ``MAX_SCAN_DEPTH`` levels and ``MAX_SCAN_DIRS`` folders; a symlinked folder is
+    followed (models are often linked in) but never into a folder already seen (no cycles)."""
+    found, mtimes, seen = [], {}, set()
+    stack = [(base, 0)]
+    while stack and len(mtimes) < MAX_SCAN_DIRS:
+        path, depth = stack.pop()
+        try:
+            real = os.path.realpath(path)
+            if real in seen:
+                continue
+            seen.add(real)
+            mtimes[path] = os.stat(path).st_mtime_ns
+            if path != base and os.path.isfile(os.path.join(path, "model_index.json")):
+                found.append(os.path.relpath(path, base))
+                continue
+            if depth >= MAX_SCAN_DEPTH:
+                continue
+            with os.scandir(path) as it:
+                subs = [e.path for e in it if not e.name.startswith(".") and e.is_dir()]
+        except OSError:
+            continue
+        stack.extend((sub, depth + 1) for sub in sorted(subs, reverse=True))
+    return sorted(found), mtimes
+
+
 def _diffusers_folders() -> list[str]:
+    """The diffusers folders of every models/diffusers path; rescanned only when a folder looked at changed
+    (this runs on every /object_info)."""
     found = []
     for base in folder_paths.get_folder_paths("diffusers"):
         if not os.path.isdir(base):
             continue
-        for root, dirs, files in os.walk(base, followlinks=True):
-            if "model_index.json" in files:
-                found.append(os.path.relpath(root, base))
-                dirs.clear()
-    return sorted(found)
+        cached = _scan_cache.get(base)
+        if cached is not None:
+            try:
+                fresh = all(os.stat(p).st_mtime_ns == m for p, m in cached[1].items())
+            except OSError:
+                fresh = False
+            if not fresh:
+                cached = None
+        if cached is None:
+            cached = _scan_cache[base] = _scan(base)
+        found += cached[0]
+    return sorted(set(found))
 
 
 def _resolve(name: str) -> str:
+    """The folder of a listed diffusers model; anything else (a path, '..', an unlisted name) is refused
+    before it reaches the filesystem."""
+    parts = name.replace("\\", "/").split("/") if isinstance(name, str) else []
+    if not parts or os.path.isabs(name) or any(p in ("", ".", "..") for p in parts) or name not in _diffusers_folders():
+        raise DynASynError(f"{str(name)[:80]!r} is not a diffusers folder of models/diffusers: pick one from the list "
+                           "(put the folder, with model_index.json, into models/diffusers and refresh).")
     for base in folder_paths.get_folder_paths("diffusers"):
         path = os.path.join(base, name)
         if os.path.isfile(os.path.join(path, "model_index.json")):
             return path
-    raise DynASynError(f"No diffusers folder named {name!r} in {', '.join(folder_paths.get_folder_paths('diffusers'))}. "
+    raise DynASynError(f"No diffusers folder named {name!r} in models/diffusers. "
                        "Put the folder (with model_index.json) into models/diffusers and refresh.")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 
 import torch
@@ -16,21 +15,24 @@ import folder_paths
 from ..dynasyn.errors import DynASynError
 from ..dynasyn.export import save_embeddings, unique_name, validate_export_name
 from ..dynasyn.plots import loss_curve_image
+from ..dynasyn.state import remove_owned
 from ..dynasyn.train import MODES, Cancelled, DynASynTrainer, TrainConfig
-from . import bridge
+from . import bridge, paths
 from .common import class_nouns as parse_class_nouns, one_image, subject_masks, user_error
 
 log = logging.getLogger("DynASyn")
 
 
 def _send(event: str, data: dict) -> None:
+    """To the client that queued the prompt only (its ``client_id``), never broadcast to every client."""
     try:
         from server import PromptServer
     except ImportError:
         return
     instance = getattr(PromptServer, "instance", None)
-    if instance is not None:
-        instance.send_sync(event, data)
+    sid = getattr(instance, "client_id", None)  # set by ComfyUI's executor for the running prompt
+    if instance is not None and sid is not None:
+        instance.send_sync(event, data, sid)
 
 
 def _free_run_name(emb_dir: str, run_name: str, n: int) -> str:
@@ -56,7 +58,8 @@ def _scene_template(text: str, n_subjects: int):
 
 
 def _state_dir(run_name: str) -> str:
-    return os.path.join(folder_paths.get_output_directory(), "dynasyn", run_name, "state")
+    # user/__dynasyn/runs/<run>/state: never under output/, which ComfyUI serves and accepts uploads into
+    return paths.state_dir(run_name)
 
 
 class _Released:
@@ -135,7 +138,9 @@ class DynASynTrain:
             "train_text_encoder": ("BOOLEAN", {"default": True, "tooltip": "Phase 2 also trains the text encoder (the paper does)."}),
             "run_name": ("STRING", {"default": "dynasyn", "tooltip": "Names the embeddings (<run>_asset0...) and checkpoint; a number is added if taken."}),
             "save_checkpoint": ("BOOLEAN", {"default": True, "tooltip": "Also write models/checkpoints/<run>.safetensors."}),
-            "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from the state a cancelled run of the same run_name saved."}),
+            "resume": ("BOOLEAN", {"default": True, "tooltip": (
+                "Continue from the state a cancelled run of the same run_name saved (in ComfyUI/user/__dynasyn/runs/<run>). "
+                "Refused, naming what changed, if the picture, masks, class nouns, model or settings differ.")}),
             "preview_every": ("INT", {"default": 50, "min": 0, "max": 10000, "tooltip": "Show the loss curve in the progress bar every N steps (0 = never)."}),
         }, "optional": {
             "dataset": ("DYNASYN_DATASET", {"tooltip": "Augmented (image, prompt, pseudo-mask) pairs for L_AUG."}),
@@ -203,7 +208,7 @@ class DynASynTrain:
             trainer = run.trainer = DynASynTrainer(comps, ref.clone(), [m.clone() for m in masks], nouns, cfg,
                                      augmented=list(dataset or []), device=mm.get_torch_device(), callback=on_step,
                                      should_stop=mm.processing_interrupted, log=lambda m: log.info(m))
-            if resume and os.path.isfile(os.path.join(state_dir, "state.json")):
+            if resume and os.path.isfile(os.path.join(state_dir, "state.json")):  # run_name validated above
                 trainer.load_state(state_dir)
                 log.info("[DynASyn] resuming %s from step %d", run_name, trainer.step)
             try:
@@ -223,6 +228,6 @@ class DynASynTrain:
         if save_checkpoint:
             bridge.save_checkpoint(ckpt_dir, unique_name(ckpt_dir, base), trained_model, trained_clip, vae,
                                    metadata={**meta, "dynasyn.embeddings": " ".join(names)})
-        shutil.rmtree(state_dir, ignore_errors=True)  # finished: the next queue starts a new run
+        remove_owned(state_dir)  # finished: the next queue starts a new run (only a folder the trainer marked)
         curve = loss_curve_image(trainer.history)
         return {"ui": {"text": [prompt]}, "result": (trained_model, trained_clip, prompt, curve)}

@@ -122,7 +122,7 @@ subject first); the picks are stored in subject_prompts and saved with the workf
 2. Describe Subjects: the class nouns ("ball, box"); offline uses them as descriptions, vlm asks a vision model.
 3. Augment Prompts: K scenes of the subjects alone and together (offline generator, or an LLM).
 4. Augment draws each scene, pastes your real subjects in, inpaints the gaps and runs Guided SDE Augmentation (t = 700).
-5. Save Dataset writes output/dynasyn/datasets/dynasyn_dataset (PNG + masks + dataset.json); train from it with \
+5. Save Dataset writes user/__dynasyn/datasets/dynasyn_dataset (PNG + masks + dataset.json); train from it with \
 dynasyn_train.json.
 
 Models: {SD15['name']} in models/checkpoints, {SAM_B['name']} in models/sams."""
@@ -130,7 +130,7 @@ Models: {SD15['name']} in models/checkpoints, {SAM_B['name']} in models/sams."""
 TRAIN_NOTE = """DynASyn, training from a saved dataset folder.
 
 1. LoadImage + LoadImageMask: the same picture and masks the dataset was made from, in subject order.
-2. Load Dataset: the folder name under output/dynasyn/datasets (as written by dynasyn_augment.json).
+2. Load Dataset: pick the dataset (a folder under user/__dynasyn/datasets, as written by dynasyn_augment.json).
 3. Train: class_nouns in mask order; new_prompt is the scene to draw ([1], [2]...). Defaults follow the paper \
 (400 + 400 steps, lr 5e-4 then 2e-6, lambda 1 / 0.01 / 0.01 / 0.01).
 Outputs: models/embeddings/<run>_assetN.safetensors, models/checkpoints/<run>.safetensors, the loss curve, and samples."""

@@ -23,7 +23,9 @@ def server(tmp_path_factory, fake_llm):
     if not chromium() or not shutil.which("node"):
         pytest.fail("The browser tier needs chromium and node: run bash scripts/setup_browser.sh")
     base = fresh_base(tmp_path_factory.mktemp("comfy_browser"))
-    with ComfyServer(base, env={"DYNASYN_API_KEY": SENTINEL_KEY}) as s:
+    # the operator names the (local) VLM host that may receive the key; no other host ever gets it
+    env = {"DYNASYN_API_KEY": SENTINEL_KEY, "DYNASYN_API_HOSTS": f"127.0.0.1:{fake_llm.httpd.server_address[1]}"}
+    with ComfyServer(base, env=env) as s:
         example.write(base / "input")
         prepare_server(s)
         yield s

@@ -104,7 +104,7 @@ def test_no_api_key_in_saved_workflow_or_png(server, fake_llm):
     runs = [h for h in res["history"].values() if h["status"]["status_str"] == "success"
             and any(o.get("images") for o in h["outputs"].values())]
     assert runs, res["history"]
-    # the VLM was really called with the key from the environment...
+    # the VLM the operator named (DYNASYN_API_HOSTS) was really called with the key from the environment...
     assert len(fake_llm.requests) > before
     assert fake_llm.requests[-1]["headers"]["authorization"] == f"Bearer {SENTINEL_KEY}"
     # ...and the key is nowhere the workflow or the picture keeps
@@ -139,7 +139,7 @@ def test_dataset_gallery_shows_the_augmented_images_with_prompts(server):
     res = run_page(server, "queue_graph", {"workflow": built})
     value = res["value"]
     assert res["pageErrors"] == [] and ours(res["consoleErrors"]) == []
-    index = json.loads((server.base / "output" / "dynasyn" / "datasets" / "gallery_ds" / "dataset.json").read_text())
+    index = json.loads((server.base / "user" / "__dynasyn" / "datasets" / "gallery_ds" / "dataset.json").read_text())
     made = len(index["pairs"])
     assert made >= 1
     galleries = {g["type"]: g for g in value["galleries"]}

@@ -231,7 +231,7 @@ def test_augment_keeps_the_finished_pairs_on_any_failure_and_says_where(pack, ti
     failing_augment(pack, error, monkeypatch)
     with pytest.raises(kind) as e:
         pack.nodes.augment_nodes.DynASynAugment().augment(**augment_inputs(pack, tiny))
-    kept = dirs / "output" / "dynasyn" / "datasets" / "failed"
+    kept = dirs / "user" / "__dynasyn" / "datasets" / "failed"
     assert f"The 2 augmented pairs finished before this are kept in {kept}" in str(e.value)
     assert str(error) in str(e.value)
     assert len(_mod("dynasyn.dataset").load_dataset(kept)) == 2
@@ -243,14 +243,14 @@ def test_augment_keeps_the_finished_pairs_on_cancel(pack, tiny, dirs, monkeypatc
     failing_augment(pack, mm.InterruptProcessingException(), monkeypatch, pairs=1)
     with pytest.raises(mm.InterruptProcessingException):
         pack.nodes.augment_nodes.DynASynAugment().augment(**augment_inputs(pack, tiny))
-    assert len(_mod("dynasyn.dataset").load_dataset(dirs / "output" / "dynasyn" / "datasets" / "cancelled")) == 1
+    assert len(_mod("dynasyn.dataset").load_dataset(dirs / "user" / "__dynasyn" / "datasets" / "cancelled")) == 1
 
 
 def test_augment_failure_with_nothing_made_is_the_plain_error(pack, tiny, dirs, monkeypatch):
     failing_augment(pack, ValueError("the sampler broke"), monkeypatch, pairs=0)
     with pytest.raises(RuntimeError, match="ValueError: the sampler broke$"):
         pack.nodes.augment_nodes.DynASynAugment().augment(**augment_inputs(pack, tiny))
-    assert not (dirs / "output" / "dynasyn" / "datasets").exists()
+    assert not (dirs / "user" / "__dynasyn" / "datasets").exists()
 
 
 # ---------------------------------------------------------------------------------------------- item 11

@@ -45,7 +45,7 @@ def test_augmentation_chain_then_dataset_round_trip_and_training(server):
     made = int(report.split()[0])
     # ComfyUI's sampler on the native MODEL: 2 drafts x 3 steps, then per pair <= 3 inpaint + 7 GSA steps
     assert 6 + 7 * made <= int(report.split("(")[1].split()[0]) <= 6 + 10 * made
-    folder = server.base / "output" / "dynasyn" / "datasets" / "it_ds"
+    folder = server.base / "user" / "__dynasyn" / "datasets" / "it_ds"  # read back later: never under output/
     assert entry["outputs"]["8"]["text"][0] == str(folder)
     index = json.loads((folder / "dataset.json").read_text())
     made = int(report.split()[0])
@@ -131,7 +131,7 @@ def test_cancel_keeps_the_pairs_made_so_far(server):
     entry = server.run(g, on_message=on_message)
     assert interrupted and entry["status"]["status_str"] == "error"
     assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"])
-    index = json.loads((server.base / "output" / "dynasyn" / "datasets" / "cancelled" / "dataset.json").read_text())
+    index = json.loads((server.base / "user" / "__dynasyn" / "datasets" / "cancelled" / "dataset.json").read_text())
     assert 1 <= len(index["pairs"]) < 8
     assert "augmentation cancelled" in server.log()
 

@@ -94,9 +94,9 @@ def test_ctrl_c_cancels_cleanly_and_keeps_the_training_state(tmp_path):
             proc.wait()
     assert proc.returncode == 130, stderr[-3000:]
     assert "cancelling" in stderr and "cancelled; what was made so far is under" in stderr
-    state = out / ".comfyui" / "output" / "dynasyn" / "dynasyn" / "state" / "state.json"
+    state = out / ".comfyui" / "user" / "__dynasyn" / "runs" / "dynasyn" / "state" / "state.json"
     assert state.is_file()  # the trainer saved a resumable state
-    assert (out / ".comfyui" / "output" / "dynasyn" / "datasets" / "dynasyn_dataset" / "dataset.json").is_file()
+    assert (out / ".comfyui" / "user" / "__dynasyn" / "datasets" / "dynasyn_dataset" / "dataset.json").is_file()
 
 
 @pytest.mark.realsize

@@ -123,13 +123,14 @@ def test_cancel_saves_state_and_resume_continues(server):
         assert listener.events("execution_interrupted"), server.log()[-3000:]
     finally:
         listener.close()
-    state = server.base / "output" / "dynasyn" / "it_cancel" / "state"
+    state = server.base / "user" / "__dynasyn" / "runs" / "it_cancel" / "state"  # not under the served output/
+    assert not (server.base / "output" / "dynasyn" / "it_cancel").exists()
     meta = json.loads((state / "state.json").read_text())
     assert meta["step"] >= 5
     assert not (server.base / "models" / "embeddings" / "it_cancel_asset0.safetensors").exists()
     resumed = Listener(server)
     try:
-        entry = server.run(train_graph("it_cancel", phase1=3, phase2=meta["step"] + 2))
+        entry = server.run(train_graph("it_cancel", phase1=3, phase2=meta["step"] + 2), client_id=resumed.client_id)
     finally:
         resumed.close()
     assert entry["status"]["status_str"] == "success", execution_error(entry)

@@ -13,17 +13,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FakeOpenAI:
-    def __init__(self):
+    def __init__(self, host: str = "127.0.0.1"):
         self.requests: list[dict] = []   # {"path", "headers", "body"}
         self.replies: list = []          # str content, or dict(status=..., body=..., delay=...)
         self.default = "a red panda"
         handler = self._handler()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.host = host
+        self.httpd = ThreadingHTTPServer((host, 0), handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        return f"http://{self.host}:{self.httpd.server_address[1]}/v1"
 
     def __enter__(self):
         self.thread.start()

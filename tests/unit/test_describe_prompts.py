@@ -98,16 +98,30 @@ def test_offline_description_is_the_class_noun_or_the_users_phrase():
         describe_subjects(image, masks, ["panda"])
 
 
-def test_key_comes_from_env_or_file_never_elsewhere(monkeypatch, tmp_path):
-    for var in ("DYNASYN_API_KEY", "OPENAI_API_KEY"):
+def test_key_comes_from_env_or_file_and_goes_only_to_configured_hosts(monkeypatch, tmp_path):
+    for var in ("DYNASYN_API_KEY", "OPENAI_API_KEY", "DYNASYN_API_HOSTS", "DYNASYN_API_BASE", "DYNASYN_ENDPOINT_HOSTS"):
         monkeypatch.delenv(var, raising=False)
-    assert resolve_api_key("http://127.0.0.1:11434/v1", tmp_path / "none") == "local"
-    with pytest.raises(LLMError, match="DYNASYN_API_KEY"):
-        resolve_api_key("https://api.example.com/v1", tmp_path / "none")
     (tmp_path / "key").write_text("sk-file\n")
-    assert resolve_api_key("https://api.example.com/v1", tmp_path / "key") == "sk-file"
+    # a host the operator did not name gets no key, loopback included, whatever key exists
+    assert resolve_api_key("http://127.0.0.1:11434/v1", tmp_path / "key") is None
+    assert resolve_api_key("https://api.example.com/v1", tmp_path / "key") is None
+    # the default host (OpenAI) gets the key from the file, then from the environment
+    with pytest.raises(LLMError, match="DYNASYN_API_KEY"):
+        resolve_api_key("https://api.openai.com/v1", tmp_path / "none")
+    assert resolve_api_key("https://api.openai.com/v1", tmp_path / "key") == "sk-file"
     monkeypatch.setenv("DYNASYN_API_KEY", "sk-env")
+    assert resolve_api_key("https://api.openai.com/v1", tmp_path / "key") == "sk-env"
+    assert resolve_api_key("https://api.example.com/v1", tmp_path / "key") is None
+    # the operator names hosts: DYNASYN_API_HOSTS replaces the default, DYNASYN_API_BASE adds its host
+    monkeypatch.setenv("DYNASYN_API_HOSTS", "api.example.com, 127.0.0.1:11434")
     assert resolve_api_key("https://api.example.com/v1", tmp_path / "key") == "sk-env"
+    assert resolve_api_key("http://127.0.0.1:11434/v1", tmp_path / "key") == "sk-env"
+    assert resolve_api_key("http://127.0.0.1:1234/v1", tmp_path / "key") is None  # another port, another service
+    assert resolve_api_key("https://api.openai.com/v1", tmp_path / "key") is None
+    monkeypatch.setenv("DYNASYN_API_BASE", "https://llm.corp.example/v1")
+    assert resolve_api_key("https://llm.corp.example/v1", tmp_path / "key") == "sk-env"
+    with pytest.raises(LLMError, match="only sent over https"):
+        resolve_api_key("http://api.example.com/v1", tmp_path / "key")
     with pytest.raises(LLMError, match="credentials"):
         validate_base_url("https://user:pw@api.example.com/v1")
     with pytest.raises(LLMError, match="not an http"):
