@@ -216,7 +216,6 @@ def _create(client, base_url: str, timeout: float, deadline: float, should_stop,
                 time.sleep(min(0.1, end - now))
 
 
-def chat(base_url: str, model: str, messages: list, *, seed: int, api_key: str | None, cache: ReplyCache | None = None,
 def _body(e: Exception) -> str:
     """The reply an API error came with, for the debug log only."""
     try:

@@ -101,8 +101,11 @@ def test_operator_endpoint_allow_list(clean_env, foreign):
     {"status": 403, "body": "INTERNAL-SECRET admin console"},
     {"body": "INTERNAL-SECRET metadata token"},
 ])
-def test_reply_bodies_are_not_echoed_into_errors(clean_env, foreign, reply, caplog):
-    foreign.replies = [reply]
+def test_reply_bodies_are_not_echoed_into_errors(clean_env, foreign, reply, caplog, monkeypatch):
+    import dynasyn.llm
+
+    monkeypatch.setattr(dynasyn.llm, "RETRY_BASE_S", 0.01)  # a 500 is retried: every attempt gets the same reply
+    foreign.replies = [reply] * (dynasyn.llm.RETRIES + 1)
     with caplog.at_level(logging.DEBUG, logger="DynASyn"):
         with pytest.raises(LLMError) as err:
             chat(foreign.base_url, "m", [{"role": "user", "content": "hi"}], seed=0, api_key=None)
