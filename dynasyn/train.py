@@ -11,6 +11,7 @@ which a resumable state is saved.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -226,7 +227,7 @@ class DynASynTrainer:
         vae = c.vae.to(self.device)
         pix = _resize(_image_to_tensor(image), r, "bilinear").to(self.device)
         masks = torch.stack([s.mask for s in self.subjects])[:, None]
-        self.ref_masks = _resize(masks, r, "nearest")[:, 0]                        # [N, r, r]
+        self.ref_masks = _resize(masks, r, "nearest")[:, 0].to(self.device)         # [N, r, r]
         with torch.no_grad():
             self.ref_dist = [vae.encode(p.to(vae.dtype)).latent_dist for p in (pix, pix.flip(-1))]
         self.aug_latents = []
@@ -332,14 +333,18 @@ class DynASynTrainer:
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
         return noisy, t, target
 
+    def _autocast(self, enabled: bool):
+        """Autocast of the trained model's forward pass (a no-op context when off: any device, ``meta`` included)."""
+        if not enabled or self.cfg.mixed_precision not in ("fp16", "bf16"):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.float16 if self.cfg.mixed_precision == "fp16" else torch.bfloat16)
+
     def _maps(self, unet, te, store, prompt, noisy, t, positions, grad: bool, need_pred: bool = True, hidden=None):
         """Cross-attention maps ``[S, r, r]`` of the token ``positions`` for ``prompt`` on ``noisy``.
 
         Without ``need_pred`` the UNet stops after its last hooked layer (attention-only passes).
         """
-        autocast = grad and self.cfg.mixed_precision in ("fp16", "bf16")
-        amp_dtype = torch.float16 if self.cfg.mixed_precision == "fp16" else torch.bfloat16
-        with torch.set_grad_enabled(grad), torch.autocast(self.device.type, dtype=amp_dtype, enabled=autocast):
+        with torch.set_grad_enabled(grad), self._autocast(grad):
             dtype = next(unet.parameters()).dtype
             store.enabled = True
             hidden = self._encode(te, prompt) if hidden is None else hidden
