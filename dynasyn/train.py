@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .attention import (AttentionStore, capture_layers, install_attention_capture, last_layer, remove_attention_capture,
                         run_until_last_capture, token_maps)
+from .devices import OOM_ERRORS, PRECISIONS, cuda_capability, noise_generator, resolve_mixed_precision
 from .distributed import Distributed
 from .dataset import AugmentedPair, ordered_by_prompt, placeholder_prompt
 from .errors import DynASynError
@@ -70,7 +71,7 @@ class TrainConfig:
     flip_p: float = 0.5
     train_text_encoder: bool = True
     gradient_checkpointing: bool = False
-    mixed_precision: str = "no"     # no | fp16 | bf16
+    mixed_precision: str = "auto"   # auto (bf16 on Ampere+, fp16 + loss scaling on older cards, none on CPU) | no | fp16 | bf16
     optimizer: str = "adamw"        # adamw | adamw8bit | adafactor
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -87,6 +88,8 @@ class TrainConfig:
             raise DynASynError(f"Resolution {self.resolution} must be a multiple of 64 (e.g. 512 or 768).")
         if self.optimizer not in ("adamw", "adamw8bit", "adafactor"):
             raise DynASynError(f"Unknown optimizer {self.optimizer!r}; choose adamw, adamw8bit or adafactor.")
+        if self.mixed_precision not in PRECISIONS:
+            raise DynASynError(f"Unknown mixed_precision {self.mixed_precision!r}; choose one of {', '.join(PRECISIONS)}.")
         if self.frozen_dtype not in ("auto", "fp16", "bf16", "fp32"):
             raise DynASynError(f"Unknown frozen_dtype {self.frozen_dtype!r}; choose auto, fp16, bf16 or fp32.")
 
@@ -205,7 +208,12 @@ class DynASynTrainer:
         self.latent_size = config.resolution // comps.vae_scale_factor
         # each process draws its own subsets, flips, noise and timesteps; process 0 is the single-process run
         self.rng = random.Random(config.seed + self.dist.rank)
-        self.gen = torch.Generator("cpu").manual_seed(config.seed + self.dist.rank)
+        self.gen = noise_generator(self.device, config.seed + self.dist.rank)
+        self.precision, note = resolve_mixed_precision(config.mixed_precision, self.device, cuda_capability(self.device),
+                                                       config.fused_backward_step)
+        if note:
+            self.log(f"[DynASyn] {note}")
+        self.scaler = None  # torch.amp.GradScaler under fp16
         if self.dist.active:
             self.log(f"[DynASyn] data parallel on {self.dist.world} processes (gradients averaged every step).")
         self.step = 0
@@ -238,7 +246,7 @@ class DynASynTrainer:
             self.aug_latents.append(dist)
 
     def _sample_latent(self, dist) -> torch.Tensor:
-        noise = torch.randn(dist.mean.shape, generator=self.gen).to(self.device, dist.mean.dtype)
+        noise = torch.randn(dist.mean.shape, generator=self.gen, device=self.gen.device).to(self.device, dist.mean.dtype)
         return (dist.mean + dist.std * noise) * self.c.scaling_factor
 
     # ------------------------------------------------------------------ models
@@ -309,6 +317,7 @@ class DynASynTrainer:
                 c.text_encoder.gradient_checkpointing_enable()
         self.params = params
         self.optimizer = self._make_optimizer(params, lr)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
     def _make_optimizer(self, params, lr):
         if isinstance(self.optimizer, FusedBackwardOptimizer):
@@ -327,17 +336,17 @@ class DynASynTrainer:
 
     def _noisy(self, latents: torch.Tensor):
         sched = self.c.noise_scheduler
-        noise = torch.randn(latents.shape, generator=self.gen).to(self.device, latents.dtype)
-        t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=self.gen).to(self.device)
+        noise = torch.randn(latents.shape, generator=self.gen, device=self.gen.device).to(self.device, latents.dtype)
+        t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=self.gen, device=self.gen.device).to(self.device)
         noisy = sched.add_noise(latents, noise, t)
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
         return noisy, t, target
 
     def _autocast(self, enabled: bool):
         """Autocast of the trained model's forward pass (a no-op context when off: any device, ``meta`` included)."""
-        if not enabled or self.cfg.mixed_precision not in ("fp16", "bf16"):
+        if not enabled or self.precision not in ("fp16", "bf16"):
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.float16 if self.cfg.mixed_precision == "fp16" else torch.bfloat16)
+        return torch.autocast(self.device.type, dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16)
 
     def _maps(self, unet, te, store, prompt, noisy, t, positions, grad: bool, need_pred: bool = True, hidden=None):
         """Cross-attention maps ``[S, r, r]`` of the token ``positions`` for ``prompt`` on ``noisy``.
@@ -385,47 +394,72 @@ class DynASynTrainer:
         if self.use_aug:
             terms["aug"] = (cfg.lambda_aug, self._augmentation_term())
         loss = sum(w * v for w, v in terms.values())
-        mean_loss = self.dist.mean(loss)  # every process must agree before any of them stops
-        if not torch.isfinite(mean_loss):
-            raise NonFiniteLoss(f"The loss became {mean_loss.item()} at step {self.step + 1} "
-                                f"({', '.join(f'{k}={v.item():.4g}' for k, (_, v) in terms.items())}). Lower the learning "
-                                "rate or use mixed_precision 'no'; the last good state was kept.")
         self.optimizer.zero_grad(set_to_none=True)
-        if isinstance(self.optimizer, FusedBackwardOptimizer):
-            self._fused_backward(loss)
+        fused = isinstance(self.optimizer, FusedBackwardOptimizer)
+        bad_grads = self._fused_backward(loss) if fused else self._backward(loss)
+        # one host sync per step: the loss, its terms and the gradients' check read together, after backward
+        # (every process agrees on them before any stops); nothing has reached the weights unless fused
+        values = self.dist.mean(torch.stack([loss.detach().float(), *(v.detach().float() for _, v in terms.values()),
+                                             bad_grads.float()])).tolist()
+        mean_loss, term_values, grad_check = values[0], dict(zip(terms, values[1:-1])), values[-1]
+        if not math.isfinite(mean_loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(f"The loss became {mean_loss} at step {self.step + 1} "
+                                f"({', '.join(f'{k}={v:.4g}' for k, v in term_values.items())}). Lower the learning "
+                                "rate or use mixed_precision 'no'; the last good state was kept.")
+        if fused:
+            if grad_check:
+                self.optimizer.zero_grad()
+                raise NonFiniteLoss(f"Gradients became non-finite at step {self.step + 1}; from the first of them on, "
+                                    "tensors were not updated (with fused_backward_step the others already were). Lower "
+                                    "the learning rate or use mixed_precision 'no'.")
         else:
-            self._backward_and_step(loss)
+            self._step(grad_check)
         if self.phase == 1:  # only the placeholder rows may change (Break-a-Scene restores the rest)
             with torch.no_grad():
                 emb = c.text_encoder.get_input_embeddings().weight
-                keep = torch.ones(emb.shape[0], dtype=torch.bool, device=emb.device)
-                keep[self.token_ids] = False
-                emb[keep] = self.orig_embeddings[keep]
+                if getattr(self, "_keep_rows", None) is None or self._keep_rows.shape[0] != emb.shape[0]:
+                    keep = torch.ones(emb.shape[0], dtype=torch.bool)
+                    keep[self.token_ids] = False
+                    self._keep_rows = keep.to(emb.device)[:, None]
+                emb.copy_(torch.where(self._keep_rows, self.orig_embeddings, emb))  # no boolean indexing: no sync
         self.step += 1
-        return StepLog(self.step, self.phase, float(mean_loss.item()),
-                       {k: float(self.dist.mean(v).item()) for k, (_, v) in terms.items()},
+        return StepLog(self.step, self.phase, float(mean_loss), term_values,
                        self.optimizer.param_groups[0]["lr"], [self.subjects[i].token for i in subset])
 
-    def _backward_and_step(self, loss: torch.Tensor) -> None:
+    def _backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """Backward (loss-scaled under fp16), gradients averaged and clipped; returns the gradient norm (on the device)."""
         cfg = self.cfg
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
         self.dist.average_gradients(self.params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        if not torch.isfinite(grad_norm):  # never let a non-finite update reach the weights
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLoss(f"The gradients became {grad_norm.item()} at step {self.step + 1}. Lower the learning "
-                                "rate or use mixed_precision 'no'; the last good state was kept.")
-        self.optimizer.step()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        return torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
 
-    def _fused_backward(self, loss: torch.Tensor) -> None:
-        """Each tensor is updated by its hook during backward (no global clipping possible)."""
+    def _step(self, grad_norm: float) -> None:
+        """The optimizer step unless the gradients are non-finite: under fp16 that is an overflow and the step is
+        skipped (the loss scale shrinks); otherwise training stops with the last good weights."""
+        finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.scaler.update()  # halves the scale after an overflow, grows it after a run of good steps
+            if not finite:
+                self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
+                self.log(f"[DynASyn] fp16 gradients overflowed at step {self.step + 1}: step skipped, loss scale lowered.")
+            return
+        if not finite:  # never let a non-finite update reach the weights
+            raise NonFiniteLoss(f"The gradients became {grad_norm} at step {self.step + 1}. Lower the learning "
+                                "rate or use mixed_precision 'no'; the last good state was kept.")
+
+    def _fused_backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """Each tensor is updated by its hook during backward (no global clipping possible); returns the device flag
+        of a non-finite loss or gradient."""
+        self.optimizer.begin(loss)
         loss.backward()
-        if self.optimizer.non_finite:
-            bad = len(self.optimizer.non_finite)
-            self.optimizer.zero_grad()
-            raise NonFiniteLoss(f"{bad} gradient tensors became non-finite at step {self.step + 1} and were not applied "
-                                "(with fused_backward_step the other tensors were already updated). Lower the learning "
-                                "rate or use mixed_precision 'no'.")
+        return self.optimizer.found_inf
 
     def _augmentation_term(self) -> torch.Tensor:
         """L_AUG on one augmented pair: attention only, no reconstruction loss."""
@@ -466,7 +500,7 @@ class DynASynTrainer:
                         self.save_state(state_dir)
                         raise NonFiniteLoss(f"{e} Resumable state of step {self.step}: {state_dir}.") from None
                     raise
-                except torch.OutOfMemoryError as e:
+                except OOM_ERRORS as e:
                     self.optimizer.zero_grad(set_to_none=True)
                     raise OutOfMemory(f"Out of memory at step {self.step + 1} ({self.device.type}): {MEMORY_ADVICE}.") from e
                 self.history.append(entry)
@@ -541,7 +575,7 @@ class DynASynTrainer:
             raise DynASynError(f"The saved state in {folder} belongs to other subjects ({meta['class_nouns']}).")
         self.c.unet.load_state_dict(load_file(folder / "unet.safetensors"))
         self.c.text_encoder.load_state_dict(load_file(folder / "text_encoder.safetensors"))
-        extra = torch.load(folder / "trainer.pt", weights_only=False)
+        extra = torch.load(folder / "trainer.pt", weights_only=False, map_location="cpu")  # any device saved it; moved below
         self.step = meta["step"]
         self.history = [StepLog(**h) for h in meta["history"]]
         if meta["phase"] is not None:
