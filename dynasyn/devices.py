@@ -61,3 +61,27 @@ def noise_generator(device: torch.device, seed: int) -> torch.Generator:
     if device.type == "cuda":
         return torch.Generator(device=device).manual_seed(seed)
     return torch.Generator("cpu").manual_seed(seed)
+
+
+def enable_gradient_checkpointing(unet, text_encoder) -> None:
+    """Non-reentrant activation checkpointing in the UNet and the text encoder.
+
+    The reentrant kind (transformers 4.x's default) runs a nested backward per checkpointed block: under
+    ``fused_backward_step`` a text-encoder tensor's gradient hook then fires (and steps) more than once per
+    iteration, and tensors recorded inside a block (the captured attention maps) lose their graph.
+    transformers >= 5 names the switch ``activation_checkpointing_enable``; 4.35+ ``gradient_checkpointing_enable``.
+    """
+    import functools
+    import inspect
+
+    from torch.utils.checkpoint import checkpoint
+
+    kw = {"use_reentrant": False}
+    if "gradient_checkpointing_func" in inspect.signature(unet.enable_gradient_checkpointing).parameters:
+        unet.enable_gradient_checkpointing(gradient_checkpointing_func=functools.partial(checkpoint, **kw))
+    else:  # diffusers < 0.32 checkpoints its blocks non-reentrantly by itself
+        unet.enable_gradient_checkpointing()
+    if hasattr(text_encoder, "activation_checkpointing_enable"):
+        text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)

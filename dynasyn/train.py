@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from .attention import (AttentionStore, capture_layers, install_attention_capture, last_layer, remove_attention_capture,
                         run_until_last_capture, token_maps)
-from .devices import OOM_ERRORS, PRECISIONS, cuda_capability, noise_generator, resolve_mixed_precision
+from .devices import (OOM_ERRORS, PRECISIONS, cuda_capability, enable_gradient_checkpointing, noise_generator,
+                      resolve_mixed_precision)
 from .distributed import Distributed
 from .dataset import AugmentedPair, ordered_by_prompt, placeholder_prompt
 from .errors import DynASynError
@@ -312,9 +313,8 @@ class DynASynTrainer:
             c.text_encoder.get_input_embeddings().weight.requires_grad_(True)
             params = [p for p in list(c.unet.parameters()) + list(c.text_encoder.parameters()) if p.requires_grad]
             lr = cfg.phase2_lr
-            if cfg.gradient_checkpointing:
-                c.unet.enable_gradient_checkpointing()
-                c.text_encoder.gradient_checkpointing_enable()
+        if cfg.gradient_checkpointing:  # phase 1 too: its backward runs through the whole UNet as well
+            enable_gradient_checkpointing(c.unet, c.text_encoder)
         self.params = params
         self.optimizer = self._make_optimizer(params, lr)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
