@@ -242,3 +242,25 @@ def test_out_of_memory_on_older_torch_is_caught(monkeypatch):
     t.training_step = oom
     with pytest.raises(DynASynError, match="Out of memory at step 1"):
         t.train()
+
+
+# ---------------------------------------------------------------- attention precision
+
+
+@pytest.mark.parametrize("upcast", [True, False])
+def test_captured_attention_honours_fp32_attention_under_autocast(upcast):
+    """SD 2.x asks for fp32 attention (ComfyUI's attn_precision, diffusers' upcast_attention): autocast would run
+    the capture processor's score product in bf16/fp16 anyway; the scores must stay fp32."""
+    from diffusers.models.attention_processor import Attention
+
+    from dynasyn.attention import AttentionStore, CaptureAttnProcessor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=16, heads=2, dim_head=16, upcast_attention=upcast)
+    store = AttentionStore()
+    attn.set_processor(CaptureAttnProcessor(store, "layer"))
+    x, ctx = torch.randn(1, 16, 32), torch.randn(1, 7, 16)
+    store.enabled = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attn(x, encoder_hidden_states=ctx)
+    assert store.maps["layer"].dtype == (torch.float32 if upcast else torch.bfloat16)
