@@ -245,6 +245,8 @@ class DynASynTrainer:
             with torch.no_grad():
                 dist = vae.encode(apix.to(vae.dtype)).latent_dist
             self.aug_latents.append(dist)
+        if self.device.type not in ("cpu", "meta"):
+            c.vae.to("cpu")  # only needed for these encodings: its weights leave the device
 
     def _sample_latent(self, dist) -> torch.Tensor:
         noise = torch.randn(dist.mean.shape, generator=self.gen, device=self.gen.device).to(self.device, dist.mean.dtype)
