@@ -211,6 +211,9 @@ def preflight(size: ModelSize, cfg, preset: str, free_bytes: int | None, **kw):
     if est.total > free_bytes:
         smaller = [dict(resolution=r) for r in (448, 384) if r < cfg.resolution]
         hints = [f"memory_preset '{n}' ({estimate(size, apply_preset(cfg, n), **kw).gib:.1f} GiB)" for n in fits]
+        if est.parts["frozen"] and est.total - est.parts["frozen"] <= free_bytes:
+            hints.append("a mode without the frozen base model (break_a_scene, dynasyn_md, dynasyn_act without a "
+                         f"dataset: {(est.total - est.parts['frozen']) / GIB:.1f} GiB)")
         for change in smaller:
             low = replace(chosen, **change)
             if estimate(size, low, **kw).total <= free_bytes:

@@ -72,6 +72,8 @@ def test_preflight_picks_the_largest_preset_that_fits_and_refuses_up_front():
         preflight(size, cfg, "24 GB (paper)", 11 * GIB)
     with pytest.raises(DynASynError, match="No memory preset fits"):
         preflight(size, cfg, "auto", 4 * GIB)
+    with pytest.raises(DynASynError, match="a mode without the frozen base model"):  # SD 1.5 DynASyn on an 8 GB card
+        preflight(size, cfg, "auto", 7.4 * GIB)
     with pytest.raises(DynASynError, match="Unknown memory preset"):
         preflight(size, cfg, "16 GB", 11 * GIB)
     custom, _, _ = preflight(size, cfg, "custom", None)  # no free-memory figure (CPU): the switches as set
