@@ -100,7 +100,7 @@ class FusedBackwardOptimizer:
         opt.step()
         p.copy_(torch.where(skip, old, p))
         for k, v in opt.state[p].items():
-            if torch.is_tensor(v):  # state made by this first step goes back to its (zero) start
+            if torch.is_tensor(v) and v.device == p.device:  # state made by this first step goes back to zero
                 v.copy_(torch.where(skip, before[k] if k in before else torch.zeros_like(v), v))
 
     @property
