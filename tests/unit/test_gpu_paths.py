@@ -264,3 +264,20 @@ def test_captured_attention_honours_fp32_attention_under_autocast(upcast):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         attn(x, encoder_hidden_states=ctx)
     assert store.maps["layer"].dtype == (torch.float32 if upcast else torch.bfloat16)
+
+
+def test_resume_loads_onto_the_cpu_first(tmp_path, monkeypatch):
+    """A state saved on a GPU loads on any machine: torch.load maps it to the CPU, then tensors move to the device."""
+    t = cpu_trainer()
+    t._setup_phase(1)
+    t.save_state(tmp_path / "state")
+    seen = []
+    real = torch.load
+
+    def load(*a, **k):
+        seen.append(k.get("map_location"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "load", load)
+    cpu_trainer().load_state(tmp_path / "state")
+    assert seen == ["cpu"]
