@@ -9,6 +9,7 @@ touch them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterable
 
@@ -78,7 +79,7 @@ class CaptureAttnProcessor:
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
         query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
-        probs = attn.get_attention_scores(query, key, attention_mask)  # [B*heads, HW, T]
+        probs = attention_probs(attn, query, key, attention_mask)  # [B*heads, HW, T]
         self.store.record(self.layer, probs, attn.heads)
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
@@ -87,6 +88,22 @@ class CaptureAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+_AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps")
+
+
+def attention_probs(attn, query: torch.Tensor, key: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    """``attn.get_attention_scores``, in fp32 when the model asks for it (``upcast_attention``: SD 2.x, ComfyUI's
+    ``attn_precision`` fp32) also under autocast, which would otherwise run the score product in fp16 / bf16
+    whatever the inputs' dtype (SD 2.x's scores overflow fp16)."""
+    if not getattr(attn, "upcast_attention", False):
+        return attn.get_attention_scores(query, key, attention_mask)
+    dev = query.device.type
+    off = torch.autocast(dev, enabled=False) if dev in _AUTOCAST_DEVICES else contextlib.nullcontext()
+    with off:
+        mask = attention_mask.float() if attention_mask is not None else None
+        return attn.get_attention_scores(query.float(), key.float(), mask)
 
 
 def cross_attention_resolutions(unet, latent_size: int) -> dict[str, int]:

@@ -59,7 +59,7 @@ class Distributed:
         if not self.active:
             return value
         from accelerate.utils import reduce
-        return reduce(value.detach().reshape(1), "mean")[0]
+        return reduce(value.detach().reshape(-1), "mean").reshape(value.shape)
 
     def any(self, flag: bool, device) -> bool:
         """True on every process when ``flag`` is true on any (so Cancel stops all of them together)."""

@@ -4,7 +4,14 @@
 post-accumulate-grad hook the moment its gradient is ready, then frees that gradient, so the
 full set of fp32 gradients (4.8 GB for SD 2.x UNet + text encoder) never exists at once. The
 price: no global gradient-norm clipping (there is never a moment with every gradient), and a
-non-finite gradient found mid-backward can only skip that tensor's update, not the whole step.
+non-finite gradient found mid-backward can only skip that tensor's update (and every later one), not the
+whole step.
+
+No host sync per tensor: finiteness is accumulated on the device into one flag per step (seeded with the
+loss's own finiteness, so a non-finite loss applies nothing), and each update is skipped on the device
+when the flag is set: fused AdamW takes the flag as ``found_inf`` (its kernel skips the update), any
+other optimizer's update is undone with ``torch.where`` from a copy of that one tensor and its state.
+The trainer reads the flag once, after backward.
 """
 
 from __future__ import annotations
@@ -16,8 +23,12 @@ import torch
 from .errors import DynASynError
 
 
-def make_optimizer(params: Sequence[torch.Tensor], lr: float, cfg) -> torch.optim.Optimizer:
-    """``cfg``: a TrainConfig (optimizer name, Adam betas, weight decay, epsilon)."""
+def make_optimizer(params: Sequence[torch.Tensor], lr: float, cfg, fused: bool | None = None) -> torch.optim.Optimizer:
+    """``cfg``: a TrainConfig (optimizer name, Adam betas, weight decay, epsilon).
+
+    AdamW is the fused single-kernel version on CUDA (``fused`` None = when the tensors are on CUDA): the
+    default foreach path holds a second copy of the weights during each step.
+    """
     if cfg.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -31,41 +42,73 @@ def make_optimizer(params: Sequence[torch.Tensor], lr: float, cfg) -> torch.opti
         # beta1=None: no first moment, only the factored second moment (row + column statistics)
         return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
                          weight_decay=cfg.adam_weight_decay)
+    params = list(params)
+    if fused is None:
+        fused = bool(params) and all(p.is_cuda for p in params)
+    kw = dict(fused=True) if fused else {}
     return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+                             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, **kw)
+
+
+def _takes_found_inf(opt) -> bool:
+    return isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) and bool(opt.defaults.get("fused"))
 
 
 class FusedBackwardOptimizer:
     """One optimizer per tensor, stepped from its gradient hook during ``loss.backward()``.
 
     Looks like an optimizer to the trainer (``zero_grad``, ``step``, ``param_groups``,
-    ``state_dict``); ``step`` does nothing because the updates already happened.
+    ``state_dict``); ``step`` does nothing because the updates already happened. Call ``begin(loss)``
+    before ``loss.backward()``; ``found_inf`` is then a device flag, true when the loss or any gradient
+    was non-finite (the tensors from the first bad one on were not updated).
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], lr: float, cfg):
+    def __init__(self, params: Sequence[torch.Tensor], lr: float, cfg, fused: bool | None = None):
         self.params = list(params)
-        self.optimizers = [make_optimizer([p], lr, cfg) for p in self.params]
-        self.non_finite: list[int] = []
+        self.optimizers = [make_optimizer([p], lr, cfg, fused=fused) for p in self.params]
+        self.found_inf: torch.Tensor | None = None
         self.enabled = True
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
+
+    def begin(self, loss: torch.Tensor) -> None:
+        self.found_inf = ~torch.isfinite(loss.detach()).reshape(())
 
     def _hook(self, index: int):
         def step_now(p: torch.Tensor) -> None:
             if not self.enabled:
                 return
-            if not torch.isfinite(p.grad).all():
-                self.non_finite.append(index)  # skip this tensor; the trainer reports it after backward
-            else:
-                self.optimizers[index].step()
+            bad = ~torch.isfinite(p.grad).all()
+            self.found_inf = bad if self.found_inf is None else self.found_inf | bad
+            self._step_unless(self.optimizers[index], p, self.found_inf)
             p.grad = None
         return step_now
+
+    @staticmethod
+    @torch.no_grad()
+    def _step_unless(opt, p: torch.Tensor, skip: torch.Tensor) -> None:
+        """``opt.step()`` unless the device flag ``skip`` is set, without reading it on the host."""
+        if _takes_found_inf(opt):
+            opt.found_inf = skip.float()  # the fused kernel leaves weights, moments and step count as they were
+            try:
+                opt.step()
+            finally:
+                del opt.found_inf
+            return
+        state = opt.state.get(p, {})
+        before = {k: v.clone() for k, v in state.items() if torch.is_tensor(v)}
+        old = p.detach().clone()
+        opt.step()
+        p.copy_(torch.where(skip, old, p))
+        for k, v in opt.state[p].items():
+            if torch.is_tensor(v) and v.device == p.device:  # state made by this first step goes back to zero
+                v.copy_(torch.where(skip, before[k] if k in before else torch.zeros_like(v), v))
 
     @property
     def param_groups(self):
         return self.optimizers[0].param_groups
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.non_finite.clear()
+        self.found_inf = None
         for p in self.params:
             p.grad = None
 

@@ -11,6 +11,7 @@ which a resumable state is saved.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 
 from .attention import (AttentionStore, capture_layers, install_attention_capture, last_layer, remove_attention_capture,
                         run_until_last_capture, token_maps)
+from .devices import (OOM_ERRORS, PRECISIONS, cuda_capability, enable_gradient_checkpointing, noise_generator,
+                      resolve_mixed_precision)
 from .distributed import Distributed
 from .dataset import AugmentedPair, ordered_by_prompt, placeholder_prompt
 from .errors import DynASynError
@@ -70,7 +73,7 @@ class TrainConfig:
     flip_p: float = 0.5
     train_text_encoder: bool = True
     gradient_checkpointing: bool = False
-    mixed_precision: str = "no"     # no | fp16 | bf16
+    mixed_precision: str = "auto"   # auto (bf16 on Ampere+, fp16 + loss scaling on older cards, none on CPU) | no | fp16 | bf16
     optimizer: str = "adamw"        # adamw | adamw8bit | adafactor
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -87,6 +90,8 @@ class TrainConfig:
             raise DynASynError(f"Resolution {self.resolution} must be a multiple of 64 (e.g. 512 or 768).")
         if self.optimizer not in ("adamw", "adamw8bit", "adafactor"):
             raise DynASynError(f"Unknown optimizer {self.optimizer!r}; choose adamw, adamw8bit or adafactor.")
+        if self.mixed_precision not in PRECISIONS:
+            raise DynASynError(f"Unknown mixed_precision {self.mixed_precision!r}; choose one of {', '.join(PRECISIONS)}.")
         if self.frozen_dtype not in ("auto", "fp16", "bf16", "fp32"):
             raise DynASynError(f"Unknown frozen_dtype {self.frozen_dtype!r}; choose auto, fp16, bf16 or fp32.")
 
@@ -207,7 +212,12 @@ class DynASynTrainer:
         self.latent_size = config.resolution // comps.vae_scale_factor
         # each process draws its own subsets, flips, noise and timesteps; process 0 is the single-process run
         self.rng = random.Random(config.seed + self.dist.rank)
-        self.gen = torch.Generator("cpu").manual_seed(config.seed + self.dist.rank)
+        self.gen = noise_generator(self.device, config.seed + self.dist.rank)
+        self.precision, note = resolve_mixed_precision(config.mixed_precision, self.device, cuda_capability(self.device),
+                                                       config.fused_backward_step)
+        if note:
+            self.log(f"[DynASyn] {note}")
+        self.scaler = None  # torch.amp.GradScaler under fp16
         if self.dist.active:
             self.log(f"[DynASyn] data parallel on {self.dist.world} processes (gradients averaged every step).")
         self.step = 0
@@ -229,7 +239,7 @@ class DynASynTrainer:
         vae = c.vae.to(self.device)
         pix = _resize(_image_to_tensor(image), r, "bilinear").to(self.device)
         masks = torch.stack([s.mask for s in self.subjects])[:, None]
-        self.ref_masks = _resize(masks, r, "nearest")[:, 0]                        # [N, r, r]
+        self.ref_masks = _resize(masks, r, "nearest")[:, 0].to(self.device)         # [N, r, r]
         with torch.no_grad():
             self.ref_dist = [vae.encode(p.to(vae.dtype)).latent_dist for p in (pix, pix.flip(-1))]
         self.aug_latents = []
@@ -238,9 +248,11 @@ class DynASynTrainer:
             with torch.no_grad():
                 dist = vae.encode(apix.to(vae.dtype)).latent_dist
             self.aug_latents.append(dist)
+        if self.device.type not in ("cpu", "meta"):
+            c.vae.to("cpu")  # only needed for these encodings: its weights leave the device
 
     def _sample_latent(self, dist) -> torch.Tensor:
-        noise = torch.randn(dist.mean.shape, generator=self.gen).to(self.device, dist.mean.dtype)
+        noise = torch.randn(dist.mean.shape, generator=self.gen, device=self.gen.device).to(self.device, dist.mean.dtype)
         return (dist.mean + dist.std * noise) * self.c.scaling_factor
 
     # ------------------------------------------------------------------ models
@@ -306,11 +318,11 @@ class DynASynTrainer:
             c.text_encoder.get_input_embeddings().weight.requires_grad_(True)
             params = [p for p in list(c.unet.parameters()) + list(c.text_encoder.parameters()) if p.requires_grad]
             lr = cfg.phase2_lr
-            if cfg.gradient_checkpointing:
-                c.unet.enable_gradient_checkpointing()
-                c.text_encoder.gradient_checkpointing_enable()
+        if cfg.gradient_checkpointing:  # phase 1 too: its backward runs through the whole UNet as well
+            enable_gradient_checkpointing(c.unet, c.text_encoder)
         self.params = params
         self.optimizer = self._make_optimizer(params, lr)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
     def _make_optimizer(self, params, lr):
         if isinstance(self.optimizer, FusedBackwardOptimizer):
@@ -329,20 +341,24 @@ class DynASynTrainer:
 
     def _noisy(self, latents: torch.Tensor):
         sched = self.c.noise_scheduler
-        noise = torch.randn(latents.shape, generator=self.gen).to(self.device, latents.dtype)
-        t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=self.gen).to(self.device)
+        noise = torch.randn(latents.shape, generator=self.gen, device=self.gen.device).to(self.device, latents.dtype)
+        t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=self.gen, device=self.gen.device).to(self.device)
         noisy = sched.add_noise(latents, noise, t)
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
         return noisy, t, target
+
+    def _autocast(self, enabled: bool):
+        """Autocast of the trained model's forward pass (a no-op context when off: any device, ``meta`` included)."""
+        if not enabled or self.precision not in ("fp16", "bf16"):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16)
 
     def _maps(self, unet, te, store, prompt, noisy, t, positions, grad: bool, need_pred: bool = True, hidden=None):
         """Cross-attention maps ``[S, r, r]`` of the token ``positions`` for ``prompt`` on ``noisy``.
 
         Without ``need_pred`` the UNet stops after its last hooked layer (attention-only passes).
         """
-        autocast = grad and self.cfg.mixed_precision in ("fp16", "bf16")
-        amp_dtype = torch.float16 if self.cfg.mixed_precision == "fp16" else torch.bfloat16
-        with torch.set_grad_enabled(grad), torch.autocast(self.device.type, dtype=amp_dtype, enabled=autocast):
+        with torch.set_grad_enabled(grad), self._autocast(grad):
             dtype = next(unet.parameters()).dtype
             store.enabled = True
             hidden = self._encode(te, prompt) if hidden is None else hidden
@@ -383,47 +399,72 @@ class DynASynTrainer:
         if self.use_aug:
             terms["aug"] = (cfg.lambda_aug, self._augmentation_term())
         loss = sum(w * v for w, v in terms.values())
-        mean_loss = self.dist.mean(loss)  # every process must agree before any of them stops
-        if not torch.isfinite(mean_loss):
-            raise NonFiniteLoss(f"The loss became {mean_loss.item()} at step {self.step + 1} "
-                                f"({', '.join(f'{k}={v.item():.4g}' for k, (_, v) in terms.items())}). Lower the learning "
-                                "rate or use mixed_precision 'no'; the last good state was kept.")
         self.optimizer.zero_grad(set_to_none=True)
-        if isinstance(self.optimizer, FusedBackwardOptimizer):
-            self._fused_backward(loss)
+        fused = isinstance(self.optimizer, FusedBackwardOptimizer)
+        bad_grads = self._fused_backward(loss) if fused else self._backward(loss)
+        # one host sync per step: the loss, its terms and the gradients' check read together, after backward
+        # (every process agrees on them before any stops); nothing has reached the weights unless fused
+        values = self.dist.mean(torch.stack([loss.detach().float(), *(v.detach().float() for _, v in terms.values()),
+                                             bad_grads.float()])).tolist()
+        mean_loss, term_values, grad_check = values[0], dict(zip(terms, values[1:-1])), values[-1]
+        if not math.isfinite(mean_loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(f"The loss became {mean_loss} at step {self.step + 1} "
+                                f"({', '.join(f'{k}={v:.4g}' for k, v in term_values.items())}). Lower the learning "
+                                "rate or use mixed_precision 'no'; the last good state was kept.")
+        if fused:
+            if grad_check:
+                self.optimizer.zero_grad()
+                raise NonFiniteLoss(f"Gradients became non-finite at step {self.step + 1}; from the first of them on, "
+                                    "tensors were not updated (with fused_backward_step the others already were). Lower "
+                                    "the learning rate or use mixed_precision 'no'.")
         else:
-            self._backward_and_step(loss)
+            self._step(grad_check)
         if self.phase == 1:  # only the placeholder rows may change (Break-a-Scene restores the rest)
             with torch.no_grad():
                 emb = c.text_encoder.get_input_embeddings().weight
-                keep = torch.ones(emb.shape[0], dtype=torch.bool, device=emb.device)
-                keep[self.token_ids] = False
-                emb[keep] = self.orig_embeddings[keep]
+                if getattr(self, "_keep_rows", None) is None or self._keep_rows.shape[0] != emb.shape[0]:
+                    keep = torch.ones(emb.shape[0], dtype=torch.bool)
+                    keep[self.token_ids] = False
+                    self._keep_rows = keep.to(emb.device)[:, None]
+                emb.copy_(torch.where(self._keep_rows, self.orig_embeddings, emb))  # no boolean indexing: no sync
         self.step += 1
-        return StepLog(self.step, self.phase, float(mean_loss.item()),
-                       {k: float(self.dist.mean(v).item()) for k, (_, v) in terms.items()},
+        return StepLog(self.step, self.phase, float(mean_loss), term_values,
                        self.optimizer.param_groups[0]["lr"], [self.subjects[i].token for i in subset])
 
-    def _backward_and_step(self, loss: torch.Tensor) -> None:
+    def _backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """Backward (loss-scaled under fp16), gradients averaged and clipped; returns the gradient norm (on the device)."""
         cfg = self.cfg
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
         self.dist.average_gradients(self.params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        if not torch.isfinite(grad_norm):  # never let a non-finite update reach the weights
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLoss(f"The gradients became {grad_norm.item()} at step {self.step + 1}. Lower the learning "
-                                "rate or use mixed_precision 'no'; the last good state was kept.")
-        self.optimizer.step()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        return torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
 
-    def _fused_backward(self, loss: torch.Tensor) -> None:
-        """Each tensor is updated by its hook during backward (no global clipping possible)."""
+    def _step(self, grad_norm: float) -> None:
+        """The optimizer step unless the gradients are non-finite: under fp16 that is an overflow and the step is
+        skipped (the loss scale shrinks); otherwise training stops with the last good weights."""
+        finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.scaler.update()  # halves the scale after an overflow, grows it after a run of good steps
+            if not finite:
+                self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
+                self.log(f"[DynASyn] fp16 gradients overflowed at step {self.step + 1}: step skipped, loss scale lowered.")
+            return
+        if not finite:  # never let a non-finite update reach the weights
+            raise NonFiniteLoss(f"The gradients became {grad_norm} at step {self.step + 1}. Lower the learning "
+                                "rate or use mixed_precision 'no'; the last good state was kept.")
+
+    def _fused_backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """Each tensor is updated by its hook during backward (no global clipping possible); returns the device flag
+        of a non-finite loss or gradient."""
+        self.optimizer.begin(loss)
         loss.backward()
-        if self.optimizer.non_finite:
-            bad = len(self.optimizer.non_finite)
-            self.optimizer.zero_grad()
-            raise NonFiniteLoss(f"{bad} gradient tensors became non-finite at step {self.step + 1} and were not applied "
-                                "(with fused_backward_step the other tensors were already updated). Lower the learning "
-                                "rate or use mixed_precision 'no'.")
+        return self.optimizer.found_inf
 
     def _augmentation_term(self) -> torch.Tensor:
         """L_AUG on one augmented pair: attention only, no reconstruction loss."""
@@ -464,7 +505,7 @@ class DynASynTrainer:
                         self.save_state(state_dir)
                         raise NonFiniteLoss(f"{e} Resumable state of step {self.step}: {state_dir}.") from None
                     raise
-                except torch.OutOfMemoryError as e:
+                except OOM_ERRORS as e:
                     self.optimizer.zero_grad(set_to_none=True)
                     raise OutOfMemory(f"Out of memory at step {self.step + 1} ({self.device.type}): {MEMORY_ADVICE}.") from e
                 self.history.append(entry)

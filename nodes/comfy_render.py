@@ -67,7 +67,7 @@ class NativeAttentionCapture:
 
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
-        out = optimized_attention(q, k, v, heads)
+        out = optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"))  # SD 2.x: fp32
         H, W = extra_options["original_shape"][-2:]
         if extra_options["block"][0] == "middle" or H % self.side or q.shape[1] != self.side * (W * self.side // H):
             return out
@@ -80,7 +80,7 @@ class NativeAttentionCapture:
         d = inner // heads
         qh = q[rows].float().view(b, n, heads, d).transpose(1, 2)                 # [b, heads, HW, d]
         kh = k[rows].float().view(b, k.shape[1], heads, d).transpose(1, 2)        # [b, heads, T, d]
-        probs = torch.softmax(qh @ kh.transpose(-1, -2) * d ** -0.5, dim=-1).mean(dim=1).cpu()  # [b, HW, T]
+        probs = torch.softmax(qh @ kh.transpose(-1, -2) * d ** -0.5, dim=-1).mean(dim=1)  # [b, HW, T], kept on the device
         self.total = probs if self.total is None else self.total + probs
         self.calls += 1
         return out
@@ -90,7 +90,7 @@ class NativeAttentionCapture:
         if self.total is None:
             raise DynASynError(f"No {self.side}x{self.side} cross-attention layer ran for {width}x{height} latents: "
                                "the drafts need 16x16 attention maps; use size 512 for SD 1.x / 2.x.")
-        mean = self.total / self.calls
+        mean = self.total.cpu() / self.calls  # one copy to the host per draft, not one per layer and step
         return mean.reshape(mean.shape[0], self.side, width * self.side // height, mean.shape[-1])
 
 

@@ -14,6 +14,7 @@ import folder_paths
 
 from ..dynasyn.errors import DynASynError
 from ..dynasyn.export import save_embeddings, unique_name, validate_export_name
+from ..dynasyn.memory import PRESET_CHOICES, preflight, scaled_size
 from ..dynasyn.plots import loss_curve_image
 from ..dynasyn.state import remove_owned
 from ..dynasyn.train import MODES, Cancelled, DynASynTrainer, TrainConfig
@@ -55,6 +56,21 @@ def _scene_template(text: str, n_subjects: int):
         raise DynASynError(f"new_prompt must name the subjects as [1]…[{n_subjects}] (e.g. '[1] hugging [2] on a beach'); "
                            f"got {text!r}.")
     return PromptTemplate(" ".join(text.split()))
+
+
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+def _preflight(cfg, memory_preset, model, clip, vae, with_aug: bool):
+    """The memory preset applied and the estimate checked against the free GPU memory, before any work."""
+    device = mm.get_torch_device()
+    free = mm.get_free_memory(device) if getattr(device, "type", "cpu") == "cuda" else None
+    size = scaled_size(_count(model.model.diffusion_model), _count(getattr(clip, "cond_stage_model", None)),
+                       _count(getattr(vae, "first_stage_model", None)))
+    cfg, _, message = preflight(size, cfg, memory_preset, free, device_type=getattr(device, "type", "cpu"), with_aug=with_aug)
+    log.info("[DynASyn] %s", message)
+    return cfg
 
 
 def _state_dir(run_name: str) -> str:
@@ -126,7 +142,9 @@ class DynASynTrain:
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Same seed and inputs give the same weights."}),
             "resolution": ("INT", {"default": 512, "min": 64, "max": 1024, "step": 64, "tooltip": "Training size: 512 for SD 1.5 / 2.1-base, 768 for SD 2.1 768-v."}),
             "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Less memory, ~30% slower."}),
-            "mixed_precision": (["no", "fp16", "bf16"], {"default": "no", "tooltip": "Autocast the trained model's forward pass."}),
+            "mixed_precision": (["auto", "no", "fp16", "bf16"], {"default": "auto", "tooltip": (
+                "Autocast the trained model's forward pass. auto = bf16 on NVIDIA Ampere (RTX 30xx) and newer, fp16 with "
+                "loss scaling on older cards, none on CPU. fp16 skips a step whose gradients overflow.")}),
             "optimizer": (["adamw", "adamw8bit", "adafactor"], {"default": "adamw", "tooltip": "adamw8bit needs bitsandbytes; adafactor keeps the least state."}),
             "fused_backward_step": ("BOOLEAN", {"default": False, "tooltip": (
                 "Step the optimizer inside backward, one tensor at a time, so the full set of gradients never exists "
@@ -147,11 +165,16 @@ class DynASynTrain:
             "new_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": (
                 "A new scene for the output prompt, [1] = subject 1, [2] = subject 2…, e.g. '[1] hugging [2] on a beach'. "
                 "Each [n] becomes embedding:<run>_asset<n-1>. Empty: 'a photo of' every subject.")}),
+            "memory_preset": (list(PRESET_CHOICES), {"default": "auto", "tooltip": (
+                "Sets gradient_checkpointing, optimizer, fused_backward_step and train_text_encoder for the card. auto = the "
+                "largest preset whose estimated peak fits the free GPU memory (on CPU: the switches as set); custom = the "
+                "switches as set. Training is refused up front, naming what would fit, when the estimate exceeds the "
+                "free memory. Estimates per card: README.")}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def train(self, model, clip, vae, image, masks, class_nouns, mode, phase1_steps, phase2_steps, phase1_lr, phase2_lr,
               lambda_md, lambda_m2a, lambda_ica, lambda_aug, seed, resolution, gradient_checkpointing, mixed_precision,
-              optimizer, fused_backward_step, frozen_dtype, train_text_encoder, run_name, save_checkpoint, resume, preview_every, dataset=None, new_prompt="", unique_id=None):
+              optimizer, fused_backward_step, frozen_dtype, train_text_encoder, run_name, save_checkpoint, resume, preview_every, dataset=None, new_prompt="", memory_preset="auto", unique_id=None):
         try:
             return self._train(**{k: v for k, v in locals().items() if k != "self"})
         except Cancelled as e:
@@ -166,7 +189,7 @@ class DynASynTrain:
 
     def _train(self, model, clip, vae, image, masks, class_nouns, mode, phase1_steps, phase2_steps, phase1_lr, phase2_lr,
                lambda_md, lambda_m2a, lambda_ica, lambda_aug, seed, resolution, gradient_checkpointing, mixed_precision,
-               optimizer, fused_backward_step, frozen_dtype, train_text_encoder, run_name, save_checkpoint, resume, preview_every, dataset=None, new_prompt="", unique_id=None):
+               optimizer, fused_backward_step, frozen_dtype, train_text_encoder, run_name, save_checkpoint, resume, preview_every, dataset=None, new_prompt="", memory_preset="auto", unique_id=None):
         validate_export_name(run_name, "run")
         nouns = parse_class_nouns(class_nouns)  # the same parsing and checks as every other node
         ref = one_image(image)
@@ -182,6 +205,7 @@ class DynASynTrain:
                           train_text_encoder=train_text_encoder)
         mm.unload_all_models()  # free ComfyUI's loaded models before heavy work
         mm.soft_empty_cache()
+        cfg = _preflight(cfg, memory_preset, model, clip, vae, with_aug=bool(dataset))
         state_dir = _state_dir(run_name)
         pbar = comfy.utils.ProgressBar(cfg.total_steps, node_id=unique_id)
         started = time.time()

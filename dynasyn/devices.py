@@ -1,0 +1,87 @@
+"""Device facts the trainer decides from: precision, random generators, out-of-memory errors.
+
+Every decision is a plain function of the device and its compute capability, so it is tested on a
+CPU with the capability given by hand.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import DynASynError
+
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+
+# torch.OutOfMemoryError exists from torch 2.5; older torch (many ComfyUI installs) raises torch.cuda.OutOfMemoryError
+OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
+    {e for e in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if e is not None})
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def resolve_mixed_precision(requested: str, device: torch.device | str, capability: tuple[int, int] | None = None,
+                            fused_backward_step: bool = False) -> tuple[str, str | None]:
+    """``(precision, note)``: the autocast precision the trainer uses (no | fp16 | bf16) and why, if not as asked.
+
+    ``auto``: bf16 on CUDA cards with native bf16 (compute capability >= 8.0, Ampere and newer); fp16 with a
+    loss scaler on older cards (they emulate bf16, slowly); no autocast on CPU / MPS. fp16 needs a loss scaler,
+    which cannot skip a whole step once ``fused_backward_step`` has applied part of it: that pair is refused
+    when asked for, and ``auto`` picks fp32 there instead.
+    """
+    device = torch.device(device)
+    if requested not in PRECISIONS:
+        raise DynASynError(f"Unknown mixed_precision {requested!r}; choose one of {', '.join(PRECISIONS)}.")
+    native_bf16 = capability is not None and capability >= (8, 0)
+    if requested == "auto":
+        if device.type != "cuda":
+            return "no", None
+        if native_bf16:
+            return "bf16", None
+        if fused_backward_step:
+            return "no", (f"compute capability {capability[0]}.{capability[1]} has no native bf16 and fp16 needs a loss "
+                          "scaler, which fused_backward_step cannot use: training in fp32.")
+        return "fp16", f"compute capability {capability[0]}.{capability[1]} has no native bf16: fp16 with loss scaling."
+    if requested == "fp16" and fused_backward_step:
+        raise DynASynError("mixed_precision fp16 needs loss scaling, which skips a whole step on overflow; with "
+                           "fused_backward_step part of the step is already applied. Use bf16 (Ampere or newer), 'no', "
+                           "or turn fused_backward_step off.")
+    if requested == "bf16" and device.type == "cuda" and capability is not None and not native_bf16:
+        return "bf16", (f"compute capability {capability[0]}.{capability[1]} emulates bf16 (slow); fp16 (with loss "
+                        "scaling) is faster on this card.")
+    return requested, None
+
+
+def noise_generator(device: torch.device, seed: int) -> torch.Generator:
+    """Noise and timesteps are drawn where they are used: a CUDA generator on CUDA (no host-to-device copy per
+    step), the CPU generator elsewhere (CPU results stay those of earlier versions)."""
+    if device.type == "cuda":
+        return torch.Generator(device=device).manual_seed(seed)
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def enable_gradient_checkpointing(unet, text_encoder) -> None:
+    """Non-reentrant activation checkpointing in the UNet and the text encoder.
+
+    The reentrant kind (transformers 4.x's default) runs a nested backward per checkpointed block: under
+    ``fused_backward_step`` a text-encoder tensor's gradient hook then fires (and steps) more than once per
+    iteration, and tensors recorded inside a block (the captured attention maps) lose their graph.
+    transformers >= 5 names the switch ``activation_checkpointing_enable``; 4.35+ ``gradient_checkpointing_enable``.
+    """
+    import functools
+    import inspect
+
+    from torch.utils.checkpoint import checkpoint
+
+    kw = {"use_reentrant": False}
+    if "gradient_checkpointing_func" in inspect.signature(unet.enable_gradient_checkpointing).parameters:
+        unet.enable_gradient_checkpointing(gradient_checkpointing_func=functools.partial(checkpoint, **kw))
+    else:  # diffusers < 0.32 checkpoints its blocks non-reentrantly by itself
+        unet.enable_gradient_checkpointing()
+    if hasattr(text_encoder, "activation_checkpointing_enable"):
+        text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)

@@ -1,0 +1,80 @@
+"""The training-memory estimator against the peaks bench/train_memory.py measured, and the presets / pre-flight."""
+
+import pytest
+import torch
+
+from dynasyn.errors import DynASynError
+from dynasyn.memory import FAMILIES, GIB, PRESETS, apply_preset, estimate, model_size, preflight, scaled_size
+from dynasyn.train import TrainConfig
+
+# bench/train_memory.py on the real SD 2.1-base architecture, 512 px, one phase-2 step (README, 2026-11-24)
+MEASURED_CPU_GIB = {"A": 20.04, "B": 19.86, "C": 21.31, "E": 9.87, "F": 9.94}
+
+
+def bench_configs():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from train_memory import CONFIGS
+    return CONFIGS
+
+
+@pytest.mark.parametrize("name", sorted(MEASURED_CPU_GIB))
+def test_estimate_matches_the_measured_cpu_peaks(name):
+    cfg = TrainConfig(phase1_steps=0, phase2_steps=1, resolution=512, **bench_configs()[name][1])
+    est = estimate(FAMILIES["sd21"], cfg, device_type="cpu")
+    assert est.gib == pytest.approx(MEASURED_CPU_GIB[name], rel=0.06), est.describe()
+
+
+def test_family_sizes_are_the_real_architectures():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        sd15 = (UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8),
+                CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                             num_attention_heads=12, num_hidden_layers=12, max_position_embeddings=77)))
+        sd21 = (UNet2DConditionModel(sample_size=64, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                                     use_linear_projection=True),
+                CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096,
+                                             num_attention_heads=16, num_hidden_layers=23, max_position_embeddings=77)))
+    assert model_size(*sd15, vae) == FAMILIES["sd15"]
+    assert model_size(*sd21, vae) == FAMILIES["sd21"]
+    assert scaled_size(FAMILIES["sd21"].unet, FAMILIES["sd21"].text_encoder, FAMILIES["sd21"].vae) == FAMILIES["sd21"]
+
+
+def test_each_switch_lowers_the_estimate_and_presets_shrink():
+    size, base = FAMILIES["sd21"], TrainConfig(mixed_precision="bf16")
+    full = estimate(size, base).total
+    assert estimate(size, TrainConfig(mixed_precision="bf16", optimizer="adafactor")).total < full
+    assert estimate(size, TrainConfig(mixed_precision="bf16", optimizer="adafactor", fused_backward_step=True,
+                                      gradient_checkpointing=True)).total < \
+        estimate(size, TrainConfig(mixed_precision="bf16", optimizer="adafactor", fused_backward_step=True)).total
+    assert estimate(size, base, with_aug=True).total > full
+    assert estimate(size, TrainConfig(mode="break_a_scene")).total < estimate(size, TrainConfig(mode="dynasyn")).total
+    assert estimate(size, TrainConfig(resolution=768)).total > estimate(size, TrainConfig(resolution=512)).total
+    totals = [estimate(size, apply_preset(base, n)).total for n in PRESETS]
+    assert totals == sorted(totals, reverse=True)
+    assert totals[1] <= 12 * GIB  # the 12 GB preset fits a 12 GB card with SD 2.1
+    assert estimate(FAMILIES["sd15"], apply_preset(base, "24 GB (paper)")).total <= 24 * GIB
+
+
+def test_preflight_picks_the_largest_preset_that_fits_and_refuses_up_front():
+    size, cfg = FAMILIES["sd15"], TrainConfig()
+    chosen, est, msg = preflight(size, cfg, "auto", 23 * GIB)
+    assert "24 GB (paper)" in msg and not chosen.fused_backward_step
+    chosen, est, msg = preflight(size, cfg, "auto", 11 * GIB)
+    assert "12 GB" in msg and chosen.fused_backward_step and chosen.gradient_checkpointing and chosen.optimizer == "adafactor"
+    with pytest.raises(DynASynError, match=r"needs about .* GiB.*What would fit: memory_preset '12 GB'"):
+        preflight(size, cfg, "24 GB (paper)", 11 * GIB)
+    with pytest.raises(DynASynError, match="No memory preset fits"):
+        preflight(size, cfg, "auto", 4 * GIB)
+    with pytest.raises(DynASynError, match="a mode without the frozen base model"):  # SD 1.5 DynASyn on an 8 GB card
+        preflight(size, cfg, "auto", 7.4 * GIB)
+    with pytest.raises(DynASynError, match="Unknown memory preset"):
+        preflight(size, cfg, "16 GB", 11 * GIB)
+    custom, _, _ = preflight(size, cfg, "custom", None)  # no free-memory figure (CPU): the switches as set
+    assert custom == cfg
