@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,17 +38,42 @@ from .optim import FusedBackwardOptimizer, make_optimizer
 from .subjects import (DEFAULT_TEMPLATE, Subject, add_placeholder_tokens, make_prompt_pair, placeholder_tokens,
                        token_positions, validate_subjects)
 
-# mode -> (loss terms, phases). Ablations follow the paper's Table 3 (MD, +App = ICA, +Act = AUG).
-MODES: dict[str, tuple[frozenset, tuple[int, ...]]] = {
-    "textual_inversion": (frozenset({"md"}), (1,)),           # TI (+mask): embeddings only
-    "dreambooth": (frozenset({"md"}), (2,)),                  # DB (+mask): tokens + UNet + text encoder
-    "break_a_scene": (frozenset({"md", "m2a"}), (1, 2)),
-    "dynasyn": (frozenset({"md", "m2a", "ica", "aug"}), (1, 2)),  # Eq. 5, every term
-    "dynasyn_md": (frozenset({"md"}), (1, 2)),
-    "dynasyn_app": (frozenset({"md", "ica"}), (1, 2)),
-    "dynasyn_act": (frozenset({"md", "aug"}), (1, 2)),
-    "dynasyn_app_act": (frozenset({"md", "ica", "aug"}), (1, 2)),
+class ModeSpec(NamedTuple):
+    """What a mode trains: loss terms, phases, which subjects each step shows, class-prior default."""
+    losses: frozenset
+    phases: tuple[int, ...]
+    subsets: str            # "union": a random non-empty subset per step (Break-a-Scene); "single": one subject
+    prior: bool             # default of ``prior_preservation`` (class images from the base model, unmasked MSE)
+    source: str
+
+
+_EQ5 = frozenset({"md", "m2a", "ica", "aug"})
+# Table 1 baselines, Eq. 5 (= Table 1's DynASyn = Table 3's last row), and Table 3's ablation rows. The paper's
+# "Masked Diffusion" section defines L_MD *and* L_M2A as the base every row starts from (Table 3 "MD"); "App" adds
+# the appearance alignment L_ICA (Fig. 2 (a)), "Act" the action alignment on augmented pairs L_AUG (Fig. 2 (b), (c)).
+MODES: dict[str, ModeSpec] = {
+    "textual_inversion": ModeSpec(frozenset({"md"}), (1,), "single", False,
+                                  "paper's TI (+mask): one subject per step, embeddings only"),
+    "dreambooth": ModeSpec(frozenset({"md"}), (2,), "single", True,
+                           "paper's DB (+mask): one subject per step, tokens + UNet + text encoder; DreamBooth's prior"),
+    "break_a_scene": ModeSpec(frozenset({"md", "m2a"}), (1, 2), "union", True,
+                              "Break-a-Scene's train.py defaults, run 'without modification' (paper)"),
+    "dynasyn": ModeSpec(_EQ5, (1, 2), "union", False, "paper Eq. 5; Table 1 DynASyn = Table 3 MD+App+Act"),
+    "dynasyn_md": ModeSpec(frozenset({"md", "m2a"}), (1, 2), "union", False, "paper Table 3 row MD (L_MD + L_M2A)"),
+    "dynasyn_app": ModeSpec(frozenset({"md", "m2a", "ica"}), (1, 2), "union", False, "paper Table 3 row MD + App (L_ICA)"),
+    "dynasyn_act": ModeSpec(frozenset({"md", "m2a", "aug"}), (1, 2), "union", False, "paper Table 3 row MD + Act (L_AUG)"),
 }
+TERM_NAMES = {"md": "L_MD", "m2a": "L_M2A", "ica": "L_ICA", "aug": "L_AUG"}
+
+
+def describe_mode(mode: str) -> str:
+    """One line per mode for --help, tooltips and the README: terms, phases, subsets, prior, source."""
+    m = MODES[mode]
+    terms = " + ".join(TERM_NAMES[t] for t in ("md", "m2a", "ica", "aug") if t in m.losses)
+    phases = {(1,): "phase 1 only (embeddings)", (2,): "phase 2 only (tokens + UNet + text encoder)",
+              (1, 2): "phases 1 + 2"}[m.phases]
+    subsets = "one subject per step" if m.subsets == "single" else "union sampling"
+    return f"{mode}: {terms}; {phases}; {subsets}; prior preservation {'on' if m.prior else 'off'} ({m.source})"
 
 
 @dataclass
@@ -78,6 +103,15 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     frozen_dtype: str = "auto"      # auto = fp16 on GPU, bf16 on CPUs with native bf16, else fp32 | fp16 | bf16 | fp32
     fused_backward_step: bool = False  # optimizer step inside backward: no full set of gradients in memory
+    # Class-prior preservation (DreamBooth / Break-a-Scene): None = the mode's default (on for break_a_scene and
+    # dreambooth, off for dynasyn, whose L_ICA / L_AUG are its class prior). Break-a-Scene's defaults.
+    prior_preservation: bool | None = None
+    class_prompt: str = "a photo at the beach"
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    class_image_steps: int = 50     # DDIM steps per class image (Break-a-Scene: the pipeline default, 50)
+    class_guidance_scale: float = 7.5
+    aspect: str = "crop"            # non-square pictures: crop (centre square, masks alike) | pad
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -88,14 +122,27 @@ class TrainConfig:
             raise DynASynError(f"Unknown optimizer {self.optimizer!r}; choose adamw, adamw8bit or adafactor.")
         if self.frozen_dtype not in ("auto", "fp16", "bf16", "fp32"):
             raise DynASynError(f"Unknown frozen_dtype {self.frozen_dtype!r}; choose auto, fp16, bf16 or fp32.")
+        if self.aspect not in ("crop", "pad"):
+            raise DynASynError(f"Unknown aspect {self.aspect!r}; choose crop (centre square) or pad.")
+        if self.use_prior and (self.num_class_images < 1 or not self.class_prompt.strip()):
+            raise DynASynError("Prior preservation needs num_class_images >= 1 and a class_prompt "
+                               "(Break-a-Scene: 100 images of 'a photo at the beach').")
 
     @property
     def losses(self) -> frozenset:
-        return MODES[self.mode][0]
+        return MODES[self.mode].losses
 
     @property
     def phases(self) -> tuple[int, ...]:
-        return MODES[self.mode][1]
+        return MODES[self.mode].phases
+
+    @property
+    def subsets(self) -> str:
+        return MODES[self.mode].subsets
+
+    @property
+    def use_prior(self) -> bool:
+        return MODES[self.mode].prior if self.prior_preservation is None else bool(self.prior_preservation)
 
     @property
     def total_steps(self) -> int:
@@ -358,9 +405,14 @@ class DynASynTrainer:
         hidden = self.class_hidden[prompt] if te is None else None
         return self._maps(unet, te, store, prompt, noisy, t, positions, grad=False, need_pred=False, hidden=hidden)[0].float()
 
+    def _sample_subset(self) -> list[int]:
+        if self.cfg.subsets == "single":  # TI / DB (+mask): "a photo of <asset_i>" with mask M_i
+            return [self.rng.randrange(len(self.subjects))]
+        return union_sample(len(self.subjects), self.rng)
+
     def training_step(self) -> StepLog:
         cfg, c = self.cfg, self.c
-        subset = union_sample(len(self.subjects), self.rng)
+        subset = self._sample_subset()
         flip = self.rng.random() < cfg.flip_p
         pair = make_prompt_pair(c.tokenizer, self.subjects, subset, cfg.template)
         masks = self.ref_masks.flip(-1) if flip else self.ref_masks

@@ -16,7 +16,7 @@ import folder_paths
 from ..dynasyn.errors import DynASynError
 from ..dynasyn.export import save_embeddings, unique_name, validate_export_name
 from ..dynasyn.plots import loss_curve_image
-from ..dynasyn.train import MODES, Cancelled, DynASynTrainer, TrainConfig
+from ..dynasyn.train import MODES, Cancelled, DynASynTrainer, TrainConfig, describe_mode
 from . import bridge
 from .common import user_error
 
@@ -87,8 +87,10 @@ class DynASynTrain:
             "masks": ("MASK", {"tooltip": "One mask per subject, as a MASK batch in the order of the class nouns."}),
             "class_nouns": ("STRING", {"default": "panda, bowl", "tooltip": "What each subject is, comma-separated, in mask order."}),
             "mode": (list(MODES), {"default": "dynasyn", "tooltip": (
-                "dynasyn = Eq. 5 (all terms); dynasyn_md / _app / _act / _app_act = the paper's ablations; "
-                "textual_inversion, dreambooth, break_a_scene = baselines (Table 1).")}),
+                "dynasyn = Eq. 5, all terms (Table 1's DynASyn = Table 3's full row MD+App+Act). Table 3 ablations: "
+                "dynasyn_md = MD (L_MD + L_M2A), dynasyn_app = MD + App (+ L_ICA), dynasyn_act = MD + Act (+ L_AUG). "
+                "Table 1 baselines: textual_inversion, dreambooth (one subject per step), break_a_scene.\n"
+                + "\n".join(describe_mode(m) for m in MODES))}),
             "phase1_steps": ("INT", {"default": 400, "min": 0, "max": 100000, "tooltip": "Steps training only the placeholder embeddings."}),
             "phase2_steps": ("INT", {"default": 400, "min": 0, "max": 100000, "tooltip": "Steps training embeddings + UNet + text encoder."}),
             "phase1_lr": f(5e-4, 0.0, 1.0, 1e-5, "Learning rate of phase 1 (Break-a-Scene: 5e-4)."),

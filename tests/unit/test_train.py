@@ -228,3 +228,66 @@ def test_fused_backward_step_cancel_and_resume_matches(tmp_path):
     resumed = run(resume=True)
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
+
+
+# The paper's Table 3 (ablation) rows, written out from the paper: "MD" is the "Masked Diffusion" section's base
+# (L_MD and L_M2A), "App" adds L_ICA (Fig. 2 (a)), "Act" adds L_AUG (Fig. 2 (b), (c)); the last row is Eq. 5, whose
+# numbers equal Table 1's DynASyn means.
+PAPER_TABLE_3 = {
+    ("MD",): {"md", "m2a"},
+    ("MD", "App"): {"md", "m2a", "ica"},
+    ("MD", "Act"): {"md", "m2a", "aug"},
+    ("MD", "App", "Act"): {"md", "m2a", "ica", "aug"},
+}
+PAPER_EQ5 = {"md", "m2a", "ica", "aug"}
+
+
+def test_modes_reproduce_table_3_and_eq_5():
+    from dynasyn.train import describe_mode
+
+    rows = {("MD",): "dynasyn_md", ("MD", "App"): "dynasyn_app", ("MD", "Act"): "dynasyn_act",
+            ("MD", "App", "Act"): "dynasyn"}
+    for row, mode in rows.items():
+        assert set(TrainConfig(mode=mode).losses) == PAPER_TABLE_3[row], mode
+        assert TrainConfig(mode=mode).phases == (1, 2) and TrainConfig(mode=mode).subsets == "union"
+        assert not TrainConfig(mode=mode).use_prior  # DynASyn's prior is L_ICA / L_AUG
+    assert set(TrainConfig(mode="dynasyn").losses) == PAPER_EQ5
+    assert "dynasyn_app_act" not in MODES  # the full row is dynasyn itself, not a second name for it
+    assert "L_MD + L_M2A + L_ICA + L_AUG" in describe_mode("dynasyn")
+
+
+@pytest.mark.parametrize("mode", ["textual_inversion", "dreambooth"])
+def test_ti_and_db_show_one_subject_per_step(mode):
+    """TI (+mask) and DB (+mask): "a photo of <asset_i>" and mask M_i, every step, each subject in turn at random."""
+    import dynasyn.train as train_mod
+
+    t = trainer(cfg(mode=mode, phase1_steps=10, phase2_steps=10, prior_preservation=False))
+    seen = []
+    real = train_mod.masked_diffusion_loss
+
+    def spy(pred, target, mask):
+        seen.append(mask.clone())
+        return real(pred, target, mask)
+
+    train_mod.masked_diffusion_loss = spy
+    try:
+        t.train()
+    finally:
+        train_mod.masked_diffusion_loss = real
+    assert all(len(h.subjects) == 1 for h in t.history)
+    assert {h.subjects[0] for h in t.history} == {"<asset0>", "<asset1>"}
+    for h, m in zip(t.history, seen):
+        i = int(h.subjects[0][-2])
+        assert torch.equal(m, t.ref_masks[i]) or torch.equal(m, t.ref_masks[i].flip(-1))
+
+
+def test_union_sampling_size_is_uniform_over_1_to_n():
+    import random
+    from collections import Counter
+
+    from dynasyn.losses import union_sample
+
+    rng = random.Random(0)
+    sizes = Counter(len(union_sample(4, rng)) for _ in range(8000))
+    assert set(sizes) == {1, 2, 3, 4}
+    assert all(abs(sizes[k] / 8000 - 0.25) < 0.03 for k in sizes)  # k ~ U{1..N}, not U over subsets (1/15, 4/15, ...)
