@@ -28,6 +28,8 @@ CONFIG_HELP = {
     "num_class_images": "class images, generated once per run into <out>/class_images (Break-a-Scene: 100)",
     "prior_loss_weight": "weight of the class-prior MSE (Break-a-Scene: 1.0)",
     "aspect": "non-square pictures: crop = centre square (masks alike), pad = pad to a square",
+    "attention_resolution": "SD 1.x / 2.x always use down_blocks.2 + up_blocks.1 (16x16 at 512 px, 24x24 at 768 px); "
+                            "other UNets: the blocks with maps of this side at the UNet's own sample size",
 }
 
 
@@ -117,7 +119,8 @@ def train_command(args) -> int:
     accelerator = Accelerator(cpu=args.device == "cpu")
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
     trainer = DynASynTrainer(comps, image, masks, args.class_nouns, cfg, device=args.device, callback=report,
-                             should_stop=lambda: stop["requested"], log=say, accelerator=accelerator)
+                             should_stop=lambda: stop["requested"], log=say, accelerator=accelerator,
+                             class_image_dir=out / "class_images")
     if args.resume and (state_dir / "state.json").is_file():
         trainer.load_state(state_dir)
         say(f"resuming from step {trainer.step}")

@@ -5,7 +5,8 @@
 Phase 1 trains only the placeholder embeddings (Break-a-Scene: lr 5e-4, 400 steps); phase 2 trains
 the embeddings, every UNet weight and the text encoder (lr 2e-6, 400 steps) with a fresh
 optimizer. The same loop runs the baselines and ablations (``MODES``) so the paper's Tables 1
-and 3 can be reproduced. Progress goes to a callback; ``should_stop`` lets a caller cancel, after
+and 3 can be reproduced: TI / DB (+mask) with one subject per step, Break-a-Scene and DreamBooth with
+their class-prior preservation (``prior.py``), Table 3's rows MD (L_MD + L_M2A), + App, + Act, Eq. 5. Progress goes to a callback; ``should_stop`` lets a caller cancel, after
 which a resumable state is saved.
 """
 
@@ -26,13 +27,13 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from .attention import (AttentionStore, capture_layers, install_attention_capture, last_layer, remove_attention_capture,
+from .attention import (AttentionStore, capture_layers, install_attention_capture, last_layer, map_side, remove_attention_capture,
                         run_until_last_capture, token_maps)
 from .distributed import Distributed
 from .dataset import AugmentedPair, ordered_by_prompt, placeholder_prompt
 from .errors import DynASynError
 from .losses import (augmentation_loss, inter_cross_attention_loss, masked_attention_loss, masked_diffusion_loss,
-                     union_mask, union_sample)
+                     resize_masks, union_mask, union_sample)
 from .models import SDComponents
 from .optim import FusedBackwardOptimizer, make_optimizer
 from .subjects import (DEFAULT_TEMPLATE, Subject, add_placeholder_tokens, make_prompt_pair, placeholder_tokens,
@@ -200,8 +201,34 @@ def _image_to_tensor(image: torch.Tensor) -> torch.Tensor:
 
 
 def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
-    kw = {"align_corners": False} if mode == "bilinear" else {}
+    """Pictures: antialiased bilinear (no aliasing when shrinking a large photo); masks: nearest (stay 0/1)."""
+    kw = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
     return F.interpolate(x, size=(size, size), mode=mode, **kw)
+
+
+PAD_VALUE = 0.5  # grey; padding lies outside every mask, so no loss term sees it
+
+
+def to_square(image: torch.Tensor, masks: torch.Tensor, aspect: str) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+    """``[H, W, 3]`` picture and ``[N, H, W]`` masks made square alike: the centre square (``crop``) or the picture
+    padded to its longer side (``pad``). Returns them and a sentence saying what was done (None if square)."""
+    h, w = image.shape[:2]
+    if h == w:
+        return image, masks, None
+    if aspect == "crop":
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        return (image[top:top + s, left:left + s], masks[:, top:top + s, left:left + s],
+                f"the {w}x{h} picture is not square: trained on its centre {s}x{s} square, masks cropped alike "
+                f"(aspect 'pad' keeps the whole picture)")
+    s = max(h, w)
+    top, left = (s - h) // 2, (s - w) // 2
+    square = torch.full((s, s, image.shape[-1]), PAD_VALUE, dtype=image.dtype)
+    square[top:top + h, left:left + w] = image
+    padded = torch.zeros((masks.shape[0], s, s), dtype=masks.dtype)
+    padded[:, top:top + h, left:left + w] = masks
+    return square, padded, (f"the {w}x{h} picture is not square: padded to {s}x{s} with grey (outside every mask), "
+                            f"masks alike")
 
 
 MAX_CACHED_PROMPTS = 512  # class prompts precomputed instead of keeping a frozen text encoder (N <= 5 subjects)
@@ -232,7 +259,7 @@ class DynASynTrainer:
     def __init__(self, comps: SDComponents, image: torch.Tensor, masks: Sequence[torch.Tensor], class_nouns: Sequence[str],
                  config: TrainConfig, augmented: Sequence[AugmentedPair] = (), device: str | torch.device | None = None,
                  callback: Callable[[StepLog], None] | None = None, should_stop: Callable[[], bool] | None = None,
-                 log: Callable[[str], None] = print, accelerator=None):
+                 log: Callable[[str], None] = print, accelerator=None, class_image_dir: str | os.PathLike | None = None):
         self.dist = Distributed(accelerator)
         self.c, self.cfg, self.callback, self.should_stop = comps, config, callback, should_stop
         self.log = log if self.dist.is_main else (lambda _msg: None)
@@ -248,6 +275,11 @@ class DynASynTrainer:
         if "aug" in config.losses and not self.augmented:
             self.log("[DynASyn] no augmented pairs given: training without L_AUG.")
         self.use_aug = "aug" in config.losses and bool(self.augmented)
+        self.class_image_dir = class_image_dir
+        self.class_dists = None  # VAE latents of the prior-preservation class images, made at the first phase-2 step
+        if config.use_prior and 2 not in config.phases:
+            self.log(f"[DynASyn] prior preservation has no effect in {config.mode}: only phase 2 trains weights the "
+                     "class prompt uses.")
         self.latent_size = config.resolution // comps.vae_scale_factor
         # each process draws its own subsets, flips, noise and timesteps; process 0 is the single-process run
         self.rng = random.Random(config.seed + self.dist.rank)
@@ -262,6 +294,7 @@ class DynASynTrainer:
         self.phase = None
         self.store = AttentionStore()
         self.capture = capture_layers(comps.unet, self.latent_size, config.attention_resolution)
+        self.map_side = map_side(comps.unet, self.latent_size, config.attention_resolution)
         install_attention_capture(comps.unet, self.store, self.capture)
         self._prepare_data(image)
         self._make_frozen()  # from the base weights, before any step (also when resuming)
@@ -271,17 +304,43 @@ class DynASynTrainer:
         """VAE-encode the reference (and its mirror) once; the VAE is frozen, only the noise changes."""
         c, r = self.c, self.cfg.resolution
         vae = c.vae.to(self.device)
+        image, masks, note = to_square(image, torch.stack([s.mask for s in self.subjects]), self.cfg.aspect)
+        if note:
+            self.log(f"[DynASyn] {note}; resized to {r}x{r} (antialiased).")
+            for s, kept in zip(self.subjects, masks):
+                lost = 1 - float((kept > 0.5).sum()) / max(float((s.mask > 0.5).sum()), 1.0)
+                if lost > 0.01:
+                    self.log(f"[DynASyn] the crop cuts off {lost:.0%} of {s.token} ({s.class_noun}).")
         pix = _resize(_image_to_tensor(image), r, "bilinear").to(self.device)
-        masks = torch.stack([s.mask for s in self.subjects])[:, None]
-        self.ref_masks = _resize(masks, r, "nearest")[:, 0]                        # [N, r, r]
+        self.ref_masks = _resize(masks[:, None].float(), r, "nearest")[:, 0]      # [N, r, r]
+        self._check_masks_survive(cropped=note is not None and self.cfg.aspect == "crop")
         with torch.no_grad():
             self.ref_dist = [vae.encode(p.to(vae.dtype)).latent_dist for p in (pix, pix.flip(-1))]
-        self.aug_latents = []
+        self.aug_latents, self.aug_masks = [], []
         for pair in self.augmented:
-            apix = _resize(_image_to_tensor(pair.image), r, "bilinear").to(self.device)
+            aimage, amasks, _ = to_square(pair.image, pair.masks.float(), self.cfg.aspect)
+            self.aug_masks.append(_resize(amasks[:, None], r, "nearest")[:, 0])
+            apix = _resize(_image_to_tensor(aimage), r, "bilinear").to(self.device)
             with torch.no_grad():
                 dist = vae.encode(apix.to(vae.dtype)).latent_dist
             self.aug_latents.append(dist)
+
+    def _check_masks_survive(self, cropped: bool) -> None:
+        """Refuse a subject whose mask vanishes where its loss terms look: at the attention maps (L_M2A, L_ICA)
+        or the latent (L_MD), as the losses resize it (nearest), in both flips."""
+        attention = bool({"m2a", "ica"} & self.cfg.losses)
+        side = self.map_side if attention else self.latent_size
+        where = f"{side}x{side} attention maps" if attention else f"{side}x{side} latent"
+        for i, s in enumerate(self.subjects):
+            for m in (self.ref_masks[i], self.ref_masks[i].flip(-1)):
+                if resize_masks(m[None], side).sum() == 0:
+                    share = float((self.ref_masks[i] > 0.5).float().mean())
+                    hint = (" The centre crop of the non-square picture cut it off; use aspect 'pad'." if cropped and
+                            share == 0 else f" Crop the picture closer to the {s.class_noun} or draw a larger mask.")
+                    raise DynASynError(
+                        f"Subject {i + 1} ({s.class_noun}) vanishes at the {where}: its mask covers {share:.2%} of the "
+                        f"training picture, less than one cell (1/{side * side}), so its loss terms would train on "
+                        f"nothing.{hint}")
 
     def _sample_latent(self, dist) -> torch.Tensor:
         noise = torch.randn(dist.mean.shape, generator=self.gen).to(self.device, dist.mean.dtype)
@@ -431,6 +490,8 @@ class DynASynTrainer:
             terms["ica"] = (cfg.lambda_ica, inter_cross_attention_loss(maps.float(), class_maps, sel))
         if self.use_aug:
             terms["aug"] = (cfg.lambda_aug, self._augmentation_term())
+        if cfg.use_prior and self.phase == 2:  # phase 1 trains only placeholder rows: no gradient from the class prompt
+            terms["prior"] = (cfg.prior_loss_weight, self._prior_term())
         loss = sum(w * v for w, v in terms.values())
         mean_loss = self.dist.mean(loss)  # every process must agree before any of them stops
         if not torch.isfinite(mean_loss):
@@ -488,12 +549,48 @@ class DynASynTrainer:
         maps, _ = self._maps(self.c.unet, self.c.text_encoder, self.store, c_a, noisy, t,
                              token_positions(tok, c_a, [self.subjects[i].token for i in subj]), grad=True, need_pred=False)
         class_maps = self._class_maps(pair.class_prompt, noisy, t, token_positions(tok, pair.class_prompt, nouns))
-        pseudo = _resize(pair.masks[order][:, None].float(), self.cfg.resolution, "nearest")[:, 0].to(self.device)
+        pseudo = self.aug_masks[k][order].to(self.device)
         return augmentation_loss(maps.float(), class_maps, pseudo)
+
+    def _prepare_class_images(self) -> None:
+        """Draw (or read the run's cache of) the class images with the base model, and VAE-encode them once."""
+        from .prior import class_images
+
+        cfg, c = self.cfg, self.c
+        first_phase2 = sum(cfg.steps_in(p) for p in cfg.phases if p < 2)
+        amp = torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16
+        main_first = self.dist.active and self.class_image_dir is not None  # one process draws and writes, the others read
+        if main_first and not self.dist.is_main:
+            self.dist.wait()
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=amp, enabled=cfg.mixed_precision in ("fp16", "bf16")):
+            images = class_images(c, lambda p: self._encode(c.text_encoder, p), cfg.class_prompt, cfg.num_class_images,
+                                  cfg.resolution, cfg.class_image_steps, cfg.class_guidance_scale, cfg.seed, self.device,
+                                  folder=self.class_image_dir, may_generate=self.step <= first_phase2, log=self.log)
+        if main_first and self.dist.is_main:
+            self.dist.wait()
+        vae = c.vae.to(self.device)
+        with torch.no_grad():
+            self.class_dists = [vae.encode(_image_to_tensor(im).to(self.device, vae.dtype)).latent_dist for im in images]
+
+    def _prior_term(self) -> torch.Tensor:
+        """Break-a-Scene / DreamBooth prior preservation: the plain (unmasked) MSE on one class image."""
+        cfg, c = self.cfg, self.c
+        if self.class_dists is None:
+            self._prepare_class_images()
+        latents = self._sample_latent(self.class_dists[self.rng.randrange(len(self.class_dists))])
+        noisy, t, target = self._noisy(latents)
+        amp = torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16
+        with torch.autocast(self.device.type, dtype=amp, enabled=cfg.mixed_precision in ("fp16", "bf16")):
+            dtype = next(c.unet.parameters()).dtype
+            hidden = self._encode(c.text_encoder, cfg.class_prompt)
+            pred = c.unet(noisy.to(dtype), t, hidden.to(dtype)).sample
+        return F.mse_loss(pred.float(), target.float(), reduction="mean")
 
     # ------------------------------------------------------------------ loop
     def train(self, state_dir: str | os.PathLike | None = None) -> TrainResult:
         cfg = self.cfg
+        if self.class_image_dir is None and state_dir is not None:  # the class images live with the run's state
+            self.class_image_dir = Path(state_dir).parent / "class_images"
         for phase in cfg.phases:
             first = sum(cfg.steps_in(p) for p in cfg.phases if p < phase)
             last = first + cfg.steps_in(phase)

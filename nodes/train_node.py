@@ -121,11 +121,27 @@ class DynASynTrain:
             "new_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": (
                 "A new scene for the output prompt, [1] = subject 1, [2] = subject 2…, e.g. '[1] hugging [2] on a beach'. "
                 "Each [n] becomes embedding:<run>_asset<n-1>. Empty: 'a photo of' every subject.")}),
+            "prior_preservation": (["mode default", "on", "off"], {"default": "mode default", "tooltip": (
+                "Class-prior loss (DreamBooth; Break-a-Scene's default): pictures of class_prompt drawn by the base model, "
+                "one unmasked MSE sample per phase-2 step. mode default = on for break_a_scene and dreambooth, off for "
+                "dynasyn and its ablations (L_ICA / L_AUG are DynASyn's class prior) and textual_inversion.")}),
+            "class_prompt": ("STRING", {"default": "a photo at the beach", "tooltip": (
+                "Prompt of the prior-preservation class pictures (Break-a-Scene's default).")}),
+            "num_class_images": ("INT", {"default": 100, "min": 1, "max": 10000, "tooltip": (
+                "How many class pictures (Break-a-Scene: 100). Drawn once per run at the training resolution (50 DDIM "
+                "steps each) and cached in output/dynasyn/<run>/class_images; later runs of that name reuse them.")}),
+            "prior_loss_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": (
+                "Weight of the class-prior loss (Break-a-Scene: 1.0).")}),
+            "aspect": (["crop", "pad"], {"default": "crop", "tooltip": (
+                "A non-square picture: crop = its centre square (masks cropped alike), pad = the whole picture padded "
+                "to a square with grey. Then resized to resolution, antialiased. The log says what was done.")}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def train(self, model, clip, vae, image, masks, class_nouns, mode, phase1_steps, phase2_steps, phase1_lr, phase2_lr,
               lambda_md, lambda_m2a, lambda_ica, lambda_aug, seed, resolution, gradient_checkpointing, mixed_precision,
-              optimizer, fused_backward_step, frozen_dtype, train_text_encoder, run_name, save_checkpoint, resume, preview_every, dataset=None, new_prompt="", unique_id=None):
+              optimizer, fused_backward_step, frozen_dtype, train_text_encoder, run_name, save_checkpoint, resume, preview_every, dataset=None, new_prompt="",
+              prior_preservation="mode default", class_prompt="a photo at the beach", num_class_images=100,
+              prior_loss_weight=1.0, aspect="crop", unique_id=None):
         try:
             return self._train(**{k: v for k, v in locals().items() if k != "self"})
         except Cancelled as e:
@@ -137,7 +153,9 @@ class DynASynTrain:
 
     def _train(self, model, clip, vae, image, masks, class_nouns, mode, phase1_steps, phase2_steps, phase1_lr, phase2_lr,
                lambda_md, lambda_m2a, lambda_ica, lambda_aug, seed, resolution, gradient_checkpointing, mixed_precision,
-               optimizer, fused_backward_step, frozen_dtype, train_text_encoder, run_name, save_checkpoint, resume, preview_every, dataset=None, new_prompt="", unique_id=None):
+               optimizer, fused_backward_step, frozen_dtype, train_text_encoder, run_name, save_checkpoint, resume, preview_every, dataset=None, new_prompt="",
+              prior_preservation="mode default", class_prompt="a photo at the beach", num_class_images=100,
+              prior_loss_weight=1.0, aspect="crop", unique_id=None):
         validate_export_name(run_name, "run")
         n_subjects = len([n for n in class_nouns.split(",") if n.strip()])
         scene = _scene_template(new_prompt, n_subjects)
@@ -149,7 +167,10 @@ class DynASynTrain:
                           lambda_aug=lambda_aug, seed=seed, resolution=resolution,
                           gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
                           optimizer=optimizer, fused_backward_step=fused_backward_step, frozen_dtype=frozen_dtype,
-                          train_text_encoder=train_text_encoder)
+                          train_text_encoder=train_text_encoder,
+                          prior_preservation={"on": True, "off": False}.get(prior_preservation),
+                          class_prompt=class_prompt, num_class_images=num_class_images,
+                          prior_loss_weight=prior_loss_weight, aspect=aspect)
         if masks.ndim == 2:
             masks = masks[None]
         mm.unload_all_models()  # free ComfyUI's loaded models before heavy work
@@ -173,7 +194,8 @@ class DynASynTrain:
             comps = bridge.native_to_components(model, clip, vae)
             trainer = DynASynTrainer(comps, image[0].clone(), [m.clone() for m in masks], nouns, cfg,
                                      augmented=list(dataset or []), device=mm.get_torch_device(), callback=on_step,
-                                     should_stop=mm.processing_interrupted, log=lambda m: log.info(m))
+                                     should_stop=mm.processing_interrupted, log=lambda m: log.info(m),
+                                     class_image_dir=os.path.join(os.path.dirname(state_dir), "class_images"))
             if resume and os.path.isfile(os.path.join(state_dir, "state.json")):
                 trainer.load_state(state_dir)
                 log.info("[DynASyn] resuming %s from step %d", run_name, trainer.step)
