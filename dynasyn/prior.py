@@ -25,8 +25,9 @@ META = "class_images.json"
 def model_fingerprint(comps) -> str:
     """A cheap identity of the base model (a few weight tensors), so a cache from another model is not reused."""
     h = hashlib.sha256()
+    rows = min(1000, int(comps.tokenizer.vocab_size))  # the base vocabulary: not the run's placeholder rows
     for t in (comps.unet.conv_in.weight, comps.unet.time_embedding.linear_1.weight,
-              comps.text_encoder.get_input_embeddings().weight[:1000], comps.vae.encoder.conv_in.weight):
+              comps.text_encoder.get_input_embeddings().weight[:rows], comps.vae.encoder.conv_in.weight):
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes()[:1 << 20])
     return h.hexdigest()[:16]
 
@@ -72,11 +73,12 @@ def generate_class_image(comps, encode: Callable[[str], torch.Tensor], prompt: s
 
 def class_images(comps, encode: Callable[[str], torch.Tensor], prompt: str, count: int, size: int, steps: int,
                  guidance: float, seed: int, device, folder: str | Path | None = None, may_generate: bool = True,
-                 log: Callable[[str], None] = print) -> list[torch.Tensor]:
+                 log: Callable[[str], None] = print, model_id: str | None = None) -> list[torch.Tensor]:
     """``count`` class pictures, read from ``folder`` where it holds them for the same model and settings,
-    else generated (only the missing ones) and written there."""
+    else generated (only the missing ones) and written there. ``model_id``: the base model's
+    ``model_fingerprint``, taken before training changed it (a resumed run holds trained weights)."""
     settings = {"prompt": prompt, "size": size, "steps": steps, "guidance": guidance, "seed": seed,
-                "model": model_fingerprint(comps)}
+                "model": model_id or model_fingerprint(comps)}
     folder = Path(folder) if folder is not None else None
     have: dict[int, torch.Tensor] = {}
     if folder is not None and (folder / META).is_file():

@@ -277,6 +277,9 @@ class DynASynTrainer:
         self.use_aug = "aug" in config.losses and bool(self.augmented)
         self.class_image_dir = class_image_dir
         self.class_dists = None  # VAE latents of the prior-preservation class images, made at the first phase-2 step
+        if config.use_prior:  # identifies the class-image cache; taken now, from the base weights (also when resuming)
+            from .prior import model_fingerprint
+            self.base_fingerprint = model_fingerprint(comps)
         if config.use_prior and 2 not in config.phases:
             self.log(f"[DynASyn] prior preservation has no effect in {config.mode}: only phase 2 trains weights the "
                      "class prompt uses.")
@@ -565,7 +568,8 @@ class DynASynTrainer:
         with torch.no_grad(), torch.autocast(self.device.type, dtype=amp, enabled=cfg.mixed_precision in ("fp16", "bf16")):
             images = class_images(c, lambda p: self._encode(c.text_encoder, p), cfg.class_prompt, cfg.num_class_images,
                                   cfg.resolution, cfg.class_image_steps, cfg.class_guidance_scale, cfg.seed, self.device,
-                                  folder=self.class_image_dir, may_generate=self.step <= first_phase2, log=self.log)
+                                  folder=self.class_image_dir, may_generate=self.step <= first_phase2, log=self.log,
+                                  model_id=self.base_fingerprint)
         if main_first and self.dist.is_main:
             self.dist.wait()
         vae = c.vae.to(self.device)

@@ -462,4 +462,4 @@ def test_reversed_subset_keeps_masks_placeholder_maps_and_class_maps_aligned(mon
         assert torch.equal(masks[0], t.ref_masks[1]) and torch.equal(masks[1], t.ref_masks[0])
     torch.testing.assert_close(maps_m2a.detach(), c_maps)
     torch.testing.assert_close(maps_ica.detach(), c_maps)
-    torch.testing.assert_close(class_ica, hat_maps)
+    torch.testing.assert_close(class_ica, hat_maps.float())
