@@ -57,7 +57,8 @@ def one(name: str, resolution: int) -> dict:
 
     _, overrides, _, _ = CONFIGS[name]
     image, masks, nouns = scene(resolution)
-    cfg = TrainConfig(phase1_steps=0, phase2_steps=1, phase2_lr=1e-7, resolution=resolution, **overrides)
+    cfg = TrainConfig(phase1_steps=0, phase2_steps=1, phase2_lr=1e-7, resolution=resolution,
+                      **{"prior_preservation": False, **overrides})
     trainer = DynASynTrainer(sd21_base_components(), image, masks, nouns, cfg, device="cpu", log=lambda *_: None)
     torch.set_grad_enabled(True)
     before = status_gib("VmRSS")

@@ -4,10 +4,10 @@
 
 One trainer in phase 2 (tokens + UNet + text encoder trained); per round every variant runs one
 step, in turn, so machine noise hits them alike; medians are compared:
-  break_a_scene      L_MD + L_M2A on the reference image
+  break_a_scene      L_MD + L_M2A on the reference image (prior preservation off in every variant)
   dynasyn            + L_ICA (frozen model, class prompt, stopped after the last 16x16 layer)
   dynasyn+aug        + one augmented pair's L_AUG (attention-only pass + frozen pass)
-  md capture-on      L_MD only, 16x16 cross-attention probabilities captured
+  md capture-on      L_MD only (mode dreambooth: one subject), 16x16 cross-attention probabilities captured
   md capture-off     L_MD only, SDPA everywhere (the plain diffusers step)
 The optimizer is Adafactor stepped inside backward (the same for every variant) so the whole run
 fits in 24 GB. Last line: dynasyn_over_bas=<x> capture_overhead=<y> (name=value pairs).
@@ -48,7 +48,8 @@ def main() -> None:
     started = time.time()
     image, masks, nouns = scene(args.resolution)
     cfg = TrainConfig(mode="dynasyn", phase1_steps=0, phase2_steps=10**6, phase2_lr=1e-7, resolution=args.resolution,
-                      optimizer="adafactor", fused_backward_step=True, frozen_dtype=args.frozen_dtype)
+                      optimizer="adafactor", fused_backward_step=True, frozen_dtype=args.frozen_dtype,
+                      prior_preservation=False)  # the variants compare loss terms; the class-prior step is a second UNet pass
     trainer = DynASynTrainer(sd21_base_components(), image, masks, nouns, cfg, augmented=[augmented_pair(args.resolution)],
                              device="cpu", log=lambda *_: None)
     trainer._setup_phase(2)
@@ -70,8 +71,8 @@ def main() -> None:
         return run
 
     variants = {"break_a_scene": step("break_a_scene"), "dynasyn": step("dynasyn"),
-                "dynasyn+aug": step("dynasyn", aug=True), "md capture-on": step("dynasyn_md"),
-                "md capture-off": step("dynasyn_md", capture=False)}
+                "dynasyn+aug": step("dynasyn", aug=True), "md capture-on": step("dreambooth"),
+                "md capture-off": step("dreambooth", capture=False)}  # dreambooth = L_MD only (one subject)
     for name, run in variants.items():  # warm-up: first-call allocations and kernel selection
         print(f"warm-up {name}: {timed(run):.1f}s", flush=True)
     times = {k: [] for k in variants}

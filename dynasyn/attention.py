@@ -1,7 +1,7 @@
-"""Cross-attention capture at the 16x16 layers, through diffusers attention processors.
+"""Cross-attention capture at the paper's 16x16 layers, through diffusers attention processors.
 
-Only the layers whose queries form an ``r x r`` map (16x16 by default: SD at 512 px,
-``down_blocks.2`` and ``up_blocks.1``) get the explicit-probability processor; every other layer
+Only the layers of one UNet level (``capture_level``: SD's ``down_blocks.2`` and ``up_blocks.1``, 16x16 at
+512 px and 24x24 at 768 px) get the explicit-probability processor; every other layer
 keeps the fast SDPA path. Maps are stored by layer name, with their autograd graph, only while
 ``store.enabled`` is on, so the recomputation in a gradient-checkpointed backward pass does not
 touch them.
@@ -14,6 +14,12 @@ import math
 from typing import Iterable
 
 import torch
+
+from .errors import DynASynError
+
+
+class NoAttentionLevel(DynASynError, ValueError):
+    """The UNet has no cross-attention level DynASyn can capture at this size."""
 
 
 class StopForward(Exception):
@@ -124,15 +130,44 @@ def cross_attention_resolutions(unet, latent_size: int) -> dict[str, int]:
     return out
 
 
-def capture_layers(unet, latent_size: int, resolution: int = 16, include_mid: bool = False) -> list[str]:
-    """The attn2 processors whose maps are ``resolution``², down and up blocks (mid only if asked)."""
-    layers = [n for n, r in cross_attention_resolutions(unet, latent_size).items()
-              if r == resolution and (include_mid or not n.startswith("mid_block"))]
+def capture_level(levels: int, sample_size: int, resolution: int = 16) -> int:
+    """The UNet level (0 = full latent size) whose cross-attention maps DynASyn uses.
+
+    SD-shaped UNets (4 levels: SD 1.x / 2.x) by block: level 2 = ``down_blocks.2`` / ``up_blocks.1`` (ComfyUI's
+    input blocks 7, 8 / output blocks 3, 4, 5), maps of latent ÷ 4: 16x16 at 512 px, 24x24 at 768 px. Other
+    UNets (the tiny test models): the level whose maps are ``resolution``² at the UNet's own training size
+    (``sample_size`` latents).
+    """
+    if levels == 4:
+        return 2
+    level = round(math.log2(max(sample_size, 1) / resolution)) if sample_size >= resolution else -1
+    if not 0 <= level < levels or sample_size != resolution * 2 ** level:
+        raise NoAttentionLevel(f"This {levels}-level UNet (sample size {sample_size}) has no level with "
+                         f"{resolution}x{resolution} cross-attention maps at its training size.")
+    return level
+
+
+def capture_layers(unet, latent_size: int | None = None, resolution: int = 16, include_mid: bool = False) -> list[str]:
+    """The attn2 processors of the capture level (``capture_level``), down and up blocks (mid only if asked).
+
+    ``latent_size`` only checks that the latent divides evenly down to that level.
+    """
+    levels = len(unet.config.block_out_channels)
+    level = capture_level(levels, int(unet.config.sample_size), resolution)
+    if latent_size is not None and latent_size % 2 ** level:
+        raise NoAttentionLevel(f"{latent_size}x{latent_size} latents do not divide down to the attention level "
+                         f"(÷{2 ** level}); use a training resolution that is a multiple of {64 * 2 ** level // 8} px.")
+    res = cross_attention_resolutions(unet, 2 ** level)  # level l -> side 2**level / 2**l: 1 exactly at level
+    layers = [n for n, r in res.items() if r == 1 and (include_mid or not n.startswith("mid_block"))]
     if not layers:
-        found = sorted(set(cross_attention_resolutions(unet, latent_size).values()))
-        raise ValueError(f"No cross-attention layer works at {resolution}x{resolution} for {latent_size}x{latent_size} "
-                         f"latents (available: {found}); use a training resolution that gives {resolution}x{resolution} maps.")
+        raise NoAttentionLevel(f"The UNet has no cross-attention in its level-{level} down/up blocks (the "
+                         f"{resolution}x{resolution} maps at its training size).")
     return layers
+
+
+def map_side(unet, latent_size: int, resolution: int = 16) -> int:
+    """Side of the captured attention maps for ``latent_size`` latents."""
+    return latent_size // 2 ** capture_level(len(unet.config.block_out_channels), int(unet.config.sample_size), resolution)
 
 
 def execution_order(name: str) -> tuple:

@@ -22,23 +22,53 @@ import torch
 from .errors import DynASynError
 
 
+CONFIG_HELP = {
+    "prior_preservation": "class-prior loss on images the base model draws from --class-prompt (default: the mode's)",
+    "class_prompt": "prompt of the class images (Break-a-Scene: 'a photo at the beach')",
+    "num_class_images": "class images, generated once per run into <out>/class_images (Break-a-Scene: 100)",
+    "prior_loss_weight": "weight of the class-prior MSE (Break-a-Scene: 1.0)",
+    "aspect": "non-square pictures: crop = centre square (masks alike), pad = pad to a square",
+    "attention_resolution": "SD 1.x / 2.x always use down_blocks.2 + up_blocks.1 (16x16 at 512 px, 24x24 at 768 px); "
+                            "other UNets: the blocks with maps of this side at the UNet's own sample size",
+}
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     from .train import MODES, TrainConfig
 
     for f in dataclasses.fields(TrainConfig):
         opt = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            parser.add_argument(opt, action=argparse.BooleanOptionalAction, default=f.default)
+        kind_name = f.type if isinstance(f.type, str) else f.type.__name__
+        help_ = CONFIG_HELP.get(f.name)
+        if kind_name in ("bool", "bool | None"):
+            parser.add_argument(opt, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         else:
-            kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            kind = {"int": int, "float": float}.get(kind_name, str)
             choices = list(MODES) if f.name == "mode" else None
-            parser.add_argument(opt, type=kind, default=f.default, choices=choices, metavar=None if choices else f.name.upper())
+            if f.name == "mode":
+                help_ = "training method (default dynasyn); see 'modes' below"
+            parser.add_argument(opt, type=kind, default=f.default, choices=choices,
+                                metavar=None if choices else f.name.upper(), help=help_)
+
+
+def modes_epilog() -> str:
+    from .train import MODES, describe_mode
+
+    lines = ["modes (loss terms; phases; subjects per step; prior preservation; source of the defaults):"]
+    lines += [f"  {describe_mode(m)}" for m in MODES]
+    lines.append("phases: 1 = placeholder embeddings only, lr 5e-4, 400 steps; 2 = embeddings + UNet + text encoder, "
+                 "lr 2e-6, 400 steps, fresh optimizer (Break-a-Scene's train.py). Union sampling: k ~ U{1..N} subjects in "
+                 "random order, prompt 'a photo of <asset_i> and ...' (Break-a-Scene). Prior preservation: "
+                 "--num-class-images images of --class-prompt from the base model, one unmasked MSE sample per phase-2 "
+                 "step, weight --prior-loss-weight (Break-a-Scene / DreamBooth: 100, 'a photo at the beach', 1.0).")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dynasyn", description="DynASyn: multi-subject personalization from one image.")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train placeholder tokens + UNet + text encoder on one image")
+    t = sub.add_parser("train", help="train placeholder tokens + UNet + text encoder on one image", epilog=modes_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--model", required=True, help="diffusers SD 1.x / 2.x folder, or 'tiny' for the built-in tiny model")
     t.add_argument("--image", required=True, help="the reference picture")
     t.add_argument("--mask", action="append", required=True, help="one mask image per subject (white = subject); repeat")
@@ -89,7 +119,8 @@ def train_command(args) -> int:
     accelerator = Accelerator(cpu=args.device == "cpu")
     say = print if accelerator.is_main_process else (lambda *a, **k: None)
     trainer = DynASynTrainer(comps, image, masks, args.class_nouns, cfg, device=args.device, callback=report,
-                             should_stop=lambda: stop["requested"], log=say, accelerator=accelerator)
+                             should_stop=lambda: stop["requested"], log=say, accelerator=accelerator,
+                             class_image_dir=out / "class_images")
     if args.resume and (state_dir / "state.json").is_file():
         trainer.load_state(state_dir)
         say(f"resuming from step {trainer.step}")

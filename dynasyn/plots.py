@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-COLORS = {"loss": (235, 235, 235), "md": (80, 160, 255), "m2a": (255, 170, 60), "ica": (110, 220, 120), "aug": (230, 90, 200)}
+COLORS = {"loss": (235, 235, 235), "md": (80, 160, 255), "m2a": (255, 170, 60), "ica": (110, 220, 120), "aug": (230, 90, 200), "prior": (160, 160, 255)}
 
 
 def loss_curve_image(history, width: int = 640, height: int = 360, as_pil: bool = False):

@@ -5,7 +5,8 @@
 Phase 1 trains only the placeholder embeddings (Break-a-Scene: lr 5e-4, 400 steps); phase 2 trains
 the embeddings, every UNet weight and the text encoder (lr 2e-6, 400 steps) with a fresh
 optimizer. The same loop runs the baselines and ablations (``MODES``) so the paper's Tables 1
-and 3 can be reproduced. Progress goes to a callback; ``should_stop`` lets a caller cancel, after
+and 3 can be reproduced: TI / DB (+mask) with one subject per step, Break-a-Scene and DreamBooth with
+their class-prior preservation (``prior.py``), Table 3's rows MD (L_MD + L_M2A), + App, + Act, Eq. 5. Progress goes to a callback; ``should_stop`` lets a caller cancel, after
 which a resumable state is saved.
 """
 
@@ -22,12 +23,12 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .attention import (AttentionStore, capture_layers, install_attention_capture, last_layer, remove_attention_capture,
+from .attention import (AttentionStore, capture_layers, install_attention_capture, last_layer, map_side, remove_attention_capture,
                         run_until_last_capture, token_maps)
 from .devices import (OOM_ERRORS, PRECISIONS, cuda_capability, enable_gradient_checkpointing, noise_generator,
                       resolve_mixed_precision)
@@ -35,24 +36,49 @@ from .distributed import Distributed
 from .dataset import AugmentedPair, ordered_by_prompt, placeholder_prompt
 from .errors import DynASynError
 from .losses import (augmentation_loss, inter_cross_attention_loss, masked_attention_loss, masked_diffusion_loss,
-                     union_mask, union_sample)
+                     resize_masks, union_mask, union_sample)
 from .models import SDComponents
 from .state import MARKER as MARKER_NAME, check_fingerprint, input_fingerprint, is_owned, mark
 from .optim import FusedBackwardOptimizer, make_optimizer
 from .subjects import (DEFAULT_TEMPLATE, Subject, add_placeholder_tokens, make_prompt_pair, placeholder_tokens,
                        token_positions, validate_subjects)
 
-# mode -> (loss terms, phases). Ablations follow the paper's Table 3 (MD, +App = ICA, +Act = AUG).
-MODES: dict[str, tuple[frozenset, tuple[int, ...]]] = {
-    "textual_inversion": (frozenset({"md"}), (1,)),           # TI (+mask): embeddings only
-    "dreambooth": (frozenset({"md"}), (2,)),                  # DB (+mask): tokens + UNet + text encoder
-    "break_a_scene": (frozenset({"md", "m2a"}), (1, 2)),
-    "dynasyn": (frozenset({"md", "m2a", "ica", "aug"}), (1, 2)),  # Eq. 5, every term
-    "dynasyn_md": (frozenset({"md"}), (1, 2)),
-    "dynasyn_app": (frozenset({"md", "ica"}), (1, 2)),
-    "dynasyn_act": (frozenset({"md", "aug"}), (1, 2)),
-    "dynasyn_app_act": (frozenset({"md", "ica", "aug"}), (1, 2)),
+class ModeSpec(NamedTuple):
+    """What a mode trains: loss terms, phases, which subjects each step shows, class-prior default."""
+    losses: frozenset
+    phases: tuple[int, ...]
+    subsets: str            # "union": a random non-empty subset per step (Break-a-Scene); "single": one subject
+    prior: bool             # default of ``prior_preservation`` (class images from the base model, unmasked MSE)
+    source: str
+
+
+_EQ5 = frozenset({"md", "m2a", "ica", "aug"})
+# Table 1 baselines, Eq. 5 (= Table 1's DynASyn = Table 3's last row), and Table 3's ablation rows. The paper's
+# "Masked Diffusion" section defines L_MD *and* L_M2A as the base every row starts from (Table 3 "MD"); "App" adds
+# the appearance alignment L_ICA (Fig. 2 (a)), "Act" the action alignment on augmented pairs L_AUG (Fig. 2 (b), (c)).
+MODES: dict[str, ModeSpec] = {
+    "textual_inversion": ModeSpec(frozenset({"md"}), (1,), "single", False,
+                                  "paper's TI (+mask): one subject per step, embeddings only"),
+    "dreambooth": ModeSpec(frozenset({"md"}), (2,), "single", True,
+                           "paper's DB (+mask): one subject per step, tokens + UNet + text encoder; DreamBooth's prior"),
+    "break_a_scene": ModeSpec(frozenset({"md", "m2a"}), (1, 2), "union", True,
+                              "Break-a-Scene's train.py defaults, run 'without modification' (paper)"),
+    "dynasyn": ModeSpec(_EQ5, (1, 2), "union", False, "paper Eq. 5; Table 1 DynASyn = Table 3 MD+App+Act"),
+    "dynasyn_md": ModeSpec(frozenset({"md", "m2a"}), (1, 2), "union", False, "paper Table 3 row MD (L_MD + L_M2A)"),
+    "dynasyn_app": ModeSpec(frozenset({"md", "m2a", "ica"}), (1, 2), "union", False, "paper Table 3 row MD + App (L_ICA)"),
+    "dynasyn_act": ModeSpec(frozenset({"md", "m2a", "aug"}), (1, 2), "union", False, "paper Table 3 row MD + Act (L_AUG)"),
 }
+TERM_NAMES = {"md": "L_MD", "m2a": "L_M2A", "ica": "L_ICA", "aug": "L_AUG"}
+
+
+def describe_mode(mode: str) -> str:
+    """One line per mode for --help, tooltips and the README: terms, phases, subsets, prior, source."""
+    m = MODES[mode]
+    terms = " + ".join(TERM_NAMES[t] for t in ("md", "m2a", "ica", "aug") if t in m.losses)
+    phases = {(1,): "phase 1 only (embeddings)", (2,): "phase 2 only (tokens + UNet + text encoder)",
+              (1, 2): "phases 1 + 2"}[m.phases]
+    subsets = "one subject per step" if m.subsets == "single" else "union sampling"
+    return f"{mode}: {terms}; {phases}; {subsets}; prior preservation {'on' if m.prior else 'off'} ({m.source})"
 
 
 @dataclass
@@ -82,6 +108,15 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     frozen_dtype: str = "auto"      # auto = fp16 on GPU, bf16 on CPUs with native bf16, else fp32 | fp16 | bf16 | fp32
     fused_backward_step: bool = False  # optimizer step inside backward: no full set of gradients in memory
+    # Class-prior preservation (DreamBooth / Break-a-Scene): None = the mode's default (on for break_a_scene and
+    # dreambooth, off for dynasyn, whose L_ICA / L_AUG are its class prior). Break-a-Scene's defaults.
+    prior_preservation: bool | None = None
+    class_prompt: str = "a photo at the beach"
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    class_image_steps: int = 50     # DDIM steps per class image (Break-a-Scene: the pipeline default, 50)
+    class_guidance_scale: float = 7.5
+    aspect: str = "crop"            # non-square pictures: crop (centre square, masks alike) | pad
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -94,14 +129,27 @@ class TrainConfig:
             raise DynASynError(f"Unknown mixed_precision {self.mixed_precision!r}; choose one of {', '.join(PRECISIONS)}.")
         if self.frozen_dtype not in ("auto", "fp16", "bf16", "fp32"):
             raise DynASynError(f"Unknown frozen_dtype {self.frozen_dtype!r}; choose auto, fp16, bf16 or fp32.")
+        if self.aspect not in ("crop", "pad"):
+            raise DynASynError(f"Unknown aspect {self.aspect!r}; choose crop (centre square) or pad.")
+        if self.use_prior and (self.num_class_images < 1 or not self.class_prompt.strip()):
+            raise DynASynError("Prior preservation needs num_class_images >= 1 and a class_prompt "
+                               "(Break-a-Scene: 100 images of 'a photo at the beach').")
 
     @property
     def losses(self) -> frozenset:
-        return MODES[self.mode][0]
+        return MODES[self.mode].losses
 
     @property
     def phases(self) -> tuple[int, ...]:
-        return MODES[self.mode][1]
+        return MODES[self.mode].phases
+
+    @property
+    def subsets(self) -> str:
+        return MODES[self.mode].subsets
+
+    @property
+    def use_prior(self) -> bool:
+        return MODES[self.mode].prior if self.prior_preservation is None else bool(self.prior_preservation)
 
     @property
     def total_steps(self) -> int:
@@ -159,8 +207,34 @@ def _image_to_tensor(image: torch.Tensor) -> torch.Tensor:
 
 
 def _resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
-    kw = {"align_corners": False} if mode == "bilinear" else {}
+    """Pictures: antialiased bilinear (no aliasing when shrinking a large photo); masks: nearest (stay 0/1)."""
+    kw = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
     return F.interpolate(x, size=(size, size), mode=mode, **kw)
+
+
+PAD_VALUE = 0.5  # grey; padding lies outside every mask, so no loss term sees it
+
+
+def to_square(image: torch.Tensor, masks: torch.Tensor, aspect: str) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+    """``[H, W, 3]`` picture and ``[N, H, W]`` masks made square alike: the centre square (``crop``) or the picture
+    padded to its longer side (``pad``). Returns them and a sentence saying what was done (None if square)."""
+    h, w = image.shape[:2]
+    if h == w:
+        return image, masks, None
+    if aspect == "crop":
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        return (image[top:top + s, left:left + s], masks[:, top:top + s, left:left + s],
+                f"the {w}x{h} picture is not square: trained on its centre {s}x{s} square, masks cropped alike "
+                f"(aspect 'pad' keeps the whole picture)")
+    s = max(h, w)
+    top, left = (s - h) // 2, (s - w) // 2
+    square = torch.full((s, s, image.shape[-1]), PAD_VALUE, dtype=image.dtype)
+    square[top:top + h, left:left + w] = image
+    padded = torch.zeros((masks.shape[0], s, s), dtype=masks.dtype)
+    padded[:, top:top + h, left:left + w] = masks
+    return square, padded, (f"the {w}x{h} picture is not square: padded to {s}x{s} with grey (outside every mask), "
+                            f"masks alike")
 
 
 MAX_CACHED_PROMPTS = 512  # class prompts precomputed instead of keeping a frozen text encoder (N <= 5 subjects)
@@ -191,7 +265,7 @@ class DynASynTrainer:
     def __init__(self, comps: SDComponents, image: torch.Tensor, masks: Sequence[torch.Tensor], class_nouns: Sequence[str],
                  config: TrainConfig, augmented: Sequence[AugmentedPair] = (), device: str | torch.device | None = None,
                  callback: Callable[[StepLog], None] | None = None, should_stop: Callable[[], bool] | None = None,
-                 log: Callable[[str], None] = print, accelerator=None):
+                 log: Callable[[str], None] = print, accelerator=None, class_image_dir: str | os.PathLike | None = None):
         self.dist = Distributed(accelerator)
         self.c, self.cfg, self.callback, self.should_stop = comps, config, callback, should_stop
         self.log = log if self.dist.is_main else (lambda _msg: None)
@@ -209,6 +283,14 @@ class DynASynTrainer:
         if "aug" in config.losses and not self.augmented:
             self.log("[DynASyn] no augmented pairs given: training without L_AUG.")
         self.use_aug = "aug" in config.losses and bool(self.augmented)
+        self.class_image_dir = class_image_dir
+        self.class_dists = None  # VAE latents of the prior-preservation class images, made at the first phase-2 step
+        if config.use_prior:  # identifies the class-image cache; taken now, from the base weights (also when resuming)
+            from .prior import model_fingerprint
+            self.base_fingerprint = model_fingerprint(comps)
+        if config.use_prior and 2 not in config.phases:
+            self.log(f"[DynASyn] prior preservation has no effect in {config.mode}: only phase 2 trains weights the "
+                     "class prompt uses.")
         self.latent_size = config.resolution // comps.vae_scale_factor
         # each process draws its own subsets, flips, noise and timesteps; process 0 is the single-process run
         self.rng = random.Random(config.seed + self.dist.rank)
@@ -228,6 +310,7 @@ class DynASynTrainer:
         self.phase = None
         self.store = AttentionStore()
         self.capture = capture_layers(comps.unet, self.latent_size, config.attention_resolution)
+        self.map_side = map_side(comps.unet, self.latent_size, config.attention_resolution)
         install_attention_capture(comps.unet, self.store, self.capture)
         self._prepare_data(image)
         self._make_frozen()  # from the base weights, before any step (also when resuming)
@@ -237,19 +320,45 @@ class DynASynTrainer:
         """VAE-encode the reference (and its mirror) once; the VAE is frozen, only the noise changes."""
         c, r = self.c, self.cfg.resolution
         vae = c.vae.to(self.device)
+        image, masks, note = to_square(image, torch.stack([s.mask for s in self.subjects]), self.cfg.aspect)
+        if note:
+            self.log(f"[DynASyn] {note}; resized to {r}x{r} (antialiased).")
+            for s, kept in zip(self.subjects, masks):
+                lost = 1 - float((kept > 0.5).sum()) / max(float((s.mask > 0.5).sum()), 1.0)
+                if lost > 0.01:
+                    self.log(f"[DynASyn] the crop cuts off {lost:.0%} of {s.token} ({s.class_noun}).")
         pix = _resize(_image_to_tensor(image), r, "bilinear").to(self.device)
-        masks = torch.stack([s.mask for s in self.subjects])[:, None]
-        self.ref_masks = _resize(masks, r, "nearest")[:, 0].to(self.device)         # [N, r, r]
+        self.ref_masks = _resize(masks[:, None].float(), r, "nearest")[:, 0].to(self.device)  # [N, r, r]
+        self._check_masks_survive(cropped=note is not None and self.cfg.aspect == "crop")
         with torch.no_grad():
             self.ref_dist = [vae.encode(p.to(vae.dtype)).latent_dist for p in (pix, pix.flip(-1))]
-        self.aug_latents = []
+        self.aug_latents, self.aug_masks = [], []
         for pair in self.augmented:
-            apix = _resize(_image_to_tensor(pair.image), r, "bilinear").to(self.device)
+            aimage, amasks, _ = to_square(pair.image, pair.masks.float(), self.cfg.aspect)
+            self.aug_masks.append(_resize(amasks[:, None], r, "nearest")[:, 0].to(self.device))
+            apix = _resize(_image_to_tensor(aimage), r, "bilinear").to(self.device)
             with torch.no_grad():
                 dist = vae.encode(apix.to(vae.dtype)).latent_dist
             self.aug_latents.append(dist)
         if self.device.type not in ("cpu", "meta"):
             c.vae.to("cpu")  # only needed for these encodings: its weights leave the device
+
+    def _check_masks_survive(self, cropped: bool) -> None:
+        """Refuse a subject whose mask vanishes where its loss terms look: at the attention maps (L_M2A, L_ICA)
+        or the latent (L_MD), as the losses resize it (nearest), in both flips."""
+        attention = bool({"m2a", "ica"} & self.cfg.losses)
+        side = self.map_side if attention else self.latent_size
+        where = f"{side}x{side} attention maps" if attention else f"{side}x{side} latent"
+        for i, s in enumerate(self.subjects):
+            for m in (self.ref_masks[i], self.ref_masks[i].flip(-1)):
+                if resize_masks(m[None], side).sum() == 0:
+                    share = float((self.ref_masks[i] > 0.5).float().mean())
+                    hint = (" The centre crop of the non-square picture cut it off; use aspect 'pad'." if cropped and
+                            share == 0 else f" Crop the picture closer to the {s.class_noun} or draw a larger mask.")
+                    raise DynASynError(
+                        f"Subject {i + 1} ({s.class_noun}) vanishes at the {where}: its mask covers {share:.2%} of the "
+                        f"training picture, less than one cell (1/{side * side}), so its loss terms would train on "
+                        f"nothing.{hint}")
 
     def _sample_latent(self, dist) -> torch.Tensor:
         noise = torch.randn(dist.mean.shape, generator=self.gen, device=self.gen.device).to(self.device, dist.mean.dtype)
@@ -377,9 +486,14 @@ class DynASynTrainer:
         hidden = self.class_hidden[prompt] if te is None else None
         return self._maps(unet, te, store, prompt, noisy, t, positions, grad=False, need_pred=False, hidden=hidden)[0].float()
 
+    def _sample_subset(self) -> list[int]:
+        if self.cfg.subsets == "single":  # TI / DB (+mask): "a photo of <asset_i>" with mask M_i
+            return [self.rng.randrange(len(self.subjects))]
+        return union_sample(len(self.subjects), self.rng)
+
     def training_step(self) -> StepLog:
         cfg, c = self.cfg, self.c
-        subset = union_sample(len(self.subjects), self.rng)
+        subset = self._sample_subset()
         flip = self.rng.random() < cfg.flip_p
         pair = make_prompt_pair(c.tokenizer, self.subjects, subset, cfg.template)
         masks = self.ref_masks.flip(-1) if flip else self.ref_masks
@@ -398,6 +512,8 @@ class DynASynTrainer:
             terms["ica"] = (cfg.lambda_ica, inter_cross_attention_loss(maps.float(), class_maps, sel))
         if self.use_aug:
             terms["aug"] = (cfg.lambda_aug, self._augmentation_term())
+        if cfg.use_prior and self.phase == 2:  # phase 1 trains only placeholder rows: no gradient from the class prompt
+            terms["prior"] = (cfg.prior_loss_weight, self._prior_term())
         loss = sum(w * v for w, v in terms.values())
         self.optimizer.zero_grad(set_to_none=True)
         fused = isinstance(self.optimizer, FusedBackwardOptimizer)
@@ -480,12 +596,47 @@ class DynASynTrainer:
         maps, _ = self._maps(self.c.unet, self.c.text_encoder, self.store, c_a, noisy, t,
                              token_positions(tok, c_a, [self.subjects[i].token for i in subj]), grad=True, need_pred=False)
         class_maps = self._class_maps(pair.class_prompt, noisy, t, token_positions(tok, pair.class_prompt, nouns))
-        pseudo = _resize(pair.masks[order][:, None].float(), self.cfg.resolution, "nearest")[:, 0].to(self.device)
+        pseudo = self.aug_masks[k][order].to(self.device)
         return augmentation_loss(maps.float(), class_maps, pseudo)
+
+    def _prepare_class_images(self) -> None:
+        """Draw (or read the run's cache of) the class images with the base model, and VAE-encode them once."""
+        from .prior import class_images
+
+        cfg, c = self.cfg, self.c
+        first_phase2 = sum(cfg.steps_in(p) for p in cfg.phases if p < 2)
+        main_first = self.dist.active and self.class_image_dir is not None  # one process draws and writes, the others read
+        if main_first and not self.dist.is_main:
+            self.dist.wait()
+        with torch.no_grad(), self._autocast(True):
+            images = class_images(c, lambda p: self._encode(c.text_encoder, p), cfg.class_prompt, cfg.num_class_images,
+                                  cfg.resolution, cfg.class_image_steps, cfg.class_guidance_scale, cfg.seed, self.device,
+                                  folder=self.class_image_dir, may_generate=self.step <= first_phase2, log=self.log,
+                                  model_id=self.base_fingerprint)
+        if main_first and self.dist.is_main:
+            self.dist.wait()
+        vae = c.vae.to(self.device)
+        with torch.no_grad():
+            self.class_dists = [vae.encode(_image_to_tensor(im).to(self.device, vae.dtype)).latent_dist for im in images]
+
+    def _prior_term(self) -> torch.Tensor:
+        """Break-a-Scene / DreamBooth prior preservation: the plain (unmasked) MSE on one class image."""
+        cfg, c = self.cfg, self.c
+        if self.class_dists is None:
+            self._prepare_class_images()
+        latents = self._sample_latent(self.class_dists[self.rng.randrange(len(self.class_dists))])
+        noisy, t, target = self._noisy(latents)
+        with self._autocast(True):
+            dtype = next(c.unet.parameters()).dtype
+            hidden = self._encode(c.text_encoder, cfg.class_prompt)
+            pred = c.unet(noisy.to(dtype), t, hidden.to(dtype)).sample
+        return F.mse_loss(pred.float(), target.float(), reduction="mean")
 
     # ------------------------------------------------------------------ loop
     def train(self, state_dir: str | os.PathLike | None = None) -> TrainResult:
         cfg = self.cfg
+        if self.class_image_dir is None and state_dir is not None:  # the class images live with the run's state
+            self.class_image_dir = Path(state_dir).parent / "class_images"
         for phase in cfg.phases:
             first = sum(cfg.steps_in(p) for p in cfg.phases if p < phase)
             last = first + cfg.steps_in(phase)

@@ -22,9 +22,9 @@ from ..dynasyn.drafts import Draft
 from ..dynasyn.errors import DynASynError
 from ..dynasyn.gsa import PAPER_START_T, GSAConfig, make_scheduler, start_timesteps
 from ..dynasyn.subjects import phrase_positions
-from ..dynasyn.attention import token_maps
+from ..dynasyn.attention import capture_level, token_maps
 
-CAPTURE_SIDE = 16  # the paper's 16x16 cross-attention layers (SD at 512 px; the tiny model at 64 px)
+CAPTURE_SIDE = 16  # the paper's 16x16 cross-attention maps (SD at 512 px; small UNets at their training size)
 
 
 def gsa_sigmas(model, strength: float, steps: int, paper_exact: bool = False) -> tuple[torch.Tensor, int]:
@@ -56,20 +56,37 @@ def decode(vae, samples: torch.Tensor) -> torch.Tensor:
     return out.reshape(-1, *out.shape[-3:]).float().cpu().clamp(0, 1)
 
 
+def native_capture_level(model) -> int:
+    """The UNet level whose attn2 layers are captured: the same blocks as the library's ``capture_layers``
+    (SD: input blocks 7, 8 and output blocks 3, 4, 5 = down_blocks.2 / up_blocks.1, at any size)."""
+    cfg = model.model.model_config.unet_config
+    return capture_level(len(cfg["channel_mult"]), int(cfg.get("image_size") or 32), CAPTURE_SIDE)
+
+
+def _level_size(n: int, level: int) -> int:
+    for _ in range(level):  # ComfyUI's stride-2 downsampling (padding 1): ceil
+        n = (n + 1) // 2
+    return n
+
+
 class NativeAttentionCapture:
     """An attn2 replace patch: the normal attention output, and for the conditional samples of the
-    16x16 layers (not the middle block) the head-averaged probabilities, summed over calls."""
+    capture level's layers (not the middle block) the head-averaged probabilities, summed over calls.
+    ``with_attention_capture`` sets ``level`` from the model."""
 
-    def __init__(self, side: int = CAPTURE_SIDE):
-        self.side = side
+    def __init__(self, level: int | None = None):
+        self.level = level
         self.total: torch.Tensor | None = None   # [B, HW, T]
         self.calls = 0
+        self.blocks: set[tuple] = set()          # (input|output, index) of the captured layers
 
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
         out = optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"))  # SD 2.x: fp32
         H, W = extra_options["original_shape"][-2:]
-        if extra_options["block"][0] == "middle" or H % self.side or q.shape[1] != self.side * (W * self.side // H):
+        if self.level is None:
+            raise DynASynError("NativeAttentionCapture needs its level: install it with with_attention_capture.")
+        if extra_options["block"][0] == "middle" or q.shape[1] != _level_size(H, self.level) * _level_size(W, self.level):
             return out
         flags = extra_options["cond_or_uncond"]  # 0 = cond, 1 = uncond; one chunk each
         chunk = q.shape[0] // len(flags)
@@ -83,21 +100,23 @@ class NativeAttentionCapture:
         probs = torch.softmax(qh @ kh.transpose(-1, -2) * d ** -0.5, dim=-1).mean(dim=1)  # [b, HW, T], kept on the device
         self.total = probs if self.total is None else self.total + probs
         self.calls += 1
+        self.blocks.add(tuple(extra_options["block"][:2]))
         return out
 
     def maps(self, height: int, width: int) -> torch.Tensor:
-        """[B, r, r', T]: the mean over every captured layer and step."""
+        """[B, h, w, T] (the latent ``height`` x ``width`` at the capture level): the mean over every captured layer and step."""
         if self.total is None:
-            raise DynASynError(f"No {self.side}x{self.side} cross-attention layer ran for {width}x{height} latents: "
-                               "the drafts need 16x16 attention maps; use size 512 for SD 1.x / 2.x.")
+            raise DynASynError(f"No cross-attention layer of the capture level ran for {width}x{height} latents; "
+                               "the drafts need the UNet's attention maps (SD 1.x / 2.x at 512 or 768 px).")
         mean = self.total.cpu() / self.calls  # one copy to the host per draft, not one per layer and step
-        return mean.reshape(mean.shape[0], self.side, width * self.side // height, mean.shape[-1])
+        return mean.reshape(mean.shape[0], _level_size(height, self.level), _level_size(width, self.level), mean.shape[-1])
 
 
 def with_attention_capture(model, capture: NativeAttentionCapture):
-    """A clone of MODEL with ``capture`` on every block that has cross-attention."""
+    """A clone of MODEL with ``capture`` on every block that has cross-attention (it keeps the capture level's)."""
     from comfy.ldm.modules.attention import SpatialTransformer
 
+    capture.level = native_capture_level(model)
     patched = model.clone()
     unet = model.model.diffusion_model
     blocks = [("input", i, b) for i, b in enumerate(unet.input_blocks)] + [("output", i, b) for i, b in enumerate(unet.output_blocks)]

@@ -17,7 +17,7 @@ from ..dynasyn.export import save_embeddings, unique_name, validate_export_name
 from ..dynasyn.memory import PRESET_CHOICES, preflight, scaled_size
 from ..dynasyn.plots import loss_curve_image
 from ..dynasyn.state import remove_owned
-from ..dynasyn.train import MODES, Cancelled, DynASynTrainer, TrainConfig
+from ..dynasyn.train import MODES, Cancelled, DynASynTrainer, TrainConfig, describe_mode
 from . import bridge, paths
 from .common import class_nouns as parse_class_nouns, one_image, subject_masks, user_error
 
@@ -129,8 +129,10 @@ class DynASynTrain:
             "masks": ("MASK", {"tooltip": "One mask per subject, as a MASK batch in the order of the class nouns."}),
             "class_nouns": ("STRING", {"default": "panda, bowl", "tooltip": "What each subject is, comma-separated, in mask order."}),
             "mode": (list(MODES), {"default": "dynasyn", "tooltip": (
-                "dynasyn = Eq. 5 (all terms); dynasyn_md / _app / _act / _app_act = the paper's ablations; "
-                "textual_inversion, dreambooth, break_a_scene = baselines (Table 1).")}),
+                "dynasyn = Eq. 5, all terms (Table 1's DynASyn = Table 3's full row MD+App+Act). Table 3 ablations: "
+                "dynasyn_md = MD (L_MD + L_M2A), dynasyn_app = MD + App (+ L_ICA), dynasyn_act = MD + Act (+ L_AUG). "
+                "Table 1 baselines: textual_inversion, dreambooth (one subject per step), break_a_scene.\n"
+                + "\n".join(describe_mode(m) for m in MODES))}),
             "phase1_steps": ("INT", {"default": 400, "min": 0, "max": 100000, "tooltip": "Steps training only the placeholder embeddings."}),
             "phase2_steps": ("INT", {"default": 400, "min": 0, "max": 100000, "tooltip": "Steps training embeddings + UNet + text encoder."}),
             "phase1_lr": f(5e-4, 0.0, 1.0, 1e-5, "Learning rate of phase 1 (Break-a-Scene: 5e-4)."),
@@ -170,11 +172,27 @@ class DynASynTrain:
                 "largest preset whose estimated peak fits the free GPU memory (on CPU: the switches as set); custom = the "
                 "switches as set. Training is refused up front, naming what would fit, when the estimate exceeds the "
                 "free memory. Estimates per card: README.")}),
+            "prior_preservation": (["mode default", "on", "off"], {"default": "mode default", "tooltip": (
+                "Class-prior loss (DreamBooth; Break-a-Scene's default): pictures of class_prompt drawn by the base model, "
+                "one unmasked MSE sample per phase-2 step. mode default = on for break_a_scene and dreambooth, off for "
+                "dynasyn and its ablations (L_ICA / L_AUG are DynASyn's class prior) and textual_inversion.")}),
+            "class_prompt": ("STRING", {"default": "a photo at the beach", "tooltip": (
+                "Prompt of the prior-preservation class pictures (Break-a-Scene's default).")}),
+            "num_class_images": ("INT", {"default": 100, "min": 1, "max": 10000, "tooltip": (
+                "How many class pictures (Break-a-Scene: 100). Drawn once per run at the training resolution (50 DDIM "
+                "steps each) and cached in user/__dynasyn/runs/<run>/class_images; later runs of that name reuse them.")}),
+            "prior_loss_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": (
+                "Weight of the class-prior loss (Break-a-Scene: 1.0).")}),
+            "aspect": (["crop", "pad"], {"default": "crop", "tooltip": (
+                "A non-square picture: crop = its centre square (masks cropped alike), pad = the whole picture padded "
+                "to a square with grey. Then resized to resolution, antialiased. The log says what was done.")}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def train(self, model, clip, vae, image, masks, class_nouns, mode, phase1_steps, phase2_steps, phase1_lr, phase2_lr,
               lambda_md, lambda_m2a, lambda_ica, lambda_aug, seed, resolution, gradient_checkpointing, mixed_precision,
-              optimizer, fused_backward_step, frozen_dtype, train_text_encoder, run_name, save_checkpoint, resume, preview_every, dataset=None, new_prompt="", memory_preset="auto", unique_id=None):
+              optimizer, fused_backward_step, frozen_dtype, train_text_encoder, run_name, save_checkpoint, resume, preview_every, dataset=None, new_prompt="", memory_preset="auto",
+              prior_preservation="mode default", class_prompt="a photo at the beach", num_class_images=100,
+              prior_loss_weight=1.0, aspect="crop", unique_id=None):
         try:
             return self._train(**{k: v for k, v in locals().items() if k != "self"})
         except Cancelled as e:
@@ -189,7 +207,9 @@ class DynASynTrain:
 
     def _train(self, model, clip, vae, image, masks, class_nouns, mode, phase1_steps, phase2_steps, phase1_lr, phase2_lr,
                lambda_md, lambda_m2a, lambda_ica, lambda_aug, seed, resolution, gradient_checkpointing, mixed_precision,
-               optimizer, fused_backward_step, frozen_dtype, train_text_encoder, run_name, save_checkpoint, resume, preview_every, dataset=None, new_prompt="", memory_preset="auto", unique_id=None):
+               optimizer, fused_backward_step, frozen_dtype, train_text_encoder, run_name, save_checkpoint, resume, preview_every, dataset=None, new_prompt="", memory_preset="auto",
+              prior_preservation="mode default", class_prompt="a photo at the beach", num_class_images=100,
+              prior_loss_weight=1.0, aspect="crop", unique_id=None):
         validate_export_name(run_name, "run")
         nouns = parse_class_nouns(class_nouns)  # the same parsing and checks as every other node
         ref = one_image(image)
@@ -202,7 +222,10 @@ class DynASynTrain:
                           lambda_aug=lambda_aug, seed=seed, resolution=resolution,
                           gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
                           optimizer=optimizer, fused_backward_step=fused_backward_step, frozen_dtype=frozen_dtype,
-                          train_text_encoder=train_text_encoder)
+                          train_text_encoder=train_text_encoder,
+                          prior_preservation={"on": True, "off": False}.get(prior_preservation),
+                          class_prompt=class_prompt, num_class_images=num_class_images,
+                          prior_loss_weight=prior_loss_weight, aspect=aspect)
         mm.unload_all_models()  # free ComfyUI's loaded models before heavy work
         mm.soft_empty_cache()
         cfg = _preflight(cfg, memory_preset, model, clip, vae, with_aug=bool(dataset))
@@ -231,7 +254,8 @@ class DynASynTrain:
             comps = run.comps = bridge.native_to_components(model, clip, vae)
             trainer = run.trainer = DynASynTrainer(comps, ref.clone(), [m.clone() for m in masks], nouns, cfg,
                                      augmented=list(dataset or []), device=mm.get_torch_device(), callback=on_step,
-                                     should_stop=mm.processing_interrupted, log=lambda m: log.info(m))
+                                     should_stop=mm.processing_interrupted, log=lambda m: log.info(m),
+                                     class_image_dir=os.path.join(os.path.dirname(state_dir), "class_images"))
             if resume and os.path.isfile(os.path.join(state_dir, "state.json")):  # run_name validated above
                 trainer.load_state(state_dir)
                 log.info("[DynASyn] resuming %s from step %d", run_name, trainer.step)

@@ -71,7 +71,7 @@ def augment(x, y, image, masks, sam):
 
 def train_and_sample(x, y, image, masks, nouns, dataset):
     return [
-        {"id": 40, "type": "DynASynTrain", "pos": [x, y], "size": [400, 1100],
+        {"id": 40, "type": "DynASynTrain", "pos": [x, y], "size": [400, 1240],
          "links": {"model": [1, "MODEL"], "clip": [1, "CLIP"], "vae": [1, "VAE"], "image": image, "masks": masks,
                    **({"class_nouns": nouns} if nouns else {}), "dataset": dataset},
          "widgets": {"class_nouns": example.CLASS_NOUNS, "new_prompt": SCENE}},

@@ -212,3 +212,25 @@ def test_native_drafts_capture_the_16x16_layers_at_512(native, pack):
     assert draft.image.shape == (512, 512, 3) and draft.attention.shape == (2, 16, 16)
     assert torch.isfinite(draft.attention).all() and (draft.attention > 0).all()
     free_comfy_memory()
+
+
+@pytest.mark.parametrize("latent", [64, 96])
+def test_native_capture_picks_the_library_blocks_at_512_and_768(native, pack, latent):
+    """ComfyUI's attn2 patch captures SD's down_blocks.2 / up_blocks.1 (input 7, 8; output 3, 4, 5) at 512 and 768 px,
+    maps of latent / 4 (24x24 at 768 px, where no 16x16 layer exists)."""
+    import importlib
+
+    _, model, _, _ = native
+    render = importlib.import_module("dynasyn_pack.nodes.comfy_render")
+    capture = render.NativeAttentionCapture()
+    patched = render.with_attention_capture(model, capture)
+    ctx = model.model.model_config.unet_config["context_dim"]
+    options = {**patched.model_options["transformer_options"], "cond_or_uncond": [0]}
+    x = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0))
+    sigma = model.get_model_object("model_sampling").sigma(torch.tensor([500.0]))
+    with torch.no_grad():
+        patched.model.apply_model(x, sigma, c_crossattn=torch.randn(1, 77, ctx), transformer_options=options)
+    assert capture.blocks == {("input", 7), ("input", 8), ("output", 3), ("output", 4), ("output", 5)}
+    assert capture.calls == 5
+    assert capture.maps(latent, latent).shape == (1, latent // 4, latent // 4, 77)
+    free_comfy_memory()

@@ -146,3 +146,21 @@ def test_bad_masks_give_a_clear_error(server):
     entry = server.run(g)
     msg = execution_error(entry)
     assert entry["status"]["status_str"] == "error" and "cover nearly the same pixels" in msg
+
+
+def test_dreambooth_draws_its_class_images_once_and_keeps_them_with_the_run(server):
+    """Prior preservation from the node: class images from the base model in output/dynasyn/<run>/class_images,
+    the 'prior' term in the events, one subject per step."""
+    write_inputs(server)
+    listener = Listener(server)
+    try:
+        entry = server.run(train_graph("it_prior", phase1=1, phase2=1, mode="dreambooth", num_class_images=2,
+                                       class_prompt="a photo of a dog"), client_id=listener.client_id)
+    finally:
+        listener.close()
+    assert entry["status"]["status_str"] == "success", execution_error(entry) or server.log()[-3000:]
+    folder = server.base / "output" / "dynasyn" / "it_prior" / "class_images"
+    assert sorted(p.name for p in folder.glob("*.png")) == ["class_0000.png", "class_0001.png"]
+    events = [e for e in listener.events("dynasyn.train") if e["node"] == "6"]
+    assert [e["phase"] for e in events] == [2, 2] and all(set(e["terms"]) == {"md", "prior"} for e in events)
+    assert "drawing 2 class images of 'a photo of a dog'" in server.log()

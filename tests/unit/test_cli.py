@@ -20,7 +20,7 @@ def test_train_command_writes_model_embeddings_and_curve(files, capsys):
     rc = main(["train", "--model", "tiny", "--image", str(files / "img.png"), "--mask", str(files / "m0.png"),
                "--mask", str(files / "m1.png"), "--class-nouns", "panda", "bowl", "--out", str(out),
                "--phase1-steps", "2", "--phase2-steps", "1", "--resolution", "64", "--mode", "break_a_scene",
-               "--phase2-lr", "1e-4", "--no-train-text-encoder"])
+               "--phase2-lr", "1e-4", "--no-train-text-encoder", "--num-class-images", "2", "--class-image-steps", "2"])
     assert rc == 0
     assert "step 3/3 phase 2" in capsys.readouterr().out
     comps = load_components(out / "model")
@@ -29,6 +29,18 @@ def test_train_command_writes_model_embeddings_and_curve(files, capsys):
     torch.testing.assert_close(emb[0], comps.text_encoder.get_input_embeddings().weight[ids[1]])
     assert Image.open(out / "loss.png").size == (640, 360)
     assert len(json.loads((out / "history.json").read_text())) == 3
+    # break_a_scene keeps Break-a-Scene's prior preservation: its class images are cached with the run
+    assert sorted(p.name for p in (out / "class_images").glob("*.png")) == ["class_0000.png", "class_0001.png"]
+    assert "prior" in json.loads((out / "history.json").read_text())[-1]["terms"]
+
+
+def test_train_help_states_each_modes_terms_phases_subsets_and_prior(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "dynasyn: L_MD + L_M2A + L_ICA + L_AUG; phases 1 + 2; union sampling; prior preservation off" in text
+    assert "dreambooth: L_MD; phase 2 only" in text and "one subject per step; prior preservation on" in text
+    assert "dynasyn_md: L_MD + L_M2A;" in text and "Table 3" in text and "Break-a-Scene" in text
 
 
 def test_train_command_bad_input_is_a_clear_error(files, capsys):

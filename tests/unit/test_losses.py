@@ -62,3 +62,17 @@ def test_union_mask_is_pixelwise_max():
     masks = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[0.0, 0.0]]])
     assert union_mask(masks, [0, 1]).tolist() == [[1.0, 1.0]]
     assert union_mask(masks, [2]).tolist() == [[0.0, 0.0]]
+
+
+def test_inter_cross_attention_target_is_g_of_masked_class_map_with_the_peak_outside_the_mask():
+    """g(M ⊙ A) rescales what is left inside the mask to peak 1; M ⊙ g(A) would keep the outside peak's scale."""
+    cls = torch.tensor([[[0.4, 0.2], [0.2, 0.9]]])
+    m = torch.tensor([[[1.0, 1.0], [1.0, 0.0]]])          # the class map's peak (.9) is outside the mask
+    good = torch.tensor([[[1.0, 0.5], [0.5, 0.0]]])       # = g(M ⊙ A) = [1, .5, .5, 0]
+    wrong = torch.tensor([[[0.4, 0.2], [0.2, 0.0]]]) / 0.9  # = M ⊙ g(A) = [.44, .22, .22, 0]
+    assert inter_cross_attention_loss(good, cls, m).item() == pytest.approx(0.0, abs=1e-12)
+    # the placeholder side is max-normalised too, so compare un-normalised to see the target itself
+    assert inter_cross_attention_loss(good, cls, m, normalize=False).item() == pytest.approx(0.0, abs=1e-12)
+    err = ((wrong - good) ** 2).mean().item()
+    assert inter_cross_attention_loss(wrong, cls, m, normalize=False).item() == pytest.approx(err)
+    assert err > 0.05
