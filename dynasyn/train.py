@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .attention import (AttentionStore, capture_layers, install_attention_capture, last_layer, remove_attention_capture,
                         run_until_last_capture, token_maps)
 from .distributed import Distributed
-from .dataset import AugmentedPair, ordered_by_prompt, placeholder_prompt
+from .dataset import AugmentedPair, augmented_prompt_pair
 from .errors import DynASynError
 from .losses import (augmentation_loss, inter_cross_attention_loss, masked_attention_loss, masked_diffusion_loss,
                      union_mask, union_sample)
@@ -198,6 +198,9 @@ class DynASynTrainer:
         for pair in augmented:
             pair.validate(len(self.subjects), [s.class_noun for s in self.subjects])
         self.augmented = list(augmented)
+        # c_a / ĉ_a and their token positions from each pair's template markers (refuses pairs that do not line up)
+        self.aug_prompts = [augmented_prompt_pair(comps.tokenizer, p, [s.class_noun for s in self.subjects], tokens)
+                            for p in self.augmented]
         if "aug" in config.losses and not self.augmented:
             self.log("[DynASyn] no augmented pairs given: training without L_AUG.")
         self.use_aug = "aug" in config.losses and bool(self.augmented)
@@ -426,17 +429,13 @@ class DynASynTrainer:
         """L_AUG on one augmented pair: attention only, no reconstruction loss."""
         k = self.rng.randrange(len(self.augmented))
         pair = self.augmented[k]
-        order = ordered_by_prompt(pair, [s.class_noun for s in self.subjects])
-        subj = [pair.subjects[j] for j in order]
-        nouns = [self.subjects[i].class_noun for i in subj]
-        c_a = placeholder_prompt(pair.class_prompt, nouns, [self.subjects[i].token for i in subj])
+        prompts = self.aug_prompts[k]  # c_a, ĉ_a, positions, in the order of pair.masks
         latents = self._sample_latent(self.aug_latents[k])
         noisy, t, _ = self._noisy(latents)
-        tok = self.c.tokenizer
-        maps, _ = self._maps(self.c.unet, self.c.text_encoder, self.store, c_a, noisy, t,
-                             token_positions(tok, c_a, [self.subjects[i].token for i in subj]), grad=True, need_pred=False)
-        class_maps = self._class_maps(pair.class_prompt, noisy, t, token_positions(tok, pair.class_prompt, nouns))
-        pseudo = _resize(pair.masks[order][:, None].float(), self.cfg.resolution, "nearest")[:, 0].to(self.device)
+        maps, _ = self._maps(self.c.unet, self.c.text_encoder, self.store, prompts.placeholder_prompt, noisy, t,
+                             prompts.placeholder_positions, grad=True, need_pred=False)
+        class_maps = self._class_maps(prompts.class_prompt, noisy, t, prompts.class_positions)
+        pseudo = _resize(pair.masks[:, None].float(), self.cfg.resolution, "nearest")[:, 0].to(self.device)
         return augmentation_loss(maps.float(), class_maps, pseudo)
 
     # ------------------------------------------------------------------ loop
