@@ -71,12 +71,13 @@ class DiffusersRenderer:
         out = []
         for template, seed in zip(templates, seeds):
             out.append(render_draft(self.comps, template, descriptions, GSAConfig(
-                steps=self.cfg.draft_steps, guidance_scale=self.cfg.guidance_scale, seed=seed), size, self.device))
+                steps=self.cfg.draft_steps, sampler="ddim", guidance_scale=self.cfg.guidance_scale, seed=seed), size,
+                self.device))
         return out
 
     def inpaint(self, image, mask, prompt, seed):
         out, info = masked_inpaint(self.comps, image, mask, prompt, GSAConfig(
-            strength=1.0, steps=self.cfg.inpaint_steps, guidance_scale=self.cfg.guidance_scale, seed=seed), device=self.device)
+            strength=1.0, steps=self.cfg.inpaint_steps, sampler="ddim", guidance_scale=self.cfg.guidance_scale, seed=seed), device=self.device)
         return out, info["unet_evaluations"]
 
     def gsa(self, image, prompt, seed):

@@ -220,7 +220,9 @@ class DynASynAugment:
             "inpaint_steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Steps filling the gaps around pasted subjects."}),
             "gsa_strength": ("FLOAT", {"default": 0.7, "min": 0.05, "max": 1.0, "step": 0.05, "tooltip": "GSA start: t = strength x 1000 (paper: 0.7)."}),
             "gsa_steps": ("INT", {"default": 30, "min": 1, "max": 1000, "tooltip": "GSA schedule length; int(steps x strength) steps run. A multiple of 10 starts exactly at t = 700."}),
-            "gsa_sampler": (list(SAMPLERS), {"default": "ddim", "tooltip": "GSA sampler (ddpm = the paper's ancestral sampler)."}),
+            "gsa_sampler": (list(SAMPLERS), {"default": "ddpm", "tooltip": (
+                "GSA reverse pass. ddpm (default): the paper's stochastic SDE (ancestral, fresh noise every step); "
+                "ddim / euler: deterministic (the output depends on the start noise only).")}),
             "paper_exact": ("BOOLEAN", {"default": False, "tooltip": "GSA as in the paper: 700 DDPM steps from t = 700 (slow)."}),
             "guidance": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.5, "tooltip": "Classifier-free guidance scale."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Prompt k uses seed + k."}),

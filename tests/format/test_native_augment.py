@@ -113,3 +113,31 @@ def test_whole_stage_on_the_native_model(renderer):
     for pair in report.pairs:
         assert pair.image.shape == (64, 64, 3) and pair.masks.shape[0] == len(pair.subjects)
         assert pair.meta["start_timestep"] == 699
+
+
+def test_native_gsa_default_sampler_is_stochastic(tiny, monkeypatch):
+    """Both nodes default to the paper's stochastic reverse pass: from the same start noise, another seed gives
+    another image (ComfyUI seeds the sampler's step noise with it); the deterministic option does not."""
+    import comfy.sample
+
+    render = _mod("nodes.comfy_render")
+    _, model, clip, vae = tiny
+    gsa_default = _mod("nodes.gsa_node").DynASynGSA.INPUT_TYPES()["required"]["sampler_name"][1]["default"]
+    augment_default = _mod("nodes.augment_nodes").DynASynAugment.INPUT_TYPES()["required"]["gsa_sampler"][1]["default"]
+    assert gsa_default == augment_default == _mod("dynasyn.gsa").GSAConfig().sampler == "ddpm"
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize("a red panda"))
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    image = scene()[0][None]
+    real = comfy.sample.prepare_noise
+    monkeypatch.setattr(comfy.sample, "prepare_noise", lambda latent, seed, *a, **k: real(latent, 0, *a, **k))
+
+    def run(sampler, seed):
+        out, start_t, steps = render.comfy_gsa(model, positive, negative, vae, image, 0.7, 10, sampler, 5.0, seed,
+                                               callback=lambda *a: None)
+        assert (start_t, steps) == (699, 7)
+        return out
+
+    a = run(gsa_default, 1)
+    assert torch.equal(a, run(gsa_default, 1))
+    assert (a - run(gsa_default, 2)).abs().mean() > 1e-3
+    assert torch.allclose(run("ddim", 1), run("ddim", 2))
