@@ -155,8 +155,15 @@ def save_dataset(pairs: Sequence[AugmentedPair], folder) -> Path:
             for j, m in enumerate(p.masks):
                 names.append(f"{k:04d}_mask{j}.png")
                 Image.fromarray(to8(m.float())).save(tmp / names[-1])
+            meta = {key: v for key, v in p.meta.items() if not isinstance(v, torch.Tensor)}
+            mask_sets = {}  # meta's mask tensors (the pasted and the re-segmented pseudo-masks) as PNGs too
+            for key, v in p.meta.items():
+                if isinstance(v, torch.Tensor):
+                    mask_sets[key] = [f"{k:04d}_{key}{j}.png" for j in range(len(v))]
+                    for name, m in zip(mask_sets[key], v):
+                        Image.fromarray(to8(m.float())).save(tmp / name)
             entries.append({"image": f"{k:04d}.png", "class_prompt": p.class_prompt, "subjects": list(p.subjects),
-                            "masks": names, "meta": p.meta})
+                            "masks": names, "meta": meta, **({"mask_sets": mask_sets} if mask_sets else {})})
         (tmp / INDEX).write_text(json.dumps({"version": 1, "pairs": entries}, indent=1), encoding="utf-8")
         tmp.rename(folder)
     finally:
@@ -175,5 +182,7 @@ def load_dataset(folder) -> list[AugmentedPair]:
     pairs = []
     for e in data["pairs"]:
         masks = torch.stack([load(n, "L") for n in e["masks"]]) if e["masks"] else torch.zeros(0, 1, 1)
-        pairs.append(AugmentedPair(load(e["image"], "RGB"), e["class_prompt"], list(e["subjects"]), masks, e.get("meta", {})))
+        meta = {**e.get("meta", {}), **{key: torch.stack([load(n, "L") for n in names])
+                                        for key, names in e.get("mask_sets", {}).items()}}
+        pairs.append(AugmentedPair(load(e["image"], "RGB"), e["class_prompt"], list(e["subjects"]), masks, meta))
     return pairs
