@@ -101,6 +101,9 @@ def test_native_inpaint_keeps_known_pixels_and_gsa_starts_at_700(renderer):
     assert (out[~keep] - image[~keep]).abs().mean() > 1e-3  # the hole was repainted
     gsa_image, info = renderer.gsa(out, "a red panda", seed=1)
     assert gsa_image.shape == (64, 64, 3) and info == {"start_timestep": 699, "unet_evaluations": 7}
+    # without SAM the stage re-segments the GSA output with the subjects' attention during the pass
+    again, info = renderer.gsa(out, "a red panda in a blue bowl", seed=1, phrases=["red panda", "blue bowl"])
+    assert info["attention"].shape == (2, 16, 16) and torch.isfinite(info["attention"]).all()
 
 
 def test_whole_stage_on_the_native_model(renderer):
@@ -113,6 +116,8 @@ def test_whole_stage_on_the_native_model(renderer):
     for pair in report.pairs:
         assert pair.image.shape == (64, 64, 3) and pair.masks.shape[0] == len(pair.subjects)
         assert pair.meta["start_timestep"] == 699
+        assert pair.meta["mask_source"] == "resegmented" and torch.equal(pair.masks, pair.meta["resegmented_masks"])
+        assert pair.meta["pasted_masks"].shape == pair.masks.shape
 
 
 def test_native_gsa_default_sampler_is_stochastic(tiny, monkeypatch):
