@@ -35,7 +35,7 @@ def main() -> None:
     comps = tiny_components(seed=0)
     g = torch.Generator().manual_seed(0)
     image = torch.rand(args.size, args.size, 3, generator=g)
-    variants = {"default (ddim, 30-step schedule)": GSAConfig(), "paper-exact (700 DDPM steps)": GSAConfig(paper_exact=True)}
+    variants = {"default (ddpm, 30-step schedule)": GSAConfig(), "paper-exact (700 DDPM steps)": GSAConfig(paper_exact=True)}
     times = {k: [] for k in variants}
     evals, start = {}, {}
     for r in range(args.rounds):

@@ -2,7 +2,10 @@
 
     templates -> drafts with pseudo-masks -> paste the real subjects -> inpaint the gaps -> GSA -> pairs
 
-Each pair is (GSA image, class-noun prompt ĉ_a, per-subject pseudo-masks) as the trainer wants.
+Each pair is (GSA image, class-noun prompt ĉ_a, per-subject pseudo-masks) as the trainer wants; the
+pseudo-masks are re-segmented on the GSA output (SAM prompted by each pasted mask's box and inner
+point; without SAM, the GSA pass's own cross-attention, thresholded), and both those and the pasted
+masks stay in the pair's meta (``cfg.pseudo_masks`` picks which one trains).
 A draft where a subject was not found (empty or tiny pseudo-mask) is skipped and counted.
 The sampling is a ``Renderer``: ``DiffusersRenderer`` here (the standalone library path); the
 ComfyUI nodes pass one that samples the native MODEL with ComfyUI's own sampler. Drafts are
@@ -20,11 +23,16 @@ import torch
 
 from .compose import paste_subjects
 from .dataset import AugmentedPair
-from .drafts import Draft, pseudo_masks, render_draft
+from .attention import capture_layers, install_attention_capture, remove_attention_capture, token_maps
+from .drafts import Draft, SamplingAttention, pseudo_masks, render_draft, resegment
 from .errors import DynASynError
 from .gsa import GSAConfig, guided_sde_augment, masked_inpaint
 from .models import SDComponents
 from .prompts import PromptTemplate
+from .subjects import token_positions
+
+
+PSEUDO_MASKS = ("resegmented", "pasted")
 
 
 @dataclass
@@ -38,6 +46,7 @@ class AugmentConfig:
     guidance_scale: float = 7.5
     seed: int = 0
     draft_batch: int = 4             # drafts sampled together (same images as one at a time)
+    pseudo_masks: str = "resegmented"  # L_AUG's masks: re-segmented on the GSA output, or "pasted" (before GSA)
     gsa: GSAConfig = field(default_factory=GSAConfig)
 
 
@@ -58,7 +67,9 @@ class Renderer(Protocol):
 
     def inpaint(self, image: torch.Tensor, mask: torch.Tensor, prompt: str, seed: int) -> tuple[torch.Tensor, int]: ...
 
-    def gsa(self, image: torch.Tensor, prompt: str, seed: int) -> tuple[torch.Tensor, dict]: ...
+    def gsa(self, image: torch.Tensor, prompt: str, seed: int, phrases: Sequence[str] | None = None
+            ) -> tuple[torch.Tensor, dict]:
+        """With ``phrases``, info["attention"] is each phrase's cross-attention [S, r, r] averaged over the pass."""
 
 
 class DiffusersRenderer:
@@ -71,17 +82,27 @@ class DiffusersRenderer:
         out = []
         for template, seed in zip(templates, seeds):
             out.append(render_draft(self.comps, template, descriptions, GSAConfig(
-                steps=self.cfg.draft_steps, guidance_scale=self.cfg.guidance_scale, seed=seed), size, self.device))
+                steps=self.cfg.draft_steps, sampler="ddim", guidance_scale=self.cfg.guidance_scale, seed=seed), size,
+                self.device))
         return out
 
     def inpaint(self, image, mask, prompt, seed):
         out, info = masked_inpaint(self.comps, image, mask, prompt, GSAConfig(
-            strength=1.0, steps=self.cfg.inpaint_steps, guidance_scale=self.cfg.guidance_scale, seed=seed), device=self.device)
+            strength=1.0, steps=self.cfg.inpaint_steps, sampler="ddim", guidance_scale=self.cfg.guidance_scale, seed=seed), device=self.device)
         return out, info["unet_evaluations"]
 
-    def gsa(self, image, prompt, seed):
-        out, info = guided_sde_augment(self.comps, image, prompt, GSAConfig(**{**self.cfg.gsa.__dict__, "seed": seed}),
-                                       device=self.device)
+    def gsa(self, image, prompt, seed, phrases=None):
+        cfg = GSAConfig(**{**self.cfg.gsa.__dict__, "seed": seed})
+        if phrases is None:
+            return guided_sde_augment(self.comps, image, prompt, cfg, device=self.device)
+        store = SamplingAttention()
+        unet = self.comps.unet
+        install_attention_capture(unet, store, capture_layers(unet, image.shape[0] // self.comps.vae_scale_factor, 16))
+        try:
+            out, info = guided_sde_augment(self.comps, image, prompt, cfg, device=self.device, attention=store)
+        finally:
+            remove_attention_capture(unet)
+        info["attention"] = token_maps(store.mean(), token_positions(self.comps.tokenizer, prompt, phrases))
         return out, info
 
 
@@ -102,6 +123,8 @@ def augment(renderer: Renderer | SDComponents, reference: torch.Tensor, ref_mask
         raise DynASynError("No prompts to augment with (K = 0).")
     if cfg.draft_batch < 1:
         raise DynASynError(f"draft_batch must be at least 1 (got {cfg.draft_batch}).")
+    if cfg.pseudo_masks not in PSEUDO_MASKS:
+        raise DynASynError(f"pseudo_masks must be one of {', '.join(PSEUDO_MASKS)} (got {cfg.pseudo_masks!r}).")
     started = time.time()
     report = AugmentReport([], [], [])
     size = (cfg.size, cfg.size)
@@ -147,11 +170,18 @@ def _compose_and_gsa(renderer: Renderer, draft: Draft, n: int, sam, detector, re
     if inpainted:
         image, evals = renderer.inpaint(image, composed.inpaint_mask, draft.prompt, seed)
         evaluations += evals
-    image, info = renderer.gsa(image, draft.prompt, seed)
+    # without SAM the GSA pass's own cross-attention re-segments its output
+    image, info = renderer.gsa(image, draft.prompt, seed, **({} if sam is not None else {"phrases": draft.phrases}))
     evaluations += info["unet_evaluations"]
     order = draft.template.subjects
-    masks = composed.masks[order]
-    masks = torch.nn.functional.interpolate(masks[:, None], size=image.shape[:2], mode="nearest")[:, 0]
+    pasted = composed.masks[order]
+    pasted = torch.nn.functional.interpolate(pasted[:, None], size=image.shape[:2], mode="nearest")[:, 0]
+    # GSA changes pose and outline: L_AUG's pseudo-masks come from its output, not from the pasted silhouettes
+    resegmented, kept = resegment(image, pasted, sam, info.get("attention"), cfg.attention_threshold,
+                                  min_pixels=cfg.min_mask_pixels)
+    masks = resegmented if cfg.pseudo_masks == "resegmented" else pasted
     return AugmentedPair(image, draft.template.render(class_nouns), list(order), masks,
                          {"seed": seed, "template": draft.template.text, "prompt": draft.prompt,
-                          "start_timestep": info["start_timestep"], "inpainted": inpainted}), evaluations
+                          "start_timestep": info["start_timestep"], "inpainted": inpainted,
+                          "mask_source": cfg.pseudo_masks, "pasted_masks": pasted, "resegmented_masks": resegmented,
+                          "resegment_kept_pasted": [order[k] for k in kept]}), evaluations

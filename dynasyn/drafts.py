@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .attention import AttentionStore, capture_layers, install_attention_capture, remove_attention_capture, token_maps
 from .compose import mask_box
+from .errors import DynASynError
 from .gsa import GSAConfig, denoise
 from .models import SDComponents
 from .prompts import PromptTemplate
@@ -102,3 +103,61 @@ def pseudo_masks(draft: Draft, num_subjects: int, sam=None, threshold: float = 0
     for k, subject in enumerate(draft.template.subjects):
         out[subject] = masks[k]
     return out
+
+
+def inner_point(mask: torch.Tensor) -> tuple[int, int] | None:
+    """(x, y) of the mask's innermost pixel (the last to go under repeated 3x3 erosion), or None when empty."""
+    m = (mask > 0.5).float()
+    if m.sum() == 0:
+        return None
+    while True:
+        eroded = -F.max_pool2d(-m[None, None], 3, stride=1, padding=1)[0, 0]
+        if eroded.sum() == 0:
+            break
+        m = eroded
+    ys, xs = torch.nonzero(m, as_tuple=True)
+    cy, cx = ys.float().mean(), xs.float().mean()
+    k = int(torch.argmin((ys - cy) ** 2 + (xs - cx) ** 2))  # the survivor nearest their centre
+    return int(xs[k]), int(ys[k])
+
+
+def resegment(image: torch.Tensor, pasted: torch.Tensor, sam=None, attention: torch.Tensor | None = None,
+              threshold: float = 0.5, margin: float = 0.15, min_pixels: int = 1) -> tuple[torch.Tensor, list[int]]:
+    """Pseudo-masks of the subjects in the GSA output, which GSA moved away from the pasted silhouettes.
+
+    ``pasted`` [S, H, W] are the pasted masks; each one's box (grown by ``margin`` of its size on each
+    side) and innermost point prompt SAM. Without SAM, ``attention`` [S, r, r] (each subject's
+    cross-attention during the GSA pass) thresholded at ``threshold`` x peak, as for drafts, kept inside
+    that box. Returns the masks [S, H, W] and the subjects (indices into ``pasted``) for which nothing
+    was found and the pasted mask was kept.
+    """
+    H, W = image.shape[:2]
+    S = pasted.shape[0]
+    boxes = []
+    for m in pasted:
+        y0, y1, x0, x1 = mask_box(m) or (0, H, 0, W)
+        dy, dx = round((y1 - y0) * margin), round((x1 - x0) * margin)
+        boxes.append((max(0, x0 - dx), max(0, y0 - dy), min(W, x1 + dx), min(H, y1 + dy)))
+    if sam is not None:
+        prompts = []
+        for m, box in zip(pasted, boxes):
+            point = inner_point(m)
+            prompts.append(SubjectPrompt(box=box, points=[point] if point else [], labels=[1] if point else []))
+        found = segment(sam, image, prompts)
+    elif attention is not None:
+        if attention.shape[0] != S:
+            raise DynASynError(f"{attention.shape[0]} attention maps for {S} subjects: one per subject.")
+        found = torch.zeros(S, H, W)
+        for k, (attn, (x0, y0, x1, y1)) in enumerate(zip(attention, boxes)):
+            region = attention_prompt(attn, (H, W), threshold)[1]
+            in_box = torch.zeros(H, W)
+            in_box[y0:y1, x0:x1] = 1
+            found[k] = region * in_box
+    else:
+        return pasted.clone().float(), list(range(S))
+    out, kept = found.float(), []
+    for k in range(S):
+        if int((out[k] > 0.5).sum()) < min_pixels:
+            out[k] = pasted[k].float()
+            kept.append(k)
+    return out, kept

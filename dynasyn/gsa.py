@@ -2,9 +2,11 @@
 
 GSA diffuses the composed image to t = 700 of 1000 and denoises it under the augmented prompt
 (paper: "Guided SDE Augmentation"), so the pasted subjects blend into the draft's pose and
-light while keeping their identity. The paper runs 700 DDPM steps; the default here is DDIM
-with "trailing" spacing over a 30-step schedule, whose 21 denoising steps start exactly at the
-same t = 699 (0-based), i.e. 33x fewer UNet evaluations. ``strength`` <-> start timestep
+light while keeping their identity. The paper's reverse pass is an SDE (700 ancestral DDPM
+steps); the default here is the same ancestral DDPM sampler (fresh noise at every step) with
+"trailing" spacing over a 30-step schedule, whose 21 denoising steps start exactly at the same
+t = 699 (0-based), i.e. 33x fewer UNet evaluations. ``sampler="ddim"`` (eta 0) or ``"euler"``
+is the deterministic option (an ODE: the output is a function of the start noise alone). ``strength`` <-> start timestep
 follows diffusers' img2img (written once in ``start_timesteps``), so the library matches
 ``StableDiffusionImg2ImgPipeline`` step for step.
 
@@ -33,7 +35,7 @@ class GSAConfig:
     strength: float = 0.7          # start at t = strength * 1000 (paper: 700)
     steps: int = 30                # schedule length; int(steps * strength) denoising steps run (a multiple of 10
                                    # starts exactly at t = 699 with strength 0.7; others at the schedule point below)
-    sampler: str = "ddim"          # ddim | ddpm | euler
+    sampler: str = "ddpm"          # ddpm: stochastic reverse SDE (paper); ddim (eta 0) | euler: deterministic
     guidance_scale: float = 7.5
     negative_prompt: str = ""
     seed: int = 0

@@ -33,7 +33,7 @@ from .attention import (AttentionStore, capture_layers, install_attention_captur
 from .devices import (OOM_ERRORS, PRECISIONS, cuda_capability, enable_gradient_checkpointing, noise_generator,
                       resolve_mixed_precision)
 from .distributed import Distributed
-from .dataset import AugmentedPair, ordered_by_prompt, placeholder_prompt
+from .dataset import AugmentedPair, augmented_prompt_pair
 from .errors import DynASynError
 from .losses import (augmentation_loss, inter_cross_attention_loss, masked_attention_loss, masked_diffusion_loss,
                      resize_masks, union_mask, union_sample)
@@ -280,6 +280,9 @@ class DynASynTrainer:
         for pair in augmented:
             pair.validate(len(self.subjects), [s.class_noun for s in self.subjects])
         self.augmented = list(augmented)
+        # c_a / ĉ_a and their token positions from each pair's template markers (refuses pairs that do not line up)
+        self.aug_prompts = [augmented_prompt_pair(comps.tokenizer, p, [s.class_noun for s in self.subjects], tokens)
+                            for p in self.augmented]
         if "aug" in config.losses and not self.augmented:
             self.log("[DynASyn] no augmented pairs given: training without L_AUG.")
         self.use_aug = "aug" in config.losses and bool(self.augmented)
@@ -586,17 +589,13 @@ class DynASynTrainer:
         """L_AUG on one augmented pair: attention only, no reconstruction loss."""
         k = self.rng.randrange(len(self.augmented))
         pair = self.augmented[k]
-        order = ordered_by_prompt(pair, [s.class_noun for s in self.subjects])
-        subj = [pair.subjects[j] for j in order]
-        nouns = [self.subjects[i].class_noun for i in subj]
-        c_a = placeholder_prompt(pair.class_prompt, nouns, [self.subjects[i].token for i in subj])
+        prompts = self.aug_prompts[k]  # c_a, ĉ_a, positions, in the order of pair.masks
         latents = self._sample_latent(self.aug_latents[k])
         noisy, t, _ = self._noisy(latents)
-        tok = self.c.tokenizer
-        maps, _ = self._maps(self.c.unet, self.c.text_encoder, self.store, c_a, noisy, t,
-                             token_positions(tok, c_a, [self.subjects[i].token for i in subj]), grad=True, need_pred=False)
-        class_maps = self._class_maps(pair.class_prompt, noisy, t, token_positions(tok, pair.class_prompt, nouns))
-        pseudo = self.aug_masks[k][order].to(self.device)
+        maps, _ = self._maps(self.c.unet, self.c.text_encoder, self.store, prompts.placeholder_prompt, noisy, t,
+                             prompts.placeholder_positions, grad=True, need_pred=False)
+        class_maps = self._class_maps(prompts.class_prompt, noisy, t, prompts.class_positions)
+        pseudo = self.aug_masks[k]  # squared like the pair's picture, on the device, in the order of pair.masks
         return augmentation_loss(maps.float(), class_maps, pseudo)
 
     def _prepare_class_images(self) -> None:

@@ -254,8 +254,9 @@ class DynASynAugment:
     DESCRIPTION = ("Steps 4-6 in one node, sampled by ComfyUI's own sampler on this MODEL: for each prompt, a draft is drawn "
                    "with the subjects' descriptions (draft_batch at a time); the cross-attention "
                    "of each subject's words points SAM (or, without SAM, the attention itself) to a pseudo-mask; the real "
-                   "subjects are pasted there (aspect kept), the gaps inpainted by the same model, and Guided SDE "
-                   "Augmentation re-noises the result to t = 700/1000 and denoises it under the prompt. Drafts where a "
+                   "subjects are pasted there (aspect kept), the gaps inpainted by the same model, Guided SDE "
+                   "Augmentation re-noises the result to t = 700/1000 and denoises it under the prompt, and the subjects "
+                   "are segmented again on that output (pose and outline changed). Drafts where a "
                    "subject was not found are skipped and counted. Output: the DYNASYN_DATASET for DynASyn Train.")
     CATEGORY = "DynASyn/augment"
     FUNCTION = "augment"
@@ -281,7 +282,9 @@ class DynASynAugment:
             "inpaint_steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Steps filling the gaps around pasted subjects."}),
             "gsa_strength": ("FLOAT", {"default": 0.7, "min": 0.05, "max": 1.0, "step": 0.05, "tooltip": "GSA start: t = strength x 1000 (paper: 0.7)."}),
             "gsa_steps": ("INT", {"default": 30, "min": 1, "max": 1000, "tooltip": "GSA schedule length; int(steps x strength) steps run. A multiple of 10 starts exactly at t = 700."}),
-            "gsa_sampler": (list(SAMPLERS), {"default": "ddim", "tooltip": "GSA sampler (ddpm = the paper's ancestral sampler)."}),
+            "gsa_sampler": (list(SAMPLERS), {"default": "ddpm", "tooltip": (
+                "GSA reverse pass. ddpm (default): the paper's stochastic SDE (ancestral, fresh noise every step); "
+                "ddim / euler: deterministic (the output depends on the start noise only).")}),
             "paper_exact": ("BOOLEAN", {"default": False, "tooltip": "GSA as in the paper: 700 DDPM steps from t = 700 (slow)."}),
             "guidance": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.5, "tooltip": "Classifier-free guidance scale."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Prompt k uses seed + k."}),
@@ -289,6 +292,10 @@ class DynASynAugment:
             "draft_scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "normal", "tooltip": "ComfyUI scheduler for the drafts and the inpainting."}),
             "draft_batch": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Drafts sampled together (more is faster on a GPU, needs more memory). Prompt k's noise depends only on seed + k."}),
         }, "optional": {
+            "pseudo_masks": (["resegmented", "pasted"], {"default": "resegmented", "tooltip": (
+                "The masks L_AUG trains on. resegmented (default): found again on the GSA output, which changes pose "
+                "and outline (SAM prompted by each pasted mask's box and inner point; without SAM, the subject's "
+                "cross-attention during GSA). pasted: the silhouettes pasted before GSA. Both are kept in the dataset.")}),
             "sam": ("DYNASYN_SAM", {"tooltip": "SAM for the pseudo-masks (recommended); without it the attention map is the mask."}),
             "detector": ("DYNASYN_DETECTOR", {"tooltip": "Optional zero-shot detector: finds each subject by its description "
                                                          "(its box prompts SAM) instead of by its attention."}),
@@ -296,7 +303,7 @@ class DynASynAugment:
 
     def augment(self, model, clip, vae, image, masks, prompts, size, draft_steps, inpaint_steps, gsa_strength, gsa_steps,
                 gsa_sampler, paper_exact, guidance, seed, draft_sampler="euler", draft_scheduler="normal", draft_batch=4,
-                sam=None, detector=None, unique_id=None):
+                pseudo_masks="resegmented", sam=None, detector=None, unique_id=None):
         try:
             from ..dynasyn.augment import AugmentConfig, augment
             from ..dynasyn.gsa import GSAConfig
@@ -308,7 +315,7 @@ class DynASynAugment:
             nouns = prompts["class_nouns"]
             ms = subject_masks(masks, len(nouns), ref.shape[:2])
             cfg = AugmentConfig(size=size, draft_steps=draft_steps, inpaint_steps=inpaint_steps, guidance_scale=guidance,
-                                seed=seed, draft_batch=draft_batch,
+                                seed=seed, draft_batch=draft_batch, pseudo_masks=pseudo_masks,
                                 gsa=GSAConfig(strength=gsa_strength, steps=gsa_steps, sampler=gsa_sampler,
                                               guidance_scale=guidance, paper_exact=paper_exact))
             templates = prompts["templates"]

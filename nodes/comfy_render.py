@@ -3,7 +3,8 @@
 ``ComfyRenderer`` is the ComfyUI side of ``dynasyn.augment.Renderer``: drafts (txt2img, batched,
 with the subjects' cross-attention captured by attn2 replace patches), inpainting (ComfyUI's
 ``noise_mask``, the known pixels put back exactly) and GSA (the sigmas of the library's start
-timesteps). Everything else, the method's bookkeeping, stays in ``dynasyn.augment``.
+timesteps; without SAM, with the subjects' cross-attention captured to re-segment its output).
+Everything else, the method's bookkeeping, stays in ``dynasyn.augment``.
 """
 
 from __future__ import annotations
@@ -219,12 +220,18 @@ class ComfyRenderer:
         keep = (mask < 0.5)[..., None]
         return torch.where(keep, image.float().cpu(), out), self.cfg.inpaint_steps
 
-    def gsa(self, image, prompt, seed):
+    def gsa(self, image, prompt, seed, phrases=None):
         g = self.cfg.gsa
-        images, start_t, steps = comfy_gsa(self.model, self.encode(prompt), self.negative, self.vae, image[None],
+        capture = NativeAttentionCapture() if phrases is not None else None
+        model = self.model if capture is None else with_attention_capture(self.model, capture)
+        images, start_t, steps = comfy_gsa(model, self.encode(prompt), self.negative, self.vae, image[None],
                                            g.strength, g.steps, g.sampler, self.cfg.guidance_scale, seed, g.paper_exact,
                                            callback=self._callback())
-        return images[0], {"start_timestep": start_t, "unet_evaluations": steps}
+        info = {"start_timestep": start_t, "unet_evaluations": steps}
+        if capture is not None:  # each phrase's cross-attention over the pass: re-segments the output without SAM
+            maps = capture.maps(image.shape[0] // self.factor, image.shape[1] // self.factor)[0]
+            info["attention"] = token_maps(maps, description_positions(self.clip, prompt, phrases))
+        return images[0], info
 
     def planned_evaluations(self, prompts: int) -> int:
         """UNet evaluations for ``prompts`` prompts (inpainting counted as if every draft needs it)."""

@@ -20,7 +20,7 @@ class DynASynGSA:
     DESCRIPTION = ("Guided SDE Augmentation (paper): diffuses an IMAGE to t = strength x 1000 (0.7 -> t = 700) and denoises "
                    "it under the prompt with ComfyUI's sampler, so pasted subjects blend into the scene and keep their "
                    "identity. paper_exact runs 700 DDPM steps; the default runs int(steps x strength) steps of the chosen "
-                   "sampler over the same start.")
+                   "sampler over the same start (default ddpm: stochastic, as the paper's SDE).")
     CATEGORY = "DynASyn/augment"
     FUNCTION = "gsa"
     RETURN_TYPES = ("IMAGE", "STRING")
@@ -37,7 +37,9 @@ class DynASynGSA:
             "image": ("IMAGE", {"tooltip": "Composed image(s)."}),
             "strength": ("FLOAT", {"default": 0.7, "min": 0.05, "max": 1.0, "step": 0.05, "tooltip": "Start at t = strength x 1000 (paper: 0.7)."}),
             "steps": ("INT", {"default": 30, "min": 1, "max": 1000, "tooltip": "Schedule length; int(steps x strength) steps run (a multiple of 10 starts exactly at t = 700)."}),
-            "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "ddim", "tooltip": "ComfyUI sampler."}),
+            "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "ddpm", "tooltip": (
+                "ComfyUI sampler over the GSA sigmas. ddpm (default) is the paper's stochastic reverse SDE (fresh noise "
+                "every step, seeded by 'seed'); euler_ancestral is another stochastic one; ddim / euler are deterministic.")}),
             "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.5, "tooltip": "Classifier-free guidance."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "tooltip": "Noise seed."}),
             "paper_exact": ("BOOLEAN", {"default": False, "tooltip": "700 DDPM steps from t = 700, as in the paper (slow)."}),

@@ -101,6 +101,9 @@ def test_native_inpaint_keeps_known_pixels_and_gsa_starts_at_700(renderer):
     assert (out[~keep] - image[~keep]).abs().mean() > 1e-3  # the hole was repainted
     gsa_image, info = renderer.gsa(out, "a red panda", seed=1)
     assert gsa_image.shape == (64, 64, 3) and info == {"start_timestep": 699, "unet_evaluations": 7}
+    # without SAM the stage re-segments the GSA output with the subjects' attention during the pass
+    again, info = renderer.gsa(out, "a red panda in a blue bowl", seed=1, phrases=["red panda", "blue bowl"])
+    assert info["attention"].shape == (2, 16, 16) and torch.isfinite(info["attention"]).all()
 
 
 def test_whole_stage_on_the_native_model(renderer):
@@ -113,3 +116,33 @@ def test_whole_stage_on_the_native_model(renderer):
     for pair in report.pairs:
         assert pair.image.shape == (64, 64, 3) and pair.masks.shape[0] == len(pair.subjects)
         assert pair.meta["start_timestep"] == 699
+        assert pair.meta["mask_source"] == "resegmented" and torch.equal(pair.masks, pair.meta["resegmented_masks"])
+        assert pair.meta["pasted_masks"].shape == pair.masks.shape
+
+
+def test_native_gsa_default_sampler_is_stochastic(tiny, monkeypatch):
+    """Both nodes default to the paper's stochastic reverse pass: from the same start noise, another seed gives
+    another image (ComfyUI seeds the sampler's step noise with it); the deterministic option does not."""
+    import comfy.sample
+
+    render = _mod("nodes.comfy_render")
+    _, model, clip, vae = tiny
+    gsa_default = _mod("nodes.gsa_node").DynASynGSA.INPUT_TYPES()["required"]["sampler_name"][1]["default"]
+    augment_default = _mod("nodes.augment_nodes").DynASynAugment.INPUT_TYPES()["required"]["gsa_sampler"][1]["default"]
+    assert gsa_default == augment_default == _mod("dynasyn.gsa").GSAConfig().sampler == "ddpm"
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize("a red panda"))
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    image = scene()[0][None]
+    real = comfy.sample.prepare_noise
+    monkeypatch.setattr(comfy.sample, "prepare_noise", lambda latent, seed, *a, **k: real(latent, 0, *a, **k))
+
+    def run(sampler, seed):
+        out, start_t, steps = render.comfy_gsa(model, positive, negative, vae, image, 0.7, 10, sampler, 5.0, seed,
+                                               callback=lambda *a: None)
+        assert (start_t, steps) == (699, 7)
+        return out
+
+    a = run(gsa_default, 1)
+    assert torch.equal(a, run(gsa_default, 1))
+    assert (a - run(gsa_default, 2)).abs().mean() > 1e-3
+    assert torch.allclose(run("ddim", 1), run("ddim", 2))

@@ -111,3 +111,44 @@ def test_dataset_folder_round_trip_and_never_overwrites(tmp_path):
         save_dataset(pairs, folder)
     with pytest.raises(DynASynError, match="dataset.json"):
         load_dataset(tmp_path)
+
+
+def _gsa_with_reverse_noise(comps, image, cfg, monkeypatch, reverse_seed=None):
+    """GSA as configured; with ``reverse_seed`` the sampler's step noise (only) comes from another generator,
+    so the start (VAE sample and the noise to t = 699) is the same as without it."""
+    import dynasyn.gsa as gsa
+
+    real = gsa.make_scheduler
+
+    def make(cfg_, prediction_type):
+        sched = real(cfg_, prediction_type)
+        if reverse_seed is not None:
+            other, step = torch.Generator().manual_seed(reverse_seed), sched.step
+
+            def stepped(model_output, timestep, sample, generator=None, **kw):
+                return step(model_output, timestep, sample, generator=other, **kw)
+            sched.step = stepped
+        return sched
+
+    monkeypatch.setattr(gsa, "make_scheduler", make)
+    return guided_sde_augment(comps, image, "a panda jumping into a bowl", cfg)
+
+
+def test_gsa_default_reverse_pass_is_stochastic_and_seeded(monkeypatch):
+    """The paper's GSA is a forward-backward SDE: from the same start, other reverse-pass noise gives another image."""
+    comps = tiny_components(seed=3)
+    image = torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(1))
+    default = GSAConfig(steps=10, guidance_scale=5.0, seed=11)
+    a, info = _gsa_with_reverse_noise(comps, image, default, monkeypatch)
+    again, _ = _gsa_with_reverse_noise(comps, image, default, monkeypatch)
+    other, _ = _gsa_with_reverse_noise(comps, image, default, monkeypatch, reverse_seed=12)
+    assert info["start_timestep"] == 699 and info["unet_evaluations"] == 7
+    assert torch.equal(a, again)                        # same seed, same image
+    assert (a - other).abs().mean() > 1e-3              # same start, other reverse noise: another image
+    seed2, _ = _gsa_with_reverse_noise(comps, image, GSAConfig(steps=10, guidance_scale=5.0, seed=12), monkeypatch)
+    assert (a - seed2).abs().mean() > 1e-3
+    # the deterministic option: the reverse pass draws nothing, the output is a function of the start
+    det = GSAConfig(steps=10, guidance_scale=5.0, seed=11, sampler="ddim")
+    d1, _ = _gsa_with_reverse_noise(comps, image, det, monkeypatch)
+    d2, _ = _gsa_with_reverse_noise(comps, image, det, monkeypatch, reverse_seed=12)
+    assert torch.equal(d1, d2)
