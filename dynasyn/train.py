@@ -331,8 +331,9 @@ class DynASynTrainer:
                 if lost > 0.01:
                     self.log(f"[DynASyn] the crop cuts off {lost:.0%} of {s.token} ({s.class_noun}).")
         pix = _resize(_image_to_tensor(image), r, "bilinear").to(self.device)
-        self.ref_masks = _resize(masks[:, None].float(), r, "nearest")[:, 0].to(self.device)  # [N, r, r]
-        self._check_masks_survive(cropped=note is not None and self.cfg.aspect == "crop")
+        ref_masks = _resize(masks[:, None].float(), r, "nearest")[:, 0]      # [N, r, r]
+        self._check_masks_survive(ref_masks, cropped=note is not None and self.cfg.aspect == "crop")  # on the host, once
+        self.ref_masks = ref_masks.to(self.device)
         with torch.no_grad():
             self.ref_dist = [vae.encode(p.to(vae.dtype)).latent_dist for p in (pix, pix.flip(-1))]
         self.aug_latents, self.aug_masks = [], []
@@ -346,16 +347,16 @@ class DynASynTrainer:
         if self.device.type not in ("cpu", "meta"):
             c.vae.to("cpu")  # only needed for these encodings: its weights leave the device
 
-    def _check_masks_survive(self, cropped: bool) -> None:
+    def _check_masks_survive(self, ref_masks: torch.Tensor, cropped: bool) -> None:
         """Refuse a subject whose mask vanishes where its loss terms look: at the attention maps (L_M2A, L_ICA)
         or the latent (L_MD), as the losses resize it (nearest), in both flips."""
         attention = bool({"m2a", "ica"} & self.cfg.losses)
         side = self.map_side if attention else self.latent_size
         where = f"{side}x{side} attention maps" if attention else f"{side}x{side} latent"
         for i, s in enumerate(self.subjects):
-            for m in (self.ref_masks[i], self.ref_masks[i].flip(-1)):
+            for m in (ref_masks[i], ref_masks[i].flip(-1)):
                 if resize_masks(m[None], side).sum() == 0:
-                    share = float((self.ref_masks[i] > 0.5).float().mean())
+                    share = float((ref_masks[i] > 0.5).float().mean())
                     hint = (" The centre crop of the non-square picture cut it off; use aspect 'pad'." if cropped and
                             share == 0 else f" Crop the picture closer to the {s.class_noun} or draw a larger mask.")
                     raise DynASynError(

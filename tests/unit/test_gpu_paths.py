@@ -37,15 +37,20 @@ def step_until_loss(t: DynASynTrainer) -> torch.Tensor:
 
 def meta_trainer(mode, **kw):
     image, masks, nouns = scene()
-    config = TrainConfig(mode=mode, phase1_steps=1, phase2_steps=1, resolution=64, **kw)
+    config = TrainConfig(mode=mode, phase1_steps=1, phase2_steps=1, resolution=64, num_class_images=2, **kw)
     return DynASynTrainer(tiny_components(seed=0), image, masks, nouns, config, augmented=aug_pairs(), device="meta",
                           log=lambda *_: None)
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_every_tensor_of_the_step_is_on_the_trainers_device(mode):
+def test_every_tensor_of_the_step_is_on_the_trainers_device(mode, monkeypatch):
     """The trainable and frozen models live on ``meta``: a tensor left on the CPU (reference masks, noise,
-    pseudo-masks, cached encodings, timesteps) makes torch refuse the op, as CUDA would at step 1."""
+    pseudo-masks, cached encodings, timesteps, class images) makes torch refuse the op, as CUDA would at step 1.
+    Class images are pictures on the host by design (a meta model cannot draw one), so they come from the CPU
+    here; encoding them and the prior term still run on the trainer's device."""
+    import dynasyn.prior
+
+    monkeypatch.setattr(dynasyn.prior, "generate_class_image", lambda comps, encode, prompt, size, *a: torch.rand(size, size, 3))
     t = meta_trainer(mode)
     for phase in MODES[mode][1]:
         t._setup_phase(phase)
@@ -79,7 +84,8 @@ def test_mixed_precision_decision():
 
 def cpu_trainer(mode="break_a_scene", augmented=(), **kw):
     image, masks, nouns = scene()
-    config = TrainConfig(**{**dict(mode=mode, phase1_steps=1, phase2_steps=2, resolution=64, seed=0), **kw})
+    config = TrainConfig(**{**dict(mode=mode, phase1_steps=1, phase2_steps=2, resolution=64, seed=0,
+                                  prior_preservation=False), **kw})  # prior preservation: its own tests
     return DynASynTrainer(tiny_components(seed=0), image, masks, nouns, config, augmented=augmented, device="cpu",
                           log=lambda *_: None)
 

@@ -121,7 +121,7 @@ def _trainer(config=None, image=None, masks=None, nouns=None, comps_seed=0, **kw
     from tests.support.scene import tensor_scene
 
     img0, masks0, nouns0 = tensor_scene()
-    config = config or TrainConfig(mode="break_a_scene", phase1_steps=2, phase2_steps=2, resolution=64, seed=0)
+    config = config or TrainConfig(mode="break_a_scene", phase1_steps=2, phase2_steps=2, resolution=64, seed=0, prior_preservation=False)
     return DynASynTrainer(tiny_components(seed=comps_seed), img0 if image is None else image,
                           masks0 if masks is None else masks, nouns0 if nouns is None else nouns, config,
                           device="cpu", log=lambda *_: None, **kw)
@@ -188,7 +188,7 @@ def test_resume_refuses_a_state_made_from_other_inputs(saved_state, change, name
     elif change == "base_model":
         kw["comps_seed"] = 1
     else:
-        kw["config"] = TrainConfig(mode="break_a_scene", phase1_steps=2, phase2_steps=2, resolution=64, seed=0,
+        kw["config"] = TrainConfig(mode="break_a_scene", phase1_steps=2, phase2_steps=2, resolution=64, seed=0, prior_preservation=False,
                                    lambda_m2a=0.5)
     t = _trainer(**kw)
     with pytest.raises(DynASynError, match="other inputs") as err:
@@ -203,7 +203,7 @@ def test_resume_refuses_a_state_made_from_other_inputs(saved_state, change, name
 def test_resume_accepts_the_same_inputs_with_a_longer_run(saved_state):
     from dynasyn.train import TrainConfig
 
-    t = _trainer(config=TrainConfig(mode="break_a_scene", phase1_steps=2, phase2_steps=5, resolution=64, seed=0))
+    t = _trainer(config=TrainConfig(mode="break_a_scene", phase1_steps=2, phase2_steps=5, resolution=64, seed=0, prior_preservation=False))
     t.load_state(saved_state)
     assert t.step == 3
 
