@@ -9,8 +9,10 @@ Stages (each checkpointed into --work-dir, so an interrupted run resumes where i
   5. Evaluation on held-out scenes/captions with the scorer; writes the fp16 weights + manifest.
 
 Usage: python scripts/train_shapes_world.py [--vae-steps N] [--unet-steps N] ...
-A file named STOP in --work-dir ends the current stage at its next checkpoint (the manifest
-records the steps actually run; rerunning with those step counts reproduces the weights).
+A file named STOP_vae, STOP_unet or STOP_decoder in --work-dir ends that stage at its next checkpoint
+(the manifest records the steps actually run; rerunning with those step counts reproduces the weights,
+as every step draws its randomness from (seed, stage, step) and the learning rate does not depend on
+the total).
 """
 
 from __future__ import annotations
@@ -66,8 +68,14 @@ def save_ckpt(path: Path, **state) -> None:
     tmp.replace(path)
 
 
-def stop_requested(work: Path) -> bool:
-    return (work / "STOP").exists()
+def step_rng(seed: int, stage: int, step: int) -> np.random.Generator:
+    """Everything random in one training step comes from (seed, stage, step): a resumed run equals an uninterrupted one."""
+    torch.manual_seed(seed * 1_000_003 + stage * 100_003 + step)
+    return np.random.default_rng([seed, stage, step])
+
+
+def stop_requested(work: Path, stage: str) -> bool:
+    return (work / f"STOP_{stage}").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -89,9 +97,10 @@ def train_vae(comps, imgs, args, work: Path, params=None, name="vae", steps=0, l
     if start >= steps:
         return start
     vae.train()
-    g = np.random.default_rng([args.seed, 1 if latents is None else 4, start])
+    stage = 1 if latents is None else 4
     t0, done = time.time(), start
     for step in range(start, steps):
+        g = step_rng(args.seed, stage, step)
         idx = g.integers(0, len(imgs), args.vae_batch)
         x = to_tensor(imgs[idx])
         if latents is None:
@@ -112,7 +121,7 @@ def train_vae(comps, imgs, args, work: Path, params=None, name="vae", steps=0, l
                 f"({(time.time() - t0) / (done - start):.2f} s/step)")
         if done % args.ckpt_every == 0 or done == steps:
             save_ckpt(ck, vae=vae.state_dict(), opt=opt.state_dict(), step=done, rng=torch.get_rng_state())
-            if stop_requested(work):
+            if stop_requested(work, name):
                 log(f"{name}: STOP file found, ending at {done}")
                 break
     vae.eval()
@@ -145,13 +154,13 @@ def train_unet(comps, latents, ids, args, work: Path):
         torch.set_rng_state(st["rng"])
         log(f"unet: resumed at step {start}")
     unet.train(); te.train()
-    g = np.random.default_rng([args.seed, 2, start])
     t0, done = time.time(), start
     ema_params = list(ema_u.parameters()) + list(ema_t.parameters())
     for step in range(start, args.unet_steps):
         lr = args.lr * min(1.0, (step + 1) / args.warmup)
         for gr in opt.param_groups:
             gr["lr"] = lr
+        g = step_rng(args.seed, 3, step)
         idx = g.integers(0, len(latents), args.batch)
         x0 = latents[idx]
         tok = ids[idx].clone()
@@ -177,7 +186,7 @@ def train_unet(comps, latents, ids, args, work: Path):
         if done % args.ckpt_every == 0 or done == args.unet_steps:
             save_ckpt(ck, unet=unet.state_dict(), te=te.state_dict(), ema_u=ema_u.state_dict(), ema_t=ema_t.state_dict(),
                       opt=opt.state_dict(), step=done, rng=torch.get_rng_state())
-            if stop_requested(work):
+            if stop_requested(work, "unet"):
                 log(f"unet: STOP file found, ending at {done}")
                 break
     unet.load_state_dict(ema_u.state_dict())
@@ -202,7 +211,7 @@ def evaluate(comps, args) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenes", type=int, default=12000, help="training scenes (seeds 0..N-1)")
-    ap.add_argument("--vae-steps", type=int, default=1800)
+    ap.add_argument("--vae-steps", type=int, default=1500)
     ap.add_argument("--vae-batch", type=int, default=8)
     ap.add_argument("--decoder-steps", type=int, default=600)
     ap.add_argument("--unet-steps", type=int, default=2600)

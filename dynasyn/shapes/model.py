@@ -60,7 +60,7 @@ def build_shapes_components(tokenizer=None, seed: int = 0) -> SDComponents:
             block_out_channels=(32, 64, 128),
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=TEXT_WIDTH, attention_head_dim=4, norm_num_groups=32)
+            cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=32)  # 8 heads: ComfyUI's SD15 config
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 64),
                             layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 3,
                             up_block_types=("UpDecoderBlock2D",) * 3, sample_size=IMAGE_SIZE, norm_num_groups=32,
