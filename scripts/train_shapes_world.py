@@ -196,14 +196,15 @@ def train_unet(comps, latents, ids, args, work: Path):
 
 
 def evaluate(comps, args) -> dict:
-    from dynasyn.shapes.scorer import evaluate_model
+    from dynasyn.shapes.scorer import EVAL_GUIDANCE, EVAL_STEPS, evaluate_model
 
     imgs, _ = render_set(args.eval_vae, EVAL_SEED0)
     with torch.no_grad():
         x = to_tensor(imgs)
         rec = torch.cat([comps.vae.decode(comps.vae.encode(x[i:i + 64]).latent_dist.mean).sample
                          for i in range(0, len(x), 64)])
-    out = {"vae_psnr_db": round(psnr(rec.clamp(-1, 1), x), 2)}
+    out = {"vae_psnr_db": round(psnr(rec.clamp(-1, 1), x), 2), "vae_eval_scenes": args.eval_vae,
+           "sampler": {"name": "DDIM", "steps": EVAL_STEPS, "guidance": EVAL_GUIDANCE, "eval_seed0": EVAL_SEED0}}
     out.update(evaluate_model(comps, n=args.eval_captions))
     return out
 
@@ -222,7 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument("--min-snr", type=float, default=5.0)
     ap.add_argument("--uncond-p", type=float, default=0.1)
     ap.add_argument("--ckpt-every", type=int, default=100)
-    ap.add_argument("--eval-captions", type=int, default=240)
+    ap.add_argument("--eval-captions", type=int, default=200)
     ap.add_argument("--eval-vae", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -242,7 +243,9 @@ def main(argv=None) -> int:
     if args.eval_only:
         comps = sm.load_shapes_components(out, verify=False)
         man = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        t0 = time.time()
         man["quality"] = evaluate(comps, args)
+        man["eval_time_s"] = round(time.time() - t0)
         man["sha256"] = sm.sha256_of(out)
         manifest_path.write_text(json.dumps(man, indent=2) + "\n")
         log(json.dumps(man["quality"]))
@@ -282,7 +285,6 @@ def main(argv=None) -> int:
         "training_time_s": round(train_s), "command": "python scripts/train_shapes_world.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in (("vae_steps", vae_done), ("unet_steps", unet_done),
                                                         ("decoder_steps", dec_done), ("scenes", args.scenes))),
-        "sampler": {"name": "DDIM", "steps": 25, "guidance": 5.0, "eval_seed0": EVAL_SEED0},
         "date": time.strftime("%Y-%m-%d"),
     }
     manifest_path.write_text(json.dumps(man, indent=2) + "\n")

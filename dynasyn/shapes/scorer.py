@@ -230,6 +230,8 @@ def summarize(scores: list[dict]) -> dict:
 
 
 EVAL_SEED0 = 50_000_000
+# The fixed sampler of the quality gates (the manifest's figures and tests/unit/test_shapes_model.py).
+EVAL_N, EVAL_STEPS, EVAL_GUIDANCE = 200, 20, 5.0
 
 
 def eval_captions(n: int, seed0: int = EVAL_SEED0) -> list[str]:
@@ -237,10 +239,11 @@ def eval_captions(n: int, seed0: int = EVAL_SEED0) -> list[str]:
     return [world.sample_scene(seed0 + i).caption for i in range(n)]
 
 
-def evaluate_model(comps, n: int = 240, steps: int = 25, guidance: float = 5.0, seed0: int = EVAL_SEED0) -> dict:
+def evaluate_model(comps, n: int = EVAL_N, steps: int = EVAL_STEPS, guidance: float = EVAL_GUIDANCE,
+                   seed0: int = EVAL_SEED0) -> dict:
     """Sample ``n`` held-out captions (one fixed seed each) and score them."""
     from .model import sample_images, to_uint8
 
     caps = eval_captions(n, seed0)
-    imgs = to_uint8(sample_images(comps, caps, [seed0 + i for i in range(n)], steps=steps, guidance=guidance))
+    imgs = to_uint8(sample_images(comps, caps, [seed0 + i for i in range(n)], steps=steps, guidance=guidance, batch=100))
     return summarize([score_caption(im, c) for im, c in zip(imgs, caps)])
