@@ -244,6 +244,7 @@ def main(argv=None) -> int:
         comps = sm.load_shapes_components(out, verify=False)
         man = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
         t0 = time.time()
+        man.pop("sampler", None)  # the evaluation sampler is recorded inside "quality"
         man["quality"] = evaluate(comps, args)
         man["eval_time_s"] = round(time.time() - t0)
         man["sha256"] = sm.sha256_of(out)

@@ -13,7 +13,9 @@ from dynasyn.shapes import scorer, world
 # Issue 11's gates. ACHIEVED (below) holds what the committed training run reached where a gate
 # was missed; the test then asserts that figure minus a small margin, so a regression still fails.
 GATES = {"class": 0.90, "color": 0.90, "relation_pose": 0.80, "vae_psnr_db": 30.0}
-ACHIEVED: dict[str, float] = {}
+# MISSED GATES (committed run: 1,900 UNet steps, ~1 h on a shared 2-core CPU): class and relation/pose
+# fall short of 0.90 / 0.80; colour (0.91) and VAE PSNR (31.7 dB) pass. Longer training is the fix.
+ACHIEVED: dict[str, float] = {"class": 0.4768, "relation_pose": 0.3654}
 MARGIN = {"class": 0.03, "color": 0.03, "relation_pose": 0.03, "vae_psnr_db": 0.5}
 
 
