@@ -13,13 +13,13 @@ TOL = 1e-4
 def shapes(pack):
     from dynasyn_pack.dynasyn.shapes.model import load_shapes_components
 
-    model, clip, vae = pack.nodes.tiny_node.DynASynShapesWorldModel().load()
+    model, clip, vae = pack.nodes.shapes_node.DynASynShapesWorldModel().load()
     yield model, clip, vae, load_shapes_components()
     free_comfy_memory()
 
 
 def test_node_is_a_loader_with_three_outputs(pack):
-    cls = pack.nodes.tiny_node.DynASynShapesWorldModel
+    cls = pack.nodes.shapes_node.DynASynShapesWorldModel
     assert cls.CATEGORY == "DynASyn/loaders" and cls.RETURN_TYPES == ("MODEL", "CLIP", "VAE")
     assert pack.nodes.tiny_node.DynASynTinyModel.CATEGORY == "DynASyn/dev"
     assert pack.NODE_DISPLAY_NAME_MAPPINGS["DynASynShapesWorldModel"] == "DynASyn Shapes World Model"
