@@ -1,6 +1,5 @@
 """The committed Shapes World weights: size, integrity, and the quality gates measured by the scorer."""
 
-import json
 
 import numpy as np
 import pytest
