@@ -14,7 +14,7 @@ class DynASynTinyModel:
     DESCRIPTION = ("Builds a tiny random-weight Stable Diffusion (SD 1.x-shaped UNet with 16x16 cross-attention, CLIP "
                    "text encoder, KL VAE with 2x downscale) for trying graphs and for tests. It runs every node of the pack "
                    "in seconds on a CPU; its pictures are noise. Use 64 px images (256 px empty latents give 32x32 latents).")
-    CATEGORY = "DynASyn/loaders"
+    CATEGORY = "DynASyn/dev"
     FUNCTION = "build"
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     OUTPUT_TOOLTIPS = ("Tiny diffusion model.", "Tiny CLIP text encoder (CLIP's real vocabulary).", "Tiny VAE (2x).")

@@ -67,7 +67,7 @@ def test_missing_optional_dependency_disables_only_its_nodes(tmp_path):
     with ComfyServer(fresh_base(tmp_path / "base"), env={"PYTHONPATH": str(shim.parent)}) as s:
         info = s.get("/object_info")
         log = s.log()
-    needs_diffusers = {"DynASynDiffusersLoader", "DynASynTinyModel"}
+    needs_diffusers = {"DynASynDiffusersLoader", "DynASynTinyModel", "DynASynShapesWorldModel"}
     assert not needs_diffusers & set(info)
     others = [n for n in declared_nodes() if n not in needs_diffusers]
     assert others and all(n in info for n in others)

@@ -1,0 +1,299 @@
+"""Train the Shapes World model from scratch on a CPU, deterministically.
+
+Stages (each checkpointed into --work-dir, so an interrupted run resumes where it stopped):
+  1. VAE: the 3-level AutoencoderKL on rendered scenes (MSE + L1 + a tiny KL).
+  2. Fold the latent statistics into the VAE so latents x 0.18215 have unit std (SD's convention).
+  3. UNet + CLIP text encoder on the frozen encoder's latents of the training scenes (epsilon,
+     min-SNR weighting, 10 % empty captions for classifier-free guidance, EMA weights).
+  4. Decoder fine-tuning on the same frozen latents (sharper reconstructions).
+  5. Evaluation on held-out scenes/captions with the scorer; writes the fp16 weights + manifest.
+
+Usage: python scripts/train_shapes_world.py [--vae-steps N] [--unet-steps N] ...
+A file named STOP_vae, STOP_unet or STOP_decoder in --work-dir ends that stage at its next checkpoint
+(the manifest records the steps actually run; rerunning with those step counts reproduces the weights,
+as every step draws its randomness from (seed, stage, step) and the learning rate does not depend on
+the total).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dynasyn.shapes import model as sm  # noqa: E402
+from dynasyn.shapes import world  # noqa: E402
+
+TRAIN_SEED0 = 0
+EVAL_SEED0 = 50_000_000  # held-out scenes / captions: disjoint seed range
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def render_set(n: int, seed0: int):
+    imgs, caps = np.empty((n, 64, 64, 3), np.uint8), []
+    for i in range(n):
+        s = world.sample_scene(seed0 + i)
+        imgs[i] = s.image
+        caps.append(s.caption)
+    return imgs, caps
+
+
+def to_tensor(imgs: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean PSNR (dB) of pictures in [-1, 1]."""
+    mse = ((a - b) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return float((10 * torch.log10(1.0 / mse)).mean())
+
+
+def save_ckpt(path: Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def step_rng(seed: int, stage: int, step: int) -> np.random.Generator:
+    """Everything random in one training step comes from (seed, stage, step): a resumed run equals an uninterrupted one."""
+    torch.manual_seed(seed * 1_000_003 + stage * 100_003 + step)
+    return np.random.default_rng([seed, stage, step])
+
+
+def stop_requested(work: Path, stage: str) -> bool:
+    return (work / f"STOP_{stage}").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+
+def train_vae(comps, imgs, args, work: Path, params=None, name="vae", steps=0, lr=1e-3, latents=None):
+    """Stage 1 (full VAE on pictures) or stage 4 (decoder only, on fixed latents)."""
+    vae = comps.vae
+    params = list(params if params is not None else vae.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ck = work / f"{name}.pt"
+    start = 0
+    if ck.exists():
+        st = torch.load(ck, weights_only=False)
+        vae.load_state_dict(st["vae"])
+        opt.load_state_dict(st["opt"])
+        start = st["step"]
+        torch.set_rng_state(st["rng"])
+        log(f"{name}: resumed at step {start}")
+    if start >= steps:
+        return start
+    vae.train()
+    stage = 1 if latents is None else 4
+    t0, done = time.time(), start
+    for step in range(start, steps):
+        g = step_rng(args.seed, stage, step)
+        idx = g.integers(0, len(imgs), args.vae_batch)
+        x = to_tensor(imgs[idx])
+        if latents is None:
+            post = vae.encode(x).latent_dist
+            z = post.sample()
+            kl = post.kl().mean() / x[0].numel()
+        else:
+            z = latents[idx] / vae.config.scaling_factor
+            kl = torch.zeros(())
+        rec = vae.decode(z).sample
+        loss = F.mse_loss(rec, x) + 0.1 * F.l1_loss(rec, x) + 1e-6 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        done = step + 1
+        if done % 50 == 0:
+            log(f"{name} {done}/{steps} loss {loss.item():.5f} psnr {psnr(rec.detach(), x):.2f} "
+                f"({(time.time() - t0) / (done - start):.2f} s/step)")
+        if done % args.ckpt_every == 0 or done == steps:
+            save_ckpt(ck, vae=vae.state_dict(), opt=opt.state_dict(), step=done, rng=torch.get_rng_state())
+            if stop_requested(work, name):
+                log(f"{name}: STOP file found, ending at {done}")
+                break
+    vae.eval()
+    return done
+
+
+@torch.no_grad()
+def encode_all(vae, imgs, batch=64) -> torch.Tensor:
+    out = []
+    for i in range(0, len(imgs), batch):
+        out.append(vae.encode(to_tensor(imgs[i:i + batch])).latent_dist.mean * vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+def train_unet(comps, latents, ids, args, work: Path):
+    unet, te, sched = comps.unet, comps.text_encoder, comps.noise_scheduler
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    ema_u, ema_t = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
+    empty = comps.tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+    ac = sched.alphas_cumprod
+    snr = ac / (1 - ac)
+    ck = work / "unet.pt"
+    start = 0
+    if ck.exists():
+        st = torch.load(ck, weights_only=False)
+        unet.load_state_dict(st["unet"]); te.load_state_dict(st["te"])
+        ema_u.load_state_dict(st["ema_u"]); ema_t.load_state_dict(st["ema_t"])
+        opt.load_state_dict(st["opt"]); start = st["step"]
+        torch.set_rng_state(st["rng"])
+        log(f"unet: resumed at step {start}")
+    unet.train(); te.train()
+    t0, done = time.time(), start
+    ema_params = list(ema_u.parameters()) + list(ema_t.parameters())
+    for step in range(start, args.unet_steps):
+        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        for gr in opt.param_groups:
+            gr["lr"] = lr
+        g = step_rng(args.seed, 3, step)
+        idx = g.integers(0, len(latents), args.batch)
+        x0 = latents[idx]
+        tok = ids[idx].clone()
+        drop = torch.from_numpy(g.random(args.batch) < args.uncond_p)
+        tok[drop] = empty
+        t = torch.from_numpy(g.integers(0, sched.config.num_train_timesteps, args.batch))
+        noise = torch.randn_like(x0)
+        xt = sched.add_noise(x0, noise, t)
+        pred = unet(xt, t, encoder_hidden_states=te(tok).last_hidden_state).sample
+        w = torch.clamp(snr[t], max=args.min_snr) / snr[t]  # min-SNR-gamma weighting (epsilon target)
+        loss = ((pred - noise).pow(2).mean(dim=(1, 2, 3)) * w).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        d = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - d)
+        done = step + 1
+        if done % 50 == 0:
+            log(f"unet {done}/{args.unet_steps} loss {loss.item():.4f} lr {lr:.1e} "
+                f"({(time.time() - t0) / (done - start):.2f} s/step)")
+        if done % args.ckpt_every == 0 or done == args.unet_steps:
+            save_ckpt(ck, unet=unet.state_dict(), te=te.state_dict(), ema_u=ema_u.state_dict(), ema_t=ema_t.state_dict(),
+                      opt=opt.state_dict(), step=done, rng=torch.get_rng_state())
+            if stop_requested(work, "unet"):
+                log(f"unet: STOP file found, ending at {done}")
+                break
+    unet.load_state_dict(ema_u.state_dict())
+    te.load_state_dict(ema_t.state_dict())
+    unet.eval(); te.eval()
+    return done
+
+
+def evaluate(comps, args) -> dict:
+    from dynasyn.shapes.scorer import EVAL_GUIDANCE, EVAL_STEPS, evaluate_model
+
+    imgs, _ = render_set(args.eval_vae, EVAL_SEED0)
+    with torch.no_grad():
+        x = to_tensor(imgs)
+        rec = torch.cat([comps.vae.decode(comps.vae.encode(x[i:i + 64]).latent_dist.mean).sample
+                         for i in range(0, len(x), 64)])
+    out = {"vae_psnr_db": round(psnr(rec.clamp(-1, 1), x), 2), "vae_eval_scenes": args.eval_vae,
+           "sampler": {"name": "DDIM", "steps": EVAL_STEPS, "guidance": EVAL_GUIDANCE, "eval_seed0": EVAL_SEED0}}
+    out.update(evaluate_model(comps, n=args.eval_captions))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenes", type=int, default=12000, help="training scenes (seeds 0..N-1)")
+    ap.add_argument("--vae-steps", type=int, default=1500)
+    ap.add_argument("--vae-batch", type=int, default=8)
+    ap.add_argument("--decoder-steps", type=int, default=600)
+    ap.add_argument("--unet-steps", type=int, default=2600)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--ema", type=float, default=0.998)
+    ap.add_argument("--min-snr", type=float, default=5.0)
+    ap.add_argument("--uncond-p", type=float, default=0.1)
+    ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--eval-captions", type=int, default=200)
+    ap.add_argument("--eval-vae", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work-dir", default=str(ROOT / ".shapes_train"))
+    ap.add_argument("--out", default=str(sm.WEIGHTS_FILE))
+    ap.add_argument("--eval-only", action="store_true", help="evaluate the weights at --out, rewrite the manifest")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    out = Path(args.out)
+    manifest_path = out.with_suffix(".json")
+
+    if args.eval_only:
+        comps = sm.load_shapes_components(out, verify=False)
+        man = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+        t0 = time.time()
+        man.pop("sampler", None)  # the evaluation sampler is recorded inside "quality"
+        man["quality"] = evaluate(comps, args)
+        man["eval_time_s"] = round(time.time() - t0)
+        man["sha256"] = sm.sha256_of(out)
+        manifest_path.write_text(json.dumps(man, indent=2) + "\n")
+        log(json.dumps(man["quality"]))
+        return 0
+
+    comps = sm.build_shapes_components(seed=args.seed)
+    log(f"rendering {args.scenes} training scenes")
+    imgs, caps = render_set(args.scenes, TRAIN_SEED0)
+    ids = comps.tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+    vae_done = train_vae(comps, imgs, args, work, steps=args.vae_steps, name="vae")
+    folded = work / "vae_folded.pt"
+    if folded.exists():
+        comps.vae.load_state_dict(torch.load(folded, weights_only=False))
+    else:
+        with torch.no_grad():
+            z = torch.cat([comps.vae.encode(to_tensor(imgs[i:i + 64])).latent_dist.mean for i in range(0, min(1024, len(imgs)), 64)])
+        mean, std = z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3))
+        sm.fold_latent_normalisation(comps.vae, mean, std)
+        save_ckpt(folded, **comps.vae.state_dict())
+    log("encoding training scenes")
+    latents = encode_all(comps.vae, imgs)
+    log(f"latent std {latents.std().item():.3f} (x scaling)")
+
+    unet_done = train_unet(comps, latents, ids, args, work)
+    dec_params = list(comps.vae.post_quant_conv.parameters()) + list(comps.vae.decoder.parameters())
+    dec_done = train_vae(comps, imgs, args, work, params=dec_params, name="decoder", steps=args.decoder_steps,
+                         lr=3e-4, latents=latents)
+    train_s = time.time() - t_start
+    sha = sm.save_weights(comps, out)
+    log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB), evaluating")
+    man = {
+        "model": "DynASyn Shapes World", "file": out.name, "sha256": sha, "bytes": out.stat().st_size,
+        "steps": {"vae": vae_done, "unet": unet_done, "decoder": dec_done},
+        "batch": {"vae": args.vae_batch, "unet": args.batch}, "training_scenes": args.scenes, "seed": args.seed,
+        "lr": args.lr, "ema": args.ema, "threads": args.threads,
+        "training_time_s": round(train_s), "command": "python scripts/train_shapes_world.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in (("vae_steps", vae_done), ("unet_steps", unet_done),
+                                                        ("decoder_steps", dec_done), ("scenes", args.scenes))),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    manifest_path.write_text(json.dumps(man, indent=2) + "\n")
+    man["quality"] = evaluate(comps, args)
+    man["eval_time_s"] = round(time.time() - t_start - train_s)
+    manifest_path.write_text(json.dumps(man, indent=2) + "\n")
+    log(json.dumps(man["quality"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
