@@ -211,6 +211,7 @@ class DynASynTrain:
               prior_preservation="mode default", class_prompt="a photo at the beach", num_class_images=100,
               prior_loss_weight=1.0, aspect="crop", unique_id=None):
         validate_export_name(run_name, "run")
+        bridge.model_family(model)  # an unsupported model is refused before anything else looks at it
         nouns = parse_class_nouns(class_nouns)  # the same parsing and checks as every other node
         ref = one_image(image)
         masks = subject_masks(masks, len(nouns), ref.shape[:2])

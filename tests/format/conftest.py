@@ -41,3 +41,19 @@ def bridged(native, pack):
     yield comps
     del comps
     gc.collect()
+
+
+@pytest.fixture(scope="module")
+def tiny_native(pack):
+    """(components, MODEL, CLIP, VAE): the tiny random model over CLIP's real tokenizer, bridged into ComfyUI."""
+    import importlib
+
+    import torch
+    from transformers import CLIPTokenizer
+
+    bridge = pack.nodes.bridge
+    tok = CLIPTokenizer.from_pretrained(str(bridge.TOKENIZER_DIR), model_max_length=77, local_files_only=True)
+    with torch.inference_mode(False):
+        comps = importlib.import_module("dynasyn_pack.dynasyn.tiny").tiny_components(seed=0, tokenizer=tok)
+        model, clip, vae = bridge.tiny_native(comps)
+    return comps, model, clip, vae

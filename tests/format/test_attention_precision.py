@@ -15,7 +15,7 @@ def test_draft_capture_passes_the_models_attn_precision(pack, monkeypatch):
         return real(q, k, v, heads, **kw)
 
     monkeypatch.setattr(render, "optimized_attention", recording)
-    capture = render.NativeAttentionCapture(side=4)
+    capture = render.NativeAttentionCapture(level=0)  # the 4x4 latent's own level
     q, k, v = torch.randn(2, 16, 8), torch.randn(2, 77, 8), torch.randn(2, 77, 8)
     opts = {"n_heads": 2, "original_shape": [2, 8, 4, 4], "block": ("output", 1), "cond_or_uncond": [0, 1],
             "attn_precision": torch.float32}

@@ -16,15 +16,8 @@ def _mod(name):
 
 
 @pytest.fixture(scope="module")
-def tiny(pack):
-    from transformers import CLIPTokenizer
-
-    bridge = pack.nodes.bridge
-    tok = CLIPTokenizer.from_pretrained(str(bridge.TOKENIZER_DIR), model_max_length=77, local_files_only=True)
-    with torch.inference_mode(False):
-        comps = _mod("dynasyn.tiny").tiny_components(seed=0, tokenizer=tok)
-        model, clip, vae = bridge.tiny_native(comps)
-    return comps, model, clip, vae
+def tiny(tiny_native):
+    return tiny_native
 
 
 def test_native_capture_equals_library_capture(tiny):

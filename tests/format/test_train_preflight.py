@@ -26,6 +26,7 @@ def node(pack, monkeypatch):
     mod = importlib.import_module("dynasyn_pack.nodes.train_node")
     monkeypatch.setattr(mod.mm, "get_torch_device", lambda: torch.device("cuda"))
     monkeypatch.setattr(mod.bridge, "native_to_components", lambda *a, **k: pytest.fail("work started before the check"))
+    monkeypatch.setattr(mod.bridge, "model_family", lambda model: "sd15")  # the stand-in MODEL below is SD 1.5-sized
     return mod
 
 
@@ -65,4 +66,3 @@ def test_train_node_refuses_before_any_work_naming_what_fits(node, monkeypatch):
     with pytest.raises(Exception, match="No memory preset fits"):
         node.DynASynTrain().train(**kw)
     assert "memory_preset" in node.DynASynTrain.INPUT_TYPES()["optional"]
-    assert list(node.DynASynTrain.INPUT_TYPES()["optional"])[-1] == "memory_preset"

@@ -149,7 +149,7 @@ def test_bad_masks_give_a_clear_error(server):
 
 
 def test_dreambooth_draws_its_class_images_once_and_keeps_them_with_the_run(server):
-    """Prior preservation from the node: class images from the base model in output/dynasyn/<run>/class_images,
+    """Prior preservation from the node: class images from the base model in user/__dynasyn/runs/<run>/class_images,
     the 'prior' term in the events, one subject per step."""
     write_inputs(server)
     listener = Listener(server)
@@ -159,7 +159,7 @@ def test_dreambooth_draws_its_class_images_once_and_keeps_them_with_the_run(serv
     finally:
         listener.close()
     assert entry["status"]["status_str"] == "success", execution_error(entry) or server.log()[-3000:]
-    folder = server.base / "output" / "dynasyn" / "it_prior" / "class_images"
+    folder = server.base / "user" / "__dynasyn" / "runs" / "it_prior" / "class_images"
     assert sorted(p.name for p in folder.glob("*.png")) == ["class_0000.png", "class_0001.png"]
     events = [e for e in listener.events("dynasyn.train") if e["node"] == "6"]
     assert [e["phase"] for e in events] == [2, 2] and all(set(e["terms"]) == {"md", "prior"} for e in events)

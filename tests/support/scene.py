@@ -33,3 +33,14 @@ def tensor_scene(seed=0):
     image[masks[0] > 0] = torch.tensor([0.9, 0.2, 0.2])
     image[masks[1] > 0] = torch.tensor([0.2, 0.3, 0.9])
     return image, masks, ["panda", "bowl"]
+
+
+def tensor_aug_pairs(n: int):
+    """``n`` augmented pairs ("a panda jumping into a bowl") on scenes of seeds 10, 11, ..."""
+    from dynasyn.dataset import AugmentedPair
+
+    out = []
+    for k in range(n):
+        img, masks, _ = tensor_scene(seed=10 + k)
+        out.append(AugmentedPair(img, "a panda jumping into a bowl", [0, 1], torch.stack(masks)))
+    return out

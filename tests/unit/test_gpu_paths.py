@@ -7,10 +7,9 @@ on the CPU meets a meta tensor and torch refuses, exactly as it refuses a CPU te
 import pytest
 import torch
 
-from dynasyn.dataset import AugmentedPair
 from dynasyn.tiny import tiny_components
 from dynasyn.train import MODES, DynASynTrainer, TrainConfig
-from tests.support.scene import tensor_scene as scene
+from tests.support.scene import tensor_aug_pairs, tensor_scene as scene
 
 
 class Reached(Exception):
@@ -18,11 +17,7 @@ class Reached(Exception):
 
 
 def aug_pairs(n=1):
-    out = []
-    for k in range(n):
-        img, masks, _ = scene(seed=10 + k)
-        out.append(AugmentedPair(img, "a panda jumping into a bowl", [0, 1], torch.stack(masks)))
-    return out
+    return tensor_aug_pairs(n)
 
 
 def step_until_loss(t: DynASynTrainer) -> torch.Tensor:

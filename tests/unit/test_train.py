@@ -1,19 +1,14 @@
 import pytest
 import torch
 
-from dynasyn.dataset import AugmentedPair
 from dynasyn.errors import DynASynError
 from dynasyn.tiny import tiny_components
 from dynasyn.train import MODES, Cancelled, DynASynTrainer, NonFiniteLoss, TrainConfig
-from tests.support.scene import tensor_scene as scene
+from tests.support.scene import tensor_aug_pairs, tensor_scene as scene
 
 
 def aug_pairs(n=2):
-    out = []
-    for k in range(n):
-        img, masks, _ = scene(seed=10 + k)
-        out.append(AugmentedPair(img, "a panda jumping into a bowl", [0, 1], torch.stack(masks)))
-    return out
+    return tensor_aug_pairs(n)
 
 
 def cfg(**kw):
