@@ -37,6 +37,10 @@ BACKGROUNDS = {
     "snow": ((190, 200, 215), (238, 240, 245), 0.45),
     "grass": ((170, 200, 225), (115, 145, 95), 0.45),
 }
+# The benchmark's and the demo's novel subjects: two-colour patterned objects (the pretrained world has only
+# plain ones). Bands are wide (about 3.6 across an object): the world's 4x VAE keeps them, finer ones blur away.
+PATTERNS = ("plain", "striped", "checked", "dotted")
+PATTERN_BANDS = 3.6
 BG_PHRASE = {"room": "in the room", "beach": "on the beach", "snow": "in the snow", "grass": "on the grass"}
 RELATIONS = ("left of", "right of", "next to", "on top of", "under")
 # Poses and the classes whose pose is visible (a rotated ball or ring looks the same).
@@ -54,7 +58,8 @@ class SceneObject:
     cx: float            # centre, pixels
     cy: float
     pose: str = ""       # "", "jumping", "tilted", "lying"
-    pattern: str = "plain"
+    pattern: str = "plain"  # "plain" or a two-colour pattern of color and color2 (novel subjects only)
+    color2: str = ""
 
     @property
     def angle(self) -> float:
@@ -106,6 +111,44 @@ def shape_polygon(cls: str, cx: float, cy: float, r: float, angle: float = 0.0) 
     return _rot(pts, cx, cy, angle) if angle else pts
 
 
+def rgb(name: str) -> tuple[int, int, int]:
+    if name not in COLORS:
+        raise DynASynError(f"Unknown Shapes World colour {name!r}; known: {', '.join(COLORS)}.")
+    return COLORS[name]
+
+
+def pattern_mask(o: SceneObject, k: int) -> np.ndarray:
+    """Where ``o``'s second colour goes, at k x the world size: stripes, checks or dots in the object's frame."""
+    if o.pattern not in PATTERNS:
+        raise DynASynError(f"Unknown pattern {o.pattern!r}; known: {', '.join(PATTERNS)}.")
+    n = SIZE * k
+    ys, xs = (np.mgrid[0:n, 0:n] + 0.5) / k
+    a = math.radians(o.angle)
+    u = (xs - o.cx) * math.cos(a) + (ys - o.cy) * math.sin(a)   # object frame: turns with the pose
+    v = -(xs - o.cx) * math.sin(a) + (ys - o.cy) * math.cos(a)
+    band = 2 * o.size / PATTERN_BANDS
+    if o.pattern == "striped":
+        return np.floor(v / band).astype(int) % 2 == 1
+    if o.pattern == "checked":
+        return (np.floor(u / band) + np.floor(v / band)).astype(int) % 2 == 1
+    if o.pattern == "dotted":
+        du, dv = (u / band / 1.5) % 2 - 1, (v / band / 1.5) % 2 - 1
+        return du * du + dv * dv < 0.45
+    return np.zeros((n, n), bool)
+
+
+def _draw_pattern(img: Image.Image, o: SceneObject, k: int) -> Image.Image:
+    if o.pattern == "plain":
+        return img
+    if not o.color2:
+        raise DynASynError(f"A {o.pattern} object needs its second colour (color2).")
+    shape = Image.new("L", img.size, 0)
+    _draw_object(ImageDraw.Draw(shape), o, 255, k)
+    where = (np.asarray(shape) >= 128) & pattern_mask(o, k)
+    second = Image.new("RGB", img.size, rgb(o.color2))
+    return Image.composite(second, img, Image.fromarray((where * 255).astype(np.uint8)))
+
+
 def _draw_object(draw: ImageDraw.ImageDraw, o: SceneObject, fill, k: int) -> None:
     poly = [(x * k, y * k) for x, y in shape_polygon(o.cls, o.cx, o.cy, o.size, o.angle)]
     draw.polygon(poly, fill=fill)
@@ -139,7 +182,10 @@ def render(scene: Scene, seed: int = 0) -> Scene:
             draw.ellipse([(o.cx - w) * k, (GROUND_Y - 1.5) * k, (o.cx + w) * k, (GROUND_Y + 1.5) * k], fill=SHADOW)
     masks = []
     for o in scene.objects:
-        _draw_object(draw, o, COLORS[o.color], k)
+        _draw_object(draw, o, rgb(o.color), k)
+        if o.pattern != "plain":
+            img = _draw_pattern(img, o, k)
+            draw = ImageDraw.Draw(img)
     for o in scene.objects:
         m = Image.new("L", (SIZE * k, SIZE * k), 0)
         _draw_object(ImageDraw.Draw(m), o, 255, k)
@@ -169,7 +215,7 @@ def render(scene: Scene, seed: int = 0) -> Scene:
 def object_phrase(o: SceneObject) -> str:
     words = [o.color, o.cls]
     if o.pattern != "plain":
-        words.insert(0, o.pattern)
+        words[:1] = [o.color, "and", o.color2, o.pattern]
     return ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
 
 
@@ -210,6 +256,32 @@ def _top(o: SceneObject) -> float:
     return o.cy + min(y for _, y in shape_polygon(o.cls, 0.0, 0.0, o.size, o.angle))
 
 
+def arrange_pair(a: SceneObject, b: SceneObject, relation: str, rng: np.random.Generator, *,
+                 flat_base: bool = True) -> None:
+    """Sizes and places two objects so that ``a <relation> b`` holds (stacking on a box when ``flat_base``)."""
+    if relation in ("on top of", "under"):
+        lower, upper = (b, a) if relation == "on top of" else (a, b)
+        lower.size = float(rng.uniform(9, 12))
+        upper.size = float(rng.uniform(7, 10))
+        if flat_base and lower.cls in ("cone", "star", "ball", "ring"):  # stack on something with a flat top
+            lower.cls = "box"
+        _stand(lower, GROUND_Y)
+        lower.cx = float(rng.uniform(20, SIZE - 20))
+        _stand(upper, _top(lower))
+        upper.cx = lower.cx + float(rng.uniform(-1.5, 1.5))
+    else:
+        for o in (a, b):
+            o.size = float(rng.uniform(7, 11))
+            _stand(o, GROUND_Y)
+        gap = float(rng.uniform(4, 12))
+        if relation == "right of" or (relation == "next to" and rng.random() < 0.5):
+            first, second = b, a  # ``first`` is the left one
+        else:
+            first, second = a, b
+        first.cx = float(rng.uniform(4 + first.size, SIZE - 4 - first.size - gap - 2 * second.size))
+        second.cx = first.cx + first.size + gap + second.size
+
+
 def sample_scene(seed: int, n_objects: int | None = None, *, classes=CLASSES, colors=tuple(COLORS),
                  backgrounds=tuple(BACKGROUNDS), relations=RELATIONS, poses=tuple(POSES),
                  p_background_word: float = 0.7) -> Scene:
@@ -235,28 +307,7 @@ def sample_scene(seed: int, n_objects: int | None = None, *, classes=CLASSES, co
             o.cy -= 12.0
     elif n_objects == 2:
         relation = str(rng.choice(list(relations)))
-        a, b = objs
-        if relation in ("on top of", "under"):
-            lower, upper = (b, a) if relation == "on top of" else (a, b)
-            lower.size = float(rng.uniform(9, 12))
-            upper.size = float(rng.uniform(7, 10))
-            if lower.cls in ("cone", "star", "ball", "ring"):  # stack on something with a flat top
-                lower.cls = "box"
-            _stand(lower, GROUND_Y)
-            lower.cx = float(rng.uniform(20, SIZE - 20))
-            _stand(upper, _top(lower))
-            upper.cx = lower.cx + float(rng.uniform(-1.5, 1.5))
-        else:
-            for o in objs:
-                o.size = float(rng.uniform(7, 11))
-                _stand(o, GROUND_Y)
-            gap = float(rng.uniform(4, 12))
-            if relation == "right of" or (relation == "next to" and rng.random() < 0.5):
-                first, second = b, a  # ``first`` is the left one
-            else:
-                first, second = a, b
-            first.cx = float(rng.uniform(4 + first.size, SIZE - 4 - first.size - gap - 2 * second.size))
-            second.cx = first.cx + first.size + gap + second.size
+        arrange_pair(objs[0], objs[1], relation, rng)
     else:
         relation = str(rng.choice(["left of", "right of"]))
         for o in objs:
