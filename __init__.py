@@ -11,7 +11,7 @@ from .nodes._registry import load_node_classes
 # nodes of that module (one log line says what to install); the rest of the pack loads.
 _CLASSES = load_node_classes(__name__ + ".nodes", {
     "loaders": ("DynASynDiffusersLoader",),
-    "export_nodes": ("DynASynSaveCheckpoint",),
+    "export_nodes": ("DynASynSaveCheckpoint", "DynASynSaveLoRA"),
     "train_node": ("DynASynTrain",),
     "tiny_node": ("DynASynTinyModel",),
     "shapes_node": ("DynASynShapesWorldModel",),
@@ -27,6 +27,7 @@ _CLASSES = load_node_classes(__name__ + ".nodes", {
 NODE_CLASS_MAPPINGS = {
     "DynASynDiffusersLoader": _CLASSES.get("DynASynDiffusersLoader"),
     "DynASynSaveCheckpoint": _CLASSES.get("DynASynSaveCheckpoint"),
+    "DynASynSaveLoRA": _CLASSES.get("DynASynSaveLoRA"),
     "DynASynTrain": _CLASSES.get("DynASynTrain"),
     "DynASynTinyModel": _CLASSES.get("DynASynTinyModel"),
     "DynASynShapesWorldModel": _CLASSES.get("DynASynShapesWorldModel"),
@@ -44,6 +45,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DynASynDiffusersLoader": "DynASyn Load Diffusers Model",
     "DynASynSaveCheckpoint": "DynASyn Save Checkpoint",
+    "DynASynSaveLoRA": "DynASyn Save LoRA",
     "DynASynTrain": "DynASyn Train",
     "DynASynTinyModel": "DynASyn Tiny Model (built-in, for tests and demos)",
     "DynASynShapesWorldModel": "DynASyn Shapes World Model",

@@ -11,11 +11,13 @@ Directions:
   * ``components_to_native``: trained weights -> a *patched clone* of the MODEL and CLIP (the
     originals are untouched) that stock CLIPTextEncode / KSampler use at once;
   * ``save_checkpoint``: a single-file checkpoint written by ComfyUI's own ``save_checkpoint``;
+  * ``save_lora``: the trained-minus-base difference as a LoRA file that stock LoraLoader loads;
   * ``components_to_new_native``: diffusers components (e.g. a diffusers folder) -> native MODEL, CLIP, VAE.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import json
 import logging
 import os
@@ -31,7 +33,8 @@ import comfy.sd
 import comfy.supported_models
 import comfy.utils
 
-from ..dynasyn.errors import DynASynError, UnsupportedModelError
+from ..dynasyn import lora
+from ..dynasyn.errors import DynASynError, TargetExistsError, UnsupportedModelError
 from ..dynasyn.export import atomic_target, validate_export_name
 from ..dynasyn.models import SUPPORTED_FAMILIES, SDComponents, make_noise_scheduler, normalize_clip_keys
 
@@ -83,22 +86,54 @@ def prediction_type(model) -> str:
 # Reading weights (patches such as a LoRA from LoraLoader are applied)
 # --------------------------------------------------------------------------------------------
 
+def _patched_weight(patcher, key: str, value: torch.Tensor | None = None) -> torch.Tensor:
+    """An fp32 CPU copy of ``patcher.model``'s ``key`` with this patcher's patches applied.
+
+    Clones share one module: after a KSampler loaded some clone, the module holds *that* clone's patched
+    weights in place and the originals sit in the shared ``backup`` (as ``ModelPatcher.get_key_patches``
+    reads them), so the original is taken from there.
+    """
+    import comfy.lora
+
+    bk = patcher.backup.get(key)
+    hbk = getattr(patcher, "hook_backup", {}).get(key)
+    if bk is not None:
+        value = bk.weight
+    elif hbk is not None:
+        value = hbk[0]
+    elif value is None:
+        value = comfy.utils.get_attr(patcher.model, key)
+    with torch.inference_mode(False), torch.no_grad():
+        w = value.detach().to("cpu", torch.float32).clone()
+        patches = patcher.patches.get(key)
+        if patches:
+            w = comfy.lora.calculate_weight(patches, w, key)
+    return w
+
+
 def _patched_state_dict(patcher, module, prefix: str) -> dict[str, torch.Tensor]:
     """fp32 CPU copies of ``module``'s weights with the patcher's patches applied.
 
     Keys are relative to ``module``; ``prefix`` is the module's path in ``patcher.model``.
     """
-    import comfy.lora
+    return {key: _patched_weight(patcher, prefix + key, value) for key, value in module.state_dict().items()}
 
-    out = {}
-    with torch.inference_mode(False), torch.no_grad():
-        for key, value in module.state_dict().items():
-            w = value.detach().to("cpu", torch.float32).clone()
-            patches = patcher.patches.get(prefix + key)
-            if patches:
-                w = comfy.lora.calculate_weight(patches, w, prefix + key)
-            out[key] = w
-    return out
+
+class PatchedWeights(collections.abc.Mapping):
+    """``_patched_state_dict`` computed one key at a time (a LoRA extraction holds one layer, not two models)."""
+
+    def __init__(self, patcher, module, prefix: str):
+        self.patcher, self.prefix = patcher, prefix
+        self.values = module.state_dict()  # references, no copies
+
+    def __getitem__(self, key):
+        return _patched_weight(self.patcher, self.prefix + key, self.values[key])
+
+    def __iter__(self):
+        return iter(self.values)
+
+    def __len__(self):
+        return len(self.values)
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,6 +431,84 @@ def save_checkpoint(folder: str | os.PathLike, name: str, model, clip, vae, meta
     with atomic_target(Path(folder) / f"{name}.safetensors") as tmp:
         comfy.sd.save_checkpoint(str(tmp), model, clip, vae, metadata=meta, extra_keys=extra)
     return Path(folder) / f"{name}.safetensors"
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA: the trained-minus-base difference (dynasyn.lora), under kohya's names
+# --------------------------------------------------------------------------------------------
+
+def _unet_lora_name(model):
+    """module path in the ldm UNet -> ``lora_unet_<diffusers path>`` (kohya; A1111 and ComfyUI read it)."""
+    inverse = {ldm: d for d, ldm in unet_key_map(model).items()}
+
+    def name(module: str) -> str:
+        for leaf in (".weight", ".bias"):
+            dk = inverse.get(module + leaf)
+            if dk is not None:
+                return lora.kohya_name(lora.KOHYA_UNET_PREFIX, dk[: -len(leaf)])
+        return lora.kohya_name(lora.KOHYA_UNET_PREFIX, module)  # ComfyUI maps lora_unet_<ldm path> too
+    return name
+
+
+def _te_lora_name(clip_name: str):
+    """``lora_te_...`` for the encoder linears; other changed CLIP weights (norms, embedding tables) have no kohya
+    name ComfyUI maps, so they get ComfyUI's generic ``text_encoders.<key>`` name."""
+    return lambda module: lora.kohya_te_name(module) or f"text_encoders.{clip_name}.transformer.{module}"
+
+
+def lora_from_models(base_model, trained_model, rank: int, base_clip=None, trained_clip=None, *,
+                     biases_and_norms: bool = True, stats: list | None = None) -> dict[str, torch.Tensor]:
+    """LoRA tensors (fp16) for trained minus base, UNet and (with both CLIPs) text encoder; patches on either
+    side (Train's results, LoraLoader) are applied first."""
+    lora.check_rank(rank)
+    family = model_family(base_model)
+    if model_family(trained_model) != family:
+        raise lora.LoraError(f"The base MODEL is {family} and the trained MODEL {model_family(trained_model)}; "
+                             "connect the base model the trained one was made from.")
+    if (base_clip is None) != (trained_clip is None):
+        raise DynASynError("Connect both base_clip and trained_clip to include the text encoder, or neither for a UNet-only LoRA.")
+    device = comfy.model_management.get_torch_device()
+    prefix = "diffusion_model."
+    tensors = lora.extract_lora(
+        PatchedWeights(base_model, base_model.model.diffusion_model, prefix),
+        PatchedWeights(trained_model, trained_model.model.diffusion_model, prefix),
+        rank, names=_unet_lora_name(base_model), biases_and_norms=biases_and_norms, device=device, what="MODEL", stats=stats)
+    if base_clip is not None:
+        inner, name = _clip_inner(base_clip)
+        inner_t, name_t = _clip_inner(trained_clip)
+        if name != name_t:
+            raise lora.LoraError(f"The base CLIP is {name} and the trained CLIP {name_t}; connect the CLIP the trained one "
+                                 "was made from.")
+        te = lora.extract_lora(
+            PatchedWeights(base_clip.patcher, inner.transformer, f"{name}.transformer."),
+            PatchedWeights(trained_clip.patcher, inner_t.transformer, f"{name}.transformer."),
+            rank, names=_te_lora_name(name), biases_and_norms=biases_and_norms, device=device, what="CLIP", stats=stats)
+        tensors.update(te)
+    return tensors
+
+
+def save_lora(folder: str | os.PathLike, name: str, base_model, trained_model, base_clip=None, trained_clip=None,
+              rank: int = 64, metadata: Mapping[str, Any] | None = None, *, biases_and_norms: bool = True):
+    """Extract and write ``<folder>/<name>.safetensors`` (never overwriting); returns ``(path, summary)``.
+
+    ``summary`` (also in the file's ``dynasyn`` metadata) has the layer counts and ``rel_error``, the part of
+    the trained change the rank drops (0 at full rank)."""
+    validate_export_name(name, "LoRA")
+    path = Path(folder) / f"{name}.safetensors"
+    if path.exists():  # before minutes of SVD; write_atomic checks again at the end
+        raise TargetExistsError(f"{path} already exists and will not be overwritten. Choose another name.")
+    stats: list = []
+    tensors = lora_from_models(base_model, trained_model, rank, base_clip, trained_clip,
+                               biases_and_norms=biases_and_norms, stats=stats)
+    summary = lora.summarize(stats)
+    if summary["relative_change"] > 0.5:
+        log.warning("[DynASyn] the trained model differs from the base by %.0f%% of its weights; was it trained from "
+                    "this base? The LoRA only reproduces it on top of this base.", 100 * summary["relative_change"])
+    extra = {**dict(metadata or {}), "prediction": prediction_type(base_model),
+             "text_encoder": base_clip is not None, "biases_and_norms": biases_and_norms,
+             **{k: round(v, 6) if isinstance(v, float) else v for k, v in summary.items()}}
+    meta = lora.lora_metadata(rank, model_family(base_model), extra)
+    return lora.save_lora_file(folder, name, tensors, meta), summary
 
 
 # --------------------------------------------------------------------------------------------
