@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
 
-from .compose import paste_subjects
+from .compose import Composed, paste_subjects
 from .dataset import AugmentedPair
 from .attention import capture_layers, install_attention_capture, remove_attention_capture, token_maps
 from .drafts import Draft, SamplingAttention, pseudo_masks, render_draft, resegment
@@ -48,6 +49,12 @@ class AugmentConfig:
     draft_batch: int = 4             # drafts sampled together (same images as one at a time)
     pseudo_masks: str = "resegmented"  # L_AUG's masks: re-segmented on the GSA output, or "pasted" (before GSA)
     gsa: GSAConfig = field(default_factory=GSAConfig)
+
+    def __post_init__(self):
+        if self.draft_batch < 1:
+            raise DynASynError(f"draft_batch must be at least 1 (got {self.draft_batch}).")
+        if self.pseudo_masks not in PSEUDO_MASKS:
+            raise DynASynError(f"pseudo_masks must be one of {', '.join(PSEUDO_MASKS)} (got {self.pseudo_masks!r}).")
 
 
 @dataclass
@@ -121,48 +128,81 @@ def augment(renderer: Renderer | SDComponents, reference: torch.Tensor, ref_mask
                            "give one of each per subject.")
     if not templates:
         raise DynASynError("No prompts to augment with (K = 0).")
-    if cfg.draft_batch < 1:
-        raise DynASynError(f"draft_batch must be at least 1 (got {cfg.draft_batch}).")
-    if cfg.pseudo_masks not in PSEUDO_MASKS:
-        raise DynASynError(f"pseudo_masks must be one of {', '.join(PSEUDO_MASKS)} (got {cfg.pseudo_masks!r}).")
     started = time.time()
     report = AugmentReport([], [], [])
-    size = (cfg.size, cfg.size)
     evaluations = 0
-    for first in range(0, len(templates), cfg.draft_batch):
-        if should_stop and should_stop():
-            break
-        chunk = list(templates[first:first + cfg.draft_batch])
+
+    def before(k, prompt):
         if progress:
-            progress(first, len(templates), chunk[0].render(descriptions), report.pairs[-1].image if report.pairs else None)
-        drafts = renderer.drafts(chunk, descriptions, [cfg.seed + first + i for i in range(len(chunk))], size)
-        evaluations += cfg.draft_steps * len(chunk)
-        for i, draft in enumerate(drafts):
-            k, seed = first + i, cfg.seed + first + i
-            if should_stop and should_stop():
-                break
-            if progress and i:
-                progress(k, len(templates), draft.prompt, report.pairs[-1].image if report.pairs else None)
-            report.drafts.append(draft.image)
-            pair, evals = _compose_and_gsa(renderer, draft, n, sam, detector, reference, ref_masks, class_nouns, cfg, seed)
-            evaluations += evals
-            if isinstance(pair, str):
-                report.skipped.append((k, pair))
-            else:
-                report.pairs.append(pair)
-                if on_pair:
-                    on_pair(pair)  # the caller can keep the pairs made so far if the run is cancelled
+            progress(k, len(templates), prompt, report.pairs[-1].image if report.pairs else None)
+
+    for k, draft, pseudo in drafts_with_masks(renderer, templates, descriptions, n, cfg, sam=sam, detector=detector,
+                                              should_stop=should_stop, before=before):
+        evaluations += cfg.draft_steps
+        report.drafts.append(draft.image)
+        pair, evals = _compose_and_gsa(renderer, draft, pseudo, reference, ref_masks, class_nouns, cfg, cfg.seed + k, sam)
+        evaluations += evals
+        if isinstance(pair, str):
+            report.skipped.append((k, pair))
+        else:
+            report.pairs.append(pair)
+            if on_pair:
+                on_pair(pair)  # the caller can keep the pairs made so far if the run is cancelled
     report.unet_evaluations = evaluations
     report.seconds = time.time() - started
     return report
 
 
-def _compose_and_gsa(renderer: Renderer, draft: Draft, n: int, sam, detector, reference, ref_masks, class_nouns,
-                     cfg: AugmentConfig, seed: int) -> tuple[AugmentedPair | str, int]:
+def drafts_with_masks(renderer: Renderer, templates: Sequence[PromptTemplate], descriptions: Sequence[str], n: int,
+                      cfg: AugmentConfig, *, sam=None, detector=None, first: int = 0,
+                      should_stop: Callable[[], bool] | None = None,
+                      before: Callable[[int, str], None] | None = None) -> Iterator[tuple[int, Draft, torch.Tensor]]:
+    """Step 4: ``(k, draft, pseudo-masks [n, H, W] by subject index)`` for each template, rendered ``draft_batch``
+    at a time. ``templates[k]`` is prompt ``first + k`` of the whole list: it always uses seed ``cfg.seed + first + k``,
+    whatever the batch or the slice. ``before(k, prompt)`` is called before each draft's work."""
+    for start in range(0, len(templates), cfg.draft_batch):
+        if should_stop and should_stop():
+            return
+        chunk = list(templates[start:start + cfg.draft_batch])
+        if before:
+            before(start, chunk[0].render(descriptions))
+        seeds = [cfg.seed + first + start + i for i in range(len(chunk))]
+        for i, draft in enumerate(renderer.drafts(chunk, descriptions, seeds, (cfg.size, cfg.size))):
+            if should_stop and should_stop():
+                return
+            if before and i:
+                before(start + i, draft.prompt)
+            yield start + i, draft, pseudo_masks(draft, n, sam, cfg.attention_threshold, detector)
+
+
+def compose(draft_image: torch.Tensor, pseudo: torch.Tensor, reference: torch.Tensor, ref_masks: Sequence[torch.Tensor],
+            cfg: AugmentConfig) -> Composed:
+    """Step 5: the real subjects pasted where the draft's pseudo-masks put them, and the gaps to inpaint."""
+    return paste_subjects(draft_image, pseudo, reference, ref_masks, dilation=cfg.inpaint_dilation,
+                          min_pixels=cfg.min_mask_pixels)
+
+
+def make_pair(image: torch.Tensor, template: PromptTemplate, class_nouns: Sequence[str], pasted: torch.Tensor,
+              cfg: AugmentConfig, *, sam=None, attention: torch.Tensor | None = None, meta: dict | None = None
+              ) -> AugmentedPair:
+    """Step 7: the training pair of an augmented ``image``: ĉ_a (``template`` with the class nouns) and the
+    pseudo-masks of the subjects it names, in its order. ``pasted`` [N, h, w] (by subject index) are where the
+    subjects were put; GSA changes pose and outline, so with ``cfg.pseudo_masks`` "resegmented" they are found
+    again on ``image`` (SAM prompted by each pasted mask, or ``attention`` [S, r, r] in template order)."""
+    order = template.subjects
+    pasted = F.interpolate(pasted[order][:, None].float(), size=image.shape[:2], mode="nearest")[:, 0]
+    resegmented, kept = resegment(image, pasted, sam, attention, cfg.attention_threshold, min_pixels=cfg.min_mask_pixels)
+    masks = resegmented if cfg.pseudo_masks == "resegmented" else pasted
+    return AugmentedPair(image, template.render(class_nouns), list(order), masks,
+                         {**(meta or {}), "template": template.text, "mask_source": cfg.pseudo_masks,
+                          "pasted_masks": pasted, "resegmented_masks": resegmented,
+                          "resegment_kept_pasted": [order[k] for k in kept]})
+
+
+def _compose_and_gsa(renderer: Renderer, draft: Draft, pseudo: torch.Tensor, reference, ref_masks, class_nouns,
+                     cfg: AugmentConfig, seed: int, sam) -> tuple[AugmentedPair | str, int]:
     """One draft to one pair (or the reason it was skipped), and the UNet evaluations it took."""
-    pseudo = pseudo_masks(draft, n, sam, cfg.attention_threshold, detector)
-    composed = paste_subjects(draft.image, pseudo, reference, ref_masks, dilation=cfg.inpaint_dilation,
-                              min_pixels=cfg.min_mask_pixels)
+    composed = compose(draft.image, pseudo, reference, ref_masks, cfg)
     if composed.skipped:
         return "no pseudo-mask for " + ", ".join(class_nouns[i] for i in composed.skipped), 0
     image, evaluations = composed.image, 0
@@ -173,15 +213,6 @@ def _compose_and_gsa(renderer: Renderer, draft: Draft, n: int, sam, detector, re
     # without SAM the GSA pass's own cross-attention re-segments its output
     image, info = renderer.gsa(image, draft.prompt, seed, **({} if sam is not None else {"phrases": draft.phrases}))
     evaluations += info["unet_evaluations"]
-    order = draft.template.subjects
-    pasted = composed.masks[order]
-    pasted = torch.nn.functional.interpolate(pasted[:, None], size=image.shape[:2], mode="nearest")[:, 0]
-    # GSA changes pose and outline: L_AUG's pseudo-masks come from its output, not from the pasted silhouettes
-    resegmented, kept = resegment(image, pasted, sam, info.get("attention"), cfg.attention_threshold,
-                                  min_pixels=cfg.min_mask_pixels)
-    masks = resegmented if cfg.pseudo_masks == "resegmented" else pasted
-    return AugmentedPair(image, draft.template.render(class_nouns), list(order), masks,
-                         {"seed": seed, "template": draft.template.text, "prompt": draft.prompt,
-                          "start_timestep": info["start_timestep"], "inpainted": inpainted,
-                          "mask_source": cfg.pseudo_masks, "pasted_masks": pasted, "resegmented_masks": resegmented,
-                          "resegment_kept_pasted": [order[k] for k in kept]}), evaluations
+    return make_pair(image, draft.template, class_nouns, composed.masks, cfg, sam=sam, attention=info.get("attention"),
+                     meta={"seed": seed, "prompt": draft.prompt, "start_timestep": info["start_timestep"],
+                           "inpainted": inpainted}), evaluations

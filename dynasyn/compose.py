@@ -33,6 +33,11 @@ def mask_box(mask: torch.Tensor, threshold: float = 0.5) -> tuple[int, int, int,
     return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
 
 
+def found(pseudo_mask: torch.Tensor, min_pixels: int = 1) -> bool:
+    """Whether a pseudo-mask shows its subject: at least ``min_pixels`` (and one) pixels above 0.5."""
+    return int((pseudo_mask > 0.5).sum()) >= max(1, min_pixels)
+
+
 def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     if radius <= 0:
         return mask.float()
@@ -63,7 +68,7 @@ def paste_subjects(draft: torch.Tensor, pseudo_masks: torch.Tensor, reference: t
         target, source = mask_box(pseudo), mask_box(ref_mask)
         if source is None:
             raise DynASynError(f"The reference mask of subject {i + 1} is empty.")
-        if target is None or int((pseudo > 0.5).sum()) < min_pixels:
+        if target is None or not found(pseudo, min_pixels):
             skipped.append(i)
             continue
         sy0, sy1, sx0, sx1 = source

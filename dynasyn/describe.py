@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .llm import LLMError, ReplyCache, chat
+from .llm import LLMError, ReplyCache, chat, request_key, validate_base_url
 
 DESCRIBE_PROMPT = ("The picture shows one subject on a grey background; it is a {noun}. Describe it in a noun phrase of "
                    "at most 4 words that names its most distinctive look (colour, material, kind) and ends with what it "
@@ -83,10 +83,11 @@ def clean_phrase(reply: str) -> str:
 def describe_subjects(image: torch.Tensor, masks: Sequence[torch.Tensor], class_nouns: Sequence[str], *,
                       base_url: str | None = None, model: str = "", api_key: str = "", seed: int = 0,
                       cache_dir=None, phrases: Sequence[str] | None = None, timeout: float = 60.0,
-                      should_stop=None) -> list[str]:
+                      should_stop=None, unload: bool = False) -> list[str]:
     """One description per subject. ``base_url`` None = offline: ``phrases`` (when given) or the class nouns.
 
-    ``timeout`` bounds every subject's call together (retries included); ``should_stop()`` cancels between attempts."""
+    ``timeout`` bounds every subject's call together (retries included); ``should_stop()`` cancels between attempts.
+    ``unload``: the last request actually sent (not answered from the cache) asks the server to unload the model."""
     if len(masks) != len(class_nouns):
         raise LLMError(f"{len(masks)} masks but {len(class_nouns)} class nouns: give one class noun per subject mask.")
     if base_url is None:
@@ -94,13 +95,16 @@ def describe_subjects(image: torch.Tensor, masks: Sequence[torch.Tensor], class_
         return [given[i] if i < len(given) and given[i] else n.strip() for i, n in enumerate(class_nouns)]
     cache = ReplyCache(cache_dir)
     deadline = time.monotonic() + timeout
-    out = []
+    requests = []
     for mask, noun in zip(masks, class_nouns):
         url, digest = png_data_url(fit_within(subject_crop(image, mask)))
         prompt = DESCRIBE_PROMPT.format(noun=noun.strip())
         messages = [{"role": "user", "content": [{"type": "text", "text": prompt},
                                                  {"type": "image_url", "image_url": {"url": url}}]}]
-        out.append(chat(base_url, model, messages, seed=seed, api_key=api_key, cache=cache, timeout=timeout,
-                        cache_key={"kind": "describe", "image": digest, "prompt": prompt}, max_tokens=32,
-                        parse=clean_phrase, deadline=deadline, should_stop=should_stop))
-    return out
+        requests.append((messages, {"kind": "describe", "image": digest, "prompt": prompt}))
+    endpoint = validate_base_url(base_url)
+    sent = [i for i, (_, key) in enumerate(requests) if cache.get(request_key(endpoint, model, seed, key)) is None]
+    return [chat(base_url, model, messages, seed=seed, api_key=api_key, cache=cache, timeout=timeout, cache_key=key,
+                 max_tokens=32, parse=clean_phrase, deadline=deadline, should_stop=should_stop,
+                 unload=unload and bool(sent) and i == sent[-1])
+            for i, (messages, key) in enumerate(requests)]

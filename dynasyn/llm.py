@@ -224,26 +224,70 @@ def _body(e: Exception) -> str:
         return str(e)
 
 
+def request_key(base_url: str, model: str, seed: int, cache_key: dict) -> str:
+    """The reply cache's key of a request (``base_url`` as ``validate_base_url`` returns it)."""
+    return ReplyCache.key(endpoint=base_url, model=model, seed=seed, **cache_key)
+
+
+def _client(base_url: str, api_key: str | None, timeout: float):
+    """An openai client; without ``api_key`` its requests carry no Authorization header at all."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key=api_key or "no-key", timeout=timeout, max_retries=0)
+    return client, ({} if api_key else {"extra_headers": {"Authorization": openai.Omit()}})
+
+
+MAX_LISTED_MODELS = 50
+
+
+def list_models(base_url: str, api_key: str | None, timeout: float = 10.0) -> list[str] | None:
+    """The model names the endpoint offers (``GET <base>/models``, sorted), or None when it offers no list
+    (no such route, an error, or a reply that is not a model list). The key rules are ``chat``'s."""
+    import openai
+
+    base_url = validate_base_url(base_url)
+    client, extra = _client(base_url, api_key, timeout)
+    try:
+        page = client.models.list(timeout=timeout, **extra)
+        names = sorted({str(m.id) for m in page.data if getattr(m, "id", None)})
+    except (openai.APIError, AttributeError, TypeError, ValueError) as e:
+        log.debug("[DynASyn] %s offers no model list: %.500s", base_url, _body(e))
+        return None
+    return names or None
+
+
+def _unknown_model(base_url: str, model: str, api_key: str | None, timeout: float) -> str:
+    names = list_models(base_url, api_key, min(10.0, timeout))
+    if not names:
+        return f"{base_url} does not know the model {model!r} (404); pull it or pick another."
+    shown = ", ".join(names[:MAX_LISTED_MODELS]) + (f" (+{len(names) - MAX_LISTED_MODELS} more)"
+                                                    if len(names) > MAX_LISTED_MODELS else "")
+    return f"{base_url} does not know the model {model!r} (404). It offers: {shown}."
+
+
 def chat(base_url: str, model: str, messages: list, *, seed: int, api_key: str | None, cache: ReplyCache | None = None,
          cache_key: dict | None = None, timeout: float = 60.0, max_tokens: int = 1024, json_mode: bool = False,
-         parse=None, deadline: float | None = None, should_stop=None):
+         parse=None, deadline: float | None = None, should_stop=None, unload: bool = False):
     """One chat completion: ``parse(reply text)`` (or the text). ``cache_key`` (what identifies the request) keys
     the cache; a reply is cached only once ``parse`` accepted it, so a bad reply is asked for again next time.
 
     The call, retries included, ends by ``deadline`` (a ``time.monotonic()`` value; default ``timeout`` seconds from
     now); ``should_stop()`` is checked before each attempt and while waiting to retry (raises ``LLMCancelled``).
-    Without ``api_key`` (None or empty) the request carries no Authorization header at all."""
+    Without ``api_key`` (None or empty) the request carries no Authorization header at all. ``unload`` asks the
+    server to unload the model once it answered (``keep_alive: 0``, read by Ollama-style servers; others ignore
+    it), so it does not hold GPU memory through training. An unknown model's error lists the server's models."""
     import openai
 
     base_url = validate_base_url(base_url)
-    key = ReplyCache.key(endpoint=base_url, model=model, seed=seed, **(cache_key or {"messages": messages}))
+    key = request_key(base_url, model, seed, cache_key or {"messages": messages})
     parse = parse or (lambda text: text)
     if cache is not None and (hit := cache.get(key)) is not None:
         return parse(hit)
-    client = openai.OpenAI(base_url=base_url, api_key=api_key or "no-key", timeout=timeout, max_retries=0)
-    extra = {"response_format": {"type": "json_object"}} if json_mode else {}
-    if not api_key:
-        extra["extra_headers"] = {"Authorization": openai.Omit()}
+    client, extra = _client(base_url, api_key, timeout)
+    if json_mode:
+        extra["response_format"] = {"type": "json_object"}
+    if unload:
+        extra["extra_body"] = {"keep_alive": 0}
     try:
         resp = _create(client, base_url, timeout, time.monotonic() + timeout if deadline is None else deadline, should_stop,
                        model=model, messages=messages, seed=seed, temperature=0.7, max_tokens=max_tokens, **extra)
@@ -257,8 +301,8 @@ def chat(base_url: str, model: str, messages: list, *, seed: int, api_key: str |
     except openai.APIConnectionError as e:
         raise LLMError(f"Cannot reach {base_url}: is the server running (Ollama: `ollama serve`) and the URL right? "
                        "Or switch the node to offline mode.") from e
-    except openai.NotFoundError as e:
-        raise LLMError(f"{base_url} does not know the model {model!r} (404); pull it or pick another.") from e
+    except openai.NotFoundError:
+        raise LLMError(_unknown_model(base_url, model, api_key, timeout)) from None
     except openai.APIStatusError as e:  # the body stays in the log (debug): node errors are shown to every client
         log.debug("[DynASyn] %s answered HTTP %s: %.2000s", base_url, e.status_code, _body(e))
         raise LLMError(f"{base_url} answered HTTP {e.status_code} (the reply is in ComfyUI's debug log).") from None

@@ -42,6 +42,25 @@ def validate_template(text: str, num_subjects: int) -> PromptTemplate | None:
     return PromptTemplate(text)
 
 
+def pair_prompt(text: str, num_subjects: int) -> PromptTemplate:
+    """A training pair's prompt as its user wrote it: the subjects it shows as markers [1]..[N] (class-noun order),
+    each at most once; any other text is kept. Clear errors for anything else."""
+    text = re.sub(r"\s+", " ", str(text)).strip()
+    found = [int(m) for m in MARKER.findall(text)]
+    if not found:
+        raise LLMError(f"The prompt {text[:80]!r} has no subject marker: write each subject it shows as [1], [2] ... "
+                       "(class-noun order), e.g. '[1] hugging [2] on a beach'.")
+    wrong = sorted({m for m in found if not 1 <= m <= num_subjects})
+    if wrong:
+        raise LLMError(f"The prompt {text[:80]!r} names subject {', '.join(f'[{m}]' for m in wrong)}, but there "
+                       f"{'is 1 subject' if num_subjects == 1 else f'are {num_subjects} subjects'} ([1] to [{num_subjects}]).")
+    twice = sorted({m for m in found if found.count(m) > 1})
+    if twice:
+        raise LLMError(f"The prompt {text[:80]!r} names {', '.join(f'[{m}]' for m in twice)} more than once; "
+                       "each subject appears once.")
+    return PromptTemplate(text)
+
+
 # ----------------------------------------------------------------------------- offline generator
 SOLO = ["jumping", "running", "sitting", "sleeping", "dancing", "swimming", "climbing a tree", "riding a bicycle",
         "reading a book", "eating a sandwich", "playing guitar", "flying a kite", "wearing a tiny hat", "waving",
@@ -138,10 +157,12 @@ def parse_llm_prompts(reply: str, num_subjects: int) -> tuple[list[PromptTemplat
 
 
 def llm_prompts(descriptions: Sequence[str], k: int, *, base_url: str, model: str, api_key: str, seed: int = 0,
-                cache_dir=None, timeout: float = 120.0, should_stop=None) -> tuple[list[PromptTemplate], int]:
+                cache_dir=None, timeout: float = 120.0, should_stop=None, unload: bool = False
+                ) -> tuple[list[PromptTemplate], int]:
     """Up to ``k`` templates written by the LLM, and the number of invalid or duplicate ones dropped.
 
-    ``timeout`` bounds the call, retries included; ``should_stop()`` cancels between attempts."""
+    ``timeout`` bounds the call, retries included; ``should_stop()`` cancels between attempts; ``unload`` asks
+    the server to unload the model after answering (``chat``)."""
     if k < 1:
         raise LLMError(f"The number of prompts must be at least 1 (got {k}).")
     n = len(descriptions)
@@ -151,6 +172,7 @@ def llm_prompts(descriptions: Sequence[str], k: int, *, base_url: str, model: st
     templates, dropped = chat(base_url, model, [{"role": "user", "content": prompt}], seed=seed, api_key=api_key,
                               cache=ReplyCache(cache_dir), cache_key={"kind": "prompts", "prompt": prompt},
                               timeout=timeout, max_tokens=64 * k + 64, json_mode=True, should_stop=should_stop,
+                              unload=unload,
                               parse=lambda reply: parse_llm_prompts(reply, n))
     if not templates:
         raise LLMError(f"None of the LLM's prompts named every subject marker ({dropped} dropped); try another model "

@@ -18,6 +18,7 @@ import folder_paths
 
 from ..dynasyn.errors import DynASynError
 from ..dynasyn.export import unique_name, validate_export_name
+from .aux_models import SAM_INPUTS, sam_module, used_on_device
 from .common import class_nouns, one_image, subject_masks, user_error
 
 log = logging.getLogger("DynASyn")
@@ -99,6 +100,17 @@ def _interrupt_if_cancelled(e: Exception) -> None:
         raise mm.InterruptProcessingException(str(e)) from e
 
 
+SAM_INPUTS_AUGMENT = {
+    "sam": ("DYNASYN_SAM", {"tooltip": "SAM for the pseudo-masks (recommended); without it the attention map is the mask."}),
+    "sam_model": SAM_INPUTS["sam_model"],
+}
+DETECTOR_INPUT = ("DYNASYN_DETECTOR", {"tooltip": "Optional zero-shot detector: finds each subject by its description "
+                                                  "(its box prompts SAM) instead of by its attention."})
+
+LLM_SETTINGS_INPUT = ("DYNASYN_LLM", {"tooltip": (
+    "DynASyn LLM Settings: one endpoint / model for Describe Subjects and Augment Prompts. When connected, its "
+    "endpoint, model, timeout and unload_after replace this node's own widgets.")})
+
 LLM_INPUTS = {
     "endpoint": ("STRING", {"default": DEFAULT_ENDPOINT, "tooltip": (
         "OpenAI-compatible base URL: Ollama http://127.0.0.1:11434/v1, LM Studio http://127.0.0.1:1234/v1, vLLM, or "
@@ -108,6 +120,54 @@ LLM_INPUTS = {
     "timeout": ("FLOAT", {"default": 120.0, "min": 1.0, "max": 3600.0, "step": 1.0, "tooltip": (
         "Seconds the node waits for the model in all (every subject's call, retries after 429 / 5xx replies included).")}),
 }
+
+
+def _llm(llm, endpoint: str, model: str, timeout: float) -> dict:
+    """The endpoint / model / timeout / unload_after a call uses: the connected LLM Settings, else the widgets."""
+    if llm is None:
+        return {"endpoint": endpoint, "model": model, "timeout": timeout, "unload_after": False}
+    if not isinstance(llm, dict) or not {"endpoint", "model", "timeout", "unload_after"} <= set(llm):
+        raise DynASynError("The 'llm' input is not a DynASyn LLM Settings output.")
+    return llm
+
+
+class DynASynLLMSettings:
+    DESCRIPTION = ("One OpenAI-compatible endpoint and model for DynASyn Describe Subjects (vlm mode) and DynASyn "
+                   "Augment Prompts (llm mode): connect 'llm' to both, and their own endpoint / model / timeout "
+                   "widgets are ignored. unload_after asks Ollama-style servers to unload the model once it "
+                   "answered (keep_alive 0), so it does not hold GPU memory while DynASyn trains. The API key is "
+                   "never an input (see 'endpoint'). A model the server does not know gives an error listing the "
+                   "models it offers (its /v1/models).")
+    CATEGORY = "DynASyn/augment"
+    FUNCTION = "settings"
+    RETURN_TYPES = ("DYNASYN_LLM",)
+    RETURN_NAMES = ("llm",)
+    OUTPUT_TOOLTIPS = ("The settings, for the 'llm' input of Describe Subjects and Augment Prompts.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "endpoint": LLM_INPUTS["endpoint"],
+            "model": ("STRING", {"default": "qwen2.5vl", "tooltip": (
+                "Model name at the endpoint. Describe needs one that sees pictures (qwen2.5vl, llava, gemma3, "
+                "gpt-4o-mini...); the same model writes the prompts.")}),
+            "timeout": LLM_INPUTS["timeout"],
+            "unload_after": ("BOOLEAN", {"default": True, "tooltip": (
+                "Ask the server to unload the model after each node's last request (keep_alive 0: Ollama; other "
+                "servers ignore it). Off: the server keeps it loaded (faster re-runs, less GPU memory for training).")}),
+        }}
+
+    def settings(self, endpoint, model, timeout, unload_after):
+        try:
+            from ..dynasyn.llm import validate_base_url
+
+            validate_base_url(endpoint)  # a bad URL is refused here, before any node calls it
+            if not str(model).strip():
+                raise DynASynError("Name the model at the endpoint (e.g. qwen2.5vl for Ollama, gpt-4o-mini for OpenAI).")
+            return ({"endpoint": endpoint, "model": str(model).strip(), "timeout": float(timeout),
+                     "unload_after": bool(unload_after)},)
+        except Exception as e:  # noqa: BLE001
+            raise user_error(e) from e
 
 
 class DynASynDescribeSubjects:
@@ -134,9 +194,10 @@ class DynASynDescribeSubjects:
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Sent to the model; part of the cache key."}),
         }, "optional": {
             "phrases": ("STRING", {"default": "", "multiline": True, "tooltip": "Offline: your own description per line (empty line = class noun)."}),
+            "llm": LLM_SETTINGS_INPUT,
         }}
 
-    def describe(self, image, masks, class_nouns, mode, model, endpoint, timeout, seed, phrases=""):
+    def describe(self, image, masks, class_nouns, mode, model, endpoint, timeout, seed, phrases="", llm=None):
         try:
             from ..dynasyn.describe import describe_subjects
             from ..dynasyn.llm import resolve_api_key
@@ -147,9 +208,11 @@ class DynASynDescribeSubjects:
             if mode == "offline":
                 out = describe_subjects(ref, ms, nouns, phrases=phrases.splitlines())
             else:
-                out = describe_subjects(ref, ms, nouns, base_url=endpoint, model=model, api_key=resolve_api_key(endpoint),
-                                        seed=seed, cache_dir=_cache_dir(), timeout=timeout,
-                                        should_stop=mm.processing_interrupted)
+                use = _llm(llm, endpoint, model, timeout)
+                out = describe_subjects(ref, ms, nouns, base_url=use["endpoint"], model=use["model"],
+                                        api_key=resolve_api_key(use["endpoint"]), seed=seed, cache_dir=_cache_dir(),
+                                        timeout=use["timeout"], should_stop=mm.processing_interrupted,
+                                        unload=use["unload_after"])
             return {"ui": {"text": ["\n".join(out)]}, "result": ("\n".join(out), ", ".join(nouns))}
         except Exception as e:  # noqa: BLE001
             _interrupt_if_cancelled(e)
@@ -178,9 +241,9 @@ class DynASynAugmentPrompts:
             "model": ("STRING", {"default": "llama3.1", "tooltip": "LLM name at the endpoint."}),
             **LLM_INPUTS,
             "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Same seed, same prompts (offline, and cached online)."}),
-        }}
+        }, "optional": {"llm": LLM_SETTINGS_INPUT}}
 
-    def prompts(self, descriptions, class_nouns, count, mode, model, endpoint, timeout, seed):
+    def prompts(self, descriptions, class_nouns, count, mode, model, endpoint, timeout, seed, llm=None):
         try:
             from ..dynasyn.llm import resolve_api_key
             from ..dynasyn.prompts import llm_prompts, offline_prompts
@@ -193,9 +256,11 @@ class DynASynAugmentPrompts:
             if mode == "offline":
                 templates = offline_prompts(len(nouns), count, seed)
             else:
-                templates, dropped = llm_prompts(descs, count, base_url=endpoint, model=model, seed=seed,
-                                                 api_key=resolve_api_key(endpoint), cache_dir=_cache_dir(), timeout=timeout,
-                                                 should_stop=mm.processing_interrupted)
+                use = _llm(llm, endpoint, model, timeout)
+                templates, dropped = llm_prompts(descs, count, base_url=use["endpoint"], model=use["model"], seed=seed,
+                                                 api_key=resolve_api_key(use["endpoint"]), cache_dir=_cache_dir(),
+                                                 timeout=use["timeout"], should_stop=mm.processing_interrupted,
+                                                 unload=use["unload_after"])
             if dropped:
                 log.info("[DynASyn] %d of the LLM's prompts were invalid or duplicates and were dropped.", dropped)
             text = "\n".join(t.render(descs) for t in templates)
@@ -204,6 +269,27 @@ class DynASynAugmentPrompts:
         except Exception as e:  # noqa: BLE001
             _interrupt_if_cancelled(e)
             raise user_error(e) from e
+
+
+def _prompt_bundle(prompts) -> tuple[list, list[str], list[str]]:
+    """(templates, class nouns, descriptions) of a DYNASYN_PROMPTS input."""
+    if not isinstance(prompts, dict) or not {"templates", "class_nouns", "descriptions"} <= set(prompts):
+        raise DynASynError("The 'prompts' input is not a DynASyn Augment Prompts output.")
+    return list(prompts["templates"]), list(prompts["class_nouns"]), list(prompts["descriptions"])
+
+
+def _renderer(model, clip, vae, cfg, sampler_name: str, scheduler: str, unique_id, planned):
+    """The stage's sampler on the native MODEL (after Train's model check: no hours of sampling on a model the
+    method does not fit), with one progress bar over its ``planned(renderer)`` UNet evaluations."""
+    from .bridge import model_family
+    from .comfy_render import ComfyRenderer
+
+    model_family(model)
+    renderer = ComfyRenderer(model, clip, vae, cfg, sampler_name, scheduler)
+    total = max(1, int(planned(renderer)))
+    pbar = comfy.utils.ProgressBar(total, node_id=unique_id)
+    renderer.step = lambda done, preview: pbar.update_absolute(min(done, total), total, preview)
+    return renderer, pbar, total
 
 
 MASK_COLORS = ((79, 195, 247), (255, 183, 77), (129, 199, 132), (229, 115, 115), (186, 104, 200), (255, 241, 118))
@@ -296,39 +382,32 @@ class DynASynAugment:
                 "The masks L_AUG trains on. resegmented (default): found again on the GSA output, which changes pose "
                 "and outline (SAM prompted by each pasted mask's box and inner point; without SAM, the subject's "
                 "cross-attention during GSA). pasted: the silhouettes pasted before GSA. Both are kept in the dataset.")}),
-            "sam": ("DYNASYN_SAM", {"tooltip": "SAM for the pseudo-masks (recommended); without it the attention map is the mask."}),
-            "detector": ("DYNASYN_DETECTOR", {"tooltip": "Optional zero-shot detector: finds each subject by its description "
-                                                         "(its box prompts SAM) instead of by its attention."}),
+            **SAM_INPUTS_AUGMENT,
+            "detector": DETECTOR_INPUT,
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def augment(self, model, clip, vae, image, masks, prompts, size, draft_steps, inpaint_steps, gsa_strength, gsa_steps,
                 gsa_sampler, paper_exact, guidance, seed, draft_sampler="euler", draft_scheduler="normal", draft_batch=4,
-                pseudo_masks="resegmented", sam=None, detector=None, unique_id=None):
+                pseudo_masks="resegmented", sam=None, detector=None, unique_id=None, sam_model=None):
         try:
             from ..dynasyn.augment import AugmentConfig, augment
             from ..dynasyn.gsa import GSAConfig
-            from .bridge import model_family
-            from .comfy_render import ComfyRenderer
 
-            model_family(model)  # Train's check, first: no hours of sampling on a model the method does not fit
             ref = one_image(image)
-            nouns = prompts["class_nouns"]
+            templates, nouns, descriptions = _prompt_bundle(prompts)
             ms = subject_masks(masks, len(nouns), ref.shape[:2])
             cfg = AugmentConfig(size=size, draft_steps=draft_steps, inpaint_steps=inpaint_steps, guidance_scale=guidance,
                                 seed=seed, draft_batch=draft_batch, pseudo_masks=pseudo_masks,
                                 gsa=GSAConfig(strength=gsa_strength, steps=gsa_steps, sampler=gsa_sampler,
                                               guidance_scale=guidance, paper_exact=paper_exact))
-            templates = prompts["templates"]
-            # one bar over every UNet evaluation of the stage, with the latest step's preview
-            renderer = ComfyRenderer(model, clip, vae, cfg, draft_sampler, draft_scheduler)
-            total = renderer.planned_evaluations(len(templates))
-            pbar = comfy.utils.ProgressBar(total, node_id=unique_id)
-            renderer.step = lambda done, preview: pbar.update_absolute(min(done, total), total, preview)
-            sam_model = sam["model"].to(mm.get_torch_device()) if sam else None
+            segmenter = sam_module(sam, sam_model)
+            renderer, pbar, total = _renderer(model, clip, vae, cfg, draft_sampler, draft_scheduler, unique_id,
+                                              lambda r: r.planned_evaluations(len(templates)))
             made = []
             try:
-                report = augment(renderer, ref, ms, nouns, prompts["descriptions"], templates, cfg, sam=sam_model,
-                                 detector=detector, should_stop=mm.processing_interrupted, on_pair=made.append)
+                with used_on_device(segmenter, detector.model if detector is not None else None):
+                    report = augment(renderer, ref, ms, nouns, descriptions, templates, cfg, sam=segmenter,
+                                     detector=detector, should_stop=mm.processing_interrupted, on_pair=made.append)
                 mm.throw_exception_if_processing_interrupted()
             except mm.InterruptProcessingException:
                 _keep_made(made, "cancelled")
@@ -351,6 +430,225 @@ class DynASynAugment:
                     "result": (report.pairs, _gallery(report.pairs), drafts, text)}
         except mm.InterruptProcessingException:
             raise
+        except Exception as e:  # noqa: BLE001
+            raise user_error(e) from e
+
+
+# ------------------------------------------------------------------------------------------ stage nodes
+# The Augment node's steps as nodes an artist can rewire: Drafts -> Compose -> any inpaint / sampler / ControlNet
+# graph -> Make Pair. Each calls the same dynasyn.augment functions as the Augment node.
+
+def _batch(images: torch.Tensor, what: str) -> torch.Tensor:
+    if images.ndim != 4 or images.shape[-1] not in (3, 4):
+        raise DynASynError(f"{what} must be an IMAGE batch; got a tensor of shape {tuple(images.shape)}.")
+    return images[..., :3].detach().float()
+
+
+def _per_image_masks(masks: torch.Tensor, images: int, n: int, size, what: str, source: str) -> torch.Tensor:
+    """``[images * n, H, W]`` masks (image 1's n subjects first), checked against the count and the image size."""
+    masks = masks if masks.ndim == 3 else masks[None]
+    if masks.shape[0] != images * n:
+        raise DynASynError(f"{masks.shape[0]} {what} for {images} image(s) of {n} subjects: give {images * n}, one per "
+                           f"subject per image, image 1's subjects first ({source}).")
+    if tuple(masks.shape[-2:]) != tuple(size):
+        raise DynASynError(f"The {what} ({masks.shape[-1]}x{masks.shape[-2]}) must have the images' size "
+                           f"({size[1]}x{size[0]}).")
+    return masks.detach().float()
+
+
+class DynASynDrafts:
+    DESCRIPTION = ("Augment's step 4 as its own node: drafts of the augmented prompts drawn by ComfyUI's sampler on "
+                   "this MODEL, written with the subjects' descriptions, and each subject's pseudo-mask (where its "
+                   "words' cross-attention points SAM, or that attention itself without SAM). Prompt k uses seed + k - 1, "
+                   "as in Augment. Drafts where a subject was not found are dropped and reported. Next: DynASyn "
+                   "Compose, any inpaint graph, then DynASyn Make Pair.")
+    CATEGORY = "DynASyn/augment/stages"
+    FUNCTION = "drafts"
+    RETURN_TYPES = ("IMAGE", "MASK", "STRING", "STRING", "STRING")
+    RETURN_NAMES = ("drafts", "pseudo_masks", "templates", "text", "report")
+    OUTPUT_TOOLTIPS = (
+        "The kept drafts (an IMAGE batch).",
+        "Their pseudo-masks: one per subject per draft, draft 1's subjects first (for DynASyn Compose).",
+        "The kept prompts with subject markers ('[1] hugging [2] on a beach'), one per line: DynASyn Make Pair's prompt.",
+        "The kept prompts written with the descriptions, one per line: the text for CLIPTextEncode when you inpaint "
+        "or re-noise (with count 1 it is exactly one prompt).",
+        "What was drawn and what was dropped.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "SD 1.5 / 2.1 MODEL."}),
+            "clip": ("CLIP", {"tooltip": "Its CLIP."}),
+            "vae": ("VAE", {"tooltip": "Its VAE."}),
+            "prompts": ("DYNASYN_PROMPTS", {"tooltip": "From DynASyn Augment Prompts."}),
+            "first": ("INT", {"default": 1, "min": 1, "max": 500, "tooltip": "The first prompt drawn (1 = the first line of Augment Prompts' text)."}),
+            "count": ("INT", {"default": 1, "min": 1, "max": 500, "tooltip": "How many prompts from 'first' on (fewer when the list ends)."}),
+            "size": ("INT", {"default": 512, "min": 64, "max": 1024, "step": 64, "tooltip": "Draft size (512 for SD 1.5 / 2.1-base)."}),
+            "steps": ("INT", {"default": 25, "min": 1, "max": 200, "tooltip": "Sampling steps of each draft."}),
+            "guidance": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.5, "tooltip": "Classifier-free guidance scale."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
+                             "tooltip": "Prompt k uses seed + k - 1 (the same drafts as Augment with this seed)."}),
+            "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "euler", "tooltip": "ComfyUI sampler."}),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "normal", "tooltip": "ComfyUI scheduler."}),
+            "batch": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Drafts sampled together (faster on a GPU, more memory); the images do not depend on it."}),
+        }, "optional": {**SAM_INPUTS_AUGMENT, "detector": DETECTOR_INPUT}, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def drafts(self, model, clip, vae, prompts, first, count, size, steps, guidance, seed, sampler_name, scheduler,
+               batch, sam=None, sam_model=None, detector=None, unique_id=None):
+        try:
+            from ..dynasyn.augment import AugmentConfig, drafts_with_masks
+            from ..dynasyn.compose import found
+
+            templates, nouns, descriptions = _prompt_bundle(prompts)
+            if not 1 <= first <= len(templates):
+                raise DynASynError(f"first = {first}, but Augment Prompts gave {len(templates)} prompts.")
+            chosen = templates[first - 1:first - 1 + count]
+            cfg = AugmentConfig(size=size, draft_steps=steps, guidance_scale=guidance, seed=seed, draft_batch=batch)
+            segmenter = sam_module(sam, sam_model)
+            renderer, pbar, total = _renderer(model, clip, vae, cfg, sampler_name, scheduler, unique_id,
+                                              lambda r: len(chosen) * steps)
+            kept, dropped = [], []
+            with used_on_device(segmenter, detector.model if detector is not None else None):
+                for k, draft, pseudo in drafts_with_masks(renderer, chosen, descriptions, len(nouns), cfg, sam=segmenter,
+                                                          detector=detector, first=first - 1,
+                                                          should_stop=mm.processing_interrupted):
+                    missing = [nouns[i] for i in range(len(nouns)) if not found(pseudo[i], cfg.min_mask_pixels)]
+                    (dropped if missing else kept).append((first + k, draft, pseudo, missing))
+            mm.throw_exception_if_processing_interrupted()
+            pbar.update_absolute(total, total)
+            lines = [f"{len(kept)} drafts kept of {len(chosen)} (prompts {first} to {first + len(chosen) - 1})"]
+            lines += [f"  prompt {k}: no pseudo-mask for {', '.join(missing)}" for k, _, _, missing in dropped]
+            report = "\n".join(lines)
+            if not kept:
+                raise DynASynError(f"No draft showed every subject. {report.strip()}. Try other prompts, another seed "
+                                   "or more steps.")
+            return {"ui": {"text": [report]}, "result": (
+                torch.stack([d.image for _, d, _, _ in kept]).float().cpu(),
+                torch.cat([p for _, _, p, _ in kept]).float().cpu(),
+                "\n".join(d.template.text for _, d, _, _ in kept),
+                "\n".join(d.prompt for _, d, _, _ in kept),
+                report)}
+        except mm.InterruptProcessingException:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise user_error(e) from e
+
+
+class DynASynCompose:
+    DESCRIPTION = ("Augment's step 5 as its own node: the real subjects are cut from the reference with their masks and "
+                   "pasted (aspect kept) where each draft's pseudo-mask put them. Outputs the composed images and the "
+                   "inpaint MASK (1 = fill: where the draft's own subject still shows, grown by 'dilation') for any "
+                   "inpaint graph: VAEEncode + SetLatentNoiseMask + KSampler on the same model, VAEEncodeForInpaint "
+                   "with an inpainting model, or a ControlNet.")
+    CATEGORY = "DynASyn/augment/stages"
+    FUNCTION = "compose"
+    RETURN_TYPES = ("IMAGE", "MASK", "MASK")
+    RETURN_NAMES = ("composed", "inpaint_mask", "subject_masks")
+    OUTPUT_TOOLTIPS = (
+        "Each draft with the real subjects pasted.",
+        "Per image, where to inpaint (1 = fill; never over a pasted subject).",
+        "Where each pasted subject shows: one per subject per image, image 1's first (DynASyn Make Pair's masks).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "reference": ("IMAGE", {"tooltip": "The reference picture (one image)."}),
+            "masks": ("MASK", {"tooltip": "One mask per subject on the reference, in class-noun order."}),
+            "drafts": ("IMAGE", {"tooltip": "The drafts (DynASyn Drafts, or any images)."}),
+            "pseudo_masks": ("MASK", {"tooltip": "Where each subject is in each draft: one per subject per draft, draft 1's first (DynASyn Drafts' pseudo_masks)."}),
+            "dilation": ("INT", {"default": 8, "min": 0, "max": 64, "tooltip": "Pixels the inpaint mask grows by around the draft's own subjects."}),
+        }}
+
+    def compose(self, reference, masks, drafts, pseudo_masks, dilation):
+        try:
+            from ..dynasyn.augment import AugmentConfig, compose
+
+            ref = one_image(reference)
+            ref_masks = masks if masks.ndim == 3 else masks[None]
+            ref_masks = subject_masks(ref_masks, ref_masks.shape[0], ref.shape[:2])
+            n = len(ref_masks)
+            images = _batch(drafts, "drafts")
+            pseudo = _per_image_masks(pseudo_masks, images.shape[0], n, images.shape[1:3], "pseudo-masks",
+                                      "DynASyn Drafts' pseudo_masks output")
+            cfg = AugmentConfig(inpaint_dilation=dilation)
+            out = []
+            for b in range(images.shape[0]):
+                c = compose(images[b], pseudo[b * n:(b + 1) * n], ref, ref_masks, cfg)
+                if c.skipped:
+                    raise DynASynError(f"Draft {b + 1}: the pseudo-mask of subject(s) {[i + 1 for i in c.skipped]} is "
+                                       f"empty or under {cfg.min_mask_pixels} pixels; drop that draft (DynASyn Drafts "
+                                       "drops them itself).")
+                out.append(c)
+            return (torch.stack([c.image for c in out]), torch.stack([c.inpaint_mask for c in out]),
+                    torch.cat([c.masks for c in out]))
+        except Exception as e:  # noqa: BLE001
+            raise user_error(e) from e
+
+
+class DynASynMakePair:
+    DESCRIPTION = ("Augment's last step as its own node: an augmented IMAGE (made by any sampler, inpaint model or "
+                   "ControlNet), its prompt with subject markers and its subject masks become (image, class-noun prompt, "
+                   "pseudo-masks) training pairs. Connect 'dataset' to add to the pairs of another Make Pair / Augment / "
+                   "Load Dataset, so several pairs make one dataset for DynASyn Train or Save Dataset. With a SAM, the "
+                   "masks are found again on the image (pose and outline changed since pasting), as Augment does.")
+    CATEGORY = "DynASyn/augment/stages"
+    FUNCTION = "make_pair"
+    RETURN_TYPES = ("DYNASYN_DATASET", "STRING")
+    RETURN_NAMES = ("dataset", "report")
+    OUTPUT_TOOLTIPS = ("The connected dataset's pairs followed by the new ones.", "What was added.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "The augmented image(s)."}),
+            "prompt": ("STRING", {"default": "[1] hugging [2] on a beach", "multiline": True, "tooltip": (
+                "Each image's prompt with the subjects as markers [1], [2] ... in class-noun order, one line per "
+                "image (or one line for all); DynASyn Drafts' 'templates' output. Written with the class nouns for "
+                "training.")}),
+            "class_nouns": ("STRING", {"default": "panda, bowl", "tooltip": "What each subject is, comma-separated (as for Train)."}),
+            "masks": ("MASK", {"tooltip": "Where each subject is in each image: one per subject per image, image 1's first (DynASyn Compose's subject_masks)."}),
+        }, "optional": {
+            "dataset": ("DYNASYN_DATASET", {"tooltip": "Pairs to add the new ones to (from another Make Pair, Augment or Load Dataset)."}),
+            **SAM_INPUTS,
+        }}
+
+    def make_pair(self, image, prompt, class_nouns, masks, dataset=None, sam=None, sam_model=None):
+        try:
+            from ..dynasyn.augment import AugmentConfig, make_pair
+            from ..dynasyn.compose import found
+            from ..dynasyn.prompts import pair_prompt
+
+            nouns = _nouns(class_nouns)
+            n = len(nouns)
+            images = _batch(image, "image")
+            count = images.shape[0]
+            lines = _lines(prompt)
+            if len(lines) == 1:
+                lines = lines * count
+            if len(lines) != count:
+                raise DynASynError(f"{len(lines)} prompts for {count} images: one prompt per image (a line each), or "
+                                   "one for all.")
+            templates = [pair_prompt(line, n) for line in lines]
+            per_image = _per_image_masks(masks, count, n, images.shape[1:3], "masks", "DynASyn Compose's subject_masks")
+            for b, t in enumerate(templates):
+                empty = [i + 1 for i in t.subjects if not found(per_image[b * n + i])]
+                if empty:
+                    raise DynASynError(f"Image {b + 1}: the mask of subject(s) {empty} is empty, but its prompt "
+                                       f"{t.text!r} names them.")
+            if dataset is not None and not isinstance(dataset, list):
+                raise DynASynError("The 'dataset' input is not a DynASyn dataset.")
+            segmenter = sam_module(sam, sam_model)
+            cfg = AugmentConfig(pseudo_masks="resegmented" if segmenter is not None else "pasted")
+            with used_on_device(segmenter):
+                pairs = [make_pair(images[b].cpu(), t, nouns, per_image[b * n:(b + 1) * n].cpu(), cfg, sam=segmenter,
+                                   meta={"made_by": "DynASyn Make Pair"})
+                         for b, t in enumerate(templates)]
+            for p in pairs:
+                p.validate(n, nouns)
+            out = list(dataset or []) + pairs  # a new list: the connected node's cached output stays as it was
+            report = (f"{len(pairs)} pair(s) added ({len(out)} in the dataset); masks "
+                      f"{'found again by SAM' if segmenter is not None else 'as given'}")
+            return {"ui": {"text": [report], "dynasyn_gallery": gallery_ui(pairs)}, "result": (out, report)}
         except Exception as e:  # noqa: BLE001
             raise user_error(e) from e
 

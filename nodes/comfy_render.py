@@ -81,9 +81,12 @@ class NativeAttentionCapture:
         self.calls = 0
         self.blocks: set[tuple] = set()          # (input|output, index) of the captured layers
 
-    def __call__(self, q, k, v, extra_options):
+    def __call__(self, q, k, v, extra_options, attend=None):
         heads = extra_options["n_heads"]
-        out = optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"))  # SD 2.x: fp32
+        if attend is not None:  # another pack's attn2 replacement computes the output; the capture only reads q, k
+            out = attend(q, k, v, extra_options)
+        else:
+            out = optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"))  # SD 2.x: fp32
         H, W = extra_options["original_shape"][-2:]
         if self.level is None:
             raise DynASynError("NativeAttentionCapture needs its level: install it with with_attention_capture.")
@@ -113,17 +116,36 @@ class NativeAttentionCapture:
         return mean.reshape(mean.shape[0], _level_size(height, self.level), _level_size(width, self.level), mean.shape[-1])
 
 
+class ChainedCapture:
+    """``capture`` in front of an attn2 replacement that was already on the MODEL (IPAdapter, attention couple...):
+    that one still computes the output, so both packs work together (ComfyUI keeps one replacement per block)."""
+
+    def __init__(self, capture: NativeAttentionCapture, previous):
+        self.capture, self.previous = capture, previous
+
+    def __call__(self, q, k, v, extra_options):
+        return self.capture(q, k, v, extra_options, attend=self.previous)
+
+
 def with_attention_capture(model, capture: NativeAttentionCapture):
-    """A clone of MODEL with ``capture`` on every block that has cross-attention (it keeps the capture level's)."""
+    """A clone of MODEL with ``capture`` on every block that has cross-attention (it keeps the capture level's),
+    chained onto any attn2 replacement the MODEL already had there, per block or per transformer. attn2 input
+    patches (``set_model_attn2_patch``) are separate in ComfyUI and keep running as they are."""
     from comfy.ldm.modules.attention import SpatialTransformer
 
     capture.level = native_capture_level(model)
     patched = model.clone()
+    existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     unet = model.model.diffusion_model
     blocks = [("input", i, b) for i, b in enumerate(unet.input_blocks)] + [("output", i, b) for i, b in enumerate(unet.output_blocks)]
     for name, i, block in blocks:
         if any(isinstance(layer, SpatialTransformer) for layer in block):
-            patched.set_model_attn2_replace(capture, name, i)
+            # ComfyUI prefers a (block, id, transformer) replacement over a (block, id) one: wrap those as well
+            for key, previous in list(existing.items()):
+                if len(key) == 3 and key[:2] == (name, i):
+                    patched.set_model_attn2_replace(ChainedCapture(capture, previous), name, i, key[2])
+            previous = existing.get((name, i))
+            patched.set_model_attn2_replace(capture if previous is None else ChainedCapture(capture, previous), name, i)
     return patched
 
 

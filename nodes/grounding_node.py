@@ -35,7 +35,8 @@ class DynASynDetectorLoader:
     DESCRIPTION = ("Optional, for DynASyn Augment: a zero-shot detector that finds each subject in the drafts by its "
                    "description (Grounded-SAM style) instead of by its cross-attention. Put a transformers folder "
                    "(google/owlv2-base-patch16-ensemble, google/owlvit-base-patch32 or IDEA-Research/grounding-dino-tiny) "
-                   "under ComfyUI/models/grounding. Subjects it does not find keep the attention box.")
+                   "under ComfyUI/models/grounding. Subjects it does not find keep the attention box. It is loaded on the "
+                   "CPU and is on the GPU only while a node uses it.")
     CATEGORY = "DynASyn/masks"
     FUNCTION = "load"
     RETURN_TYPES = ("DYNASYN_DETECTOR",)
@@ -53,14 +54,13 @@ class DynASynDetectorLoader:
 
     def load(self, detector_name, threshold):
         try:
-            import comfy.model_management as mm
-
             from ..dynasyn.grounding import load_detector
 
             path = detector_folders().get(detector_name)
             if path is None:
                 raise DynASynError(f"{detector_name!r} is not a folder in models/grounding; put a transformers detector "
                                    "folder there (config.json + weights + processor files) and refresh.")
-            return (load_detector(path, threshold, device=mm.get_torch_device()),)
+            # on the CPU: the nodes using it move it to the GPU only while they run (nodes/aux_models.py)
+            return (load_detector(path, threshold, device="cpu"),)
         except Exception as e:  # noqa: BLE001
             raise user_error(e) from e

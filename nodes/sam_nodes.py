@@ -8,10 +8,10 @@ import os
 import segment_anything  # noqa: F401  (optional dependency: without it only these nodes are disabled)
 import torch
 
-import comfy.model_management as mm
 import folder_paths
 
 from ..dynasyn.errors import DynASynError
+from .aux_models import SAM_INPUTS, sam_module, used_on_device
 from .common import one_image, user_error
 
 TINY = "tiny (random test-size SAM, for trying graphs)"
@@ -30,7 +30,8 @@ register_sams_folder()
 
 class DynASynSAMLoader:
     DESCRIPTION = ("Loads Segment Anything from ComfyUI/models/sams: sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth or "
-                   "sam_vit_h_4b8939.pth (the size is read from the name). The tiny entry builds a random test-size SAM.")
+                   "sam_vit_h_4b8939.pth (the size is read from the name). The tiny entry builds a random test-size SAM. "
+                   "It is loaded on the CPU; the nodes using it move it to the GPU only while they run.")
     CATEGORY = "DynASyn/masks"
     FUNCTION = "load"
     RETURN_TYPES = ("DYNASYN_SAM",)
@@ -83,7 +84,8 @@ def parse_subject_prompts(text: str):
 
 class DynASynSAMMasks:
     DESCRIPTION = ("One MASK per subject from SAM: each subject gets a box and/or points (pixels of the image). The output "
-                   "is the MASK batch DynASyn Describe / Augment / Train expect, subject 1 first.")
+                   "is the MASK batch DynASyn Describe / Augment / Train expect, subject 1 first. SAM comes from DynASyn "
+                   "SAM Loader ('sam') or Impact Pack's SAMLoader ('sam_model'); it is on the GPU only while this runs.")
     CATEGORY = "DynASyn/masks"
     FUNCTION = "segment"
     RETURN_TYPES = ("MASK",)
@@ -93,21 +95,23 @@ class DynASynSAMMasks:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "sam": ("DYNASYN_SAM", {"tooltip": "From DynASyn SAM Loader."}),
             "image": ("IMAGE", {"tooltip": "The reference picture (one image)."}),
             "subject_prompts": ("STRING", {"multiline": True, "default": '[{"box": [8, 8, 240, 240]}, {"points": [[380, 380]]}]',
                                            "tooltip": ("One entry per subject, in subject order: {\"box\": [x0, y0, x1, y1]} "
                                                        "and/or {\"points\": [[x, y], ...], \"labels\": [1 = subject, 0 = not]}.")}),
             "clip_to_box": ("BOOLEAN", {"default": True, "tooltip": "Keep only the part of a mask inside its box."}),
-        }}
+        }, "optional": dict(SAM_INPUTS)}
 
-    def segment(self, sam, image, subject_prompts, clip_to_box):
+    def segment(self, image, subject_prompts, clip_to_box, sam=None, sam_model=None):
         try:
             from ..dynasyn.sam import segment
             ref = one_image(image)
             prompts = parse_subject_prompts(subject_prompts)
-            with torch.inference_mode(False):
-                masks = segment(sam["model"].to(mm.get_torch_device()), ref, prompts, clip_to_box=clip_to_box)
+            model = sam_module(sam, sam_model)
+            if model is None:
+                raise DynASynError("Connect a SAM: DynASyn SAM Loader to 'sam', or Impact Pack's SAMLoader to 'sam_model'.")
+            with torch.inference_mode(False), used_on_device(model):
+                masks = segment(model, ref, prompts, clip_to_box=clip_to_box)
             empty = [i + 1 for i, m in enumerate(masks) if m.sum() == 0]
             if empty:
                 raise DynASynError(f"SAM found nothing for subject(s) {empty}: move the box or points onto the subject.")

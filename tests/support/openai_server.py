@@ -1,4 +1,5 @@
-"""A local OpenAI-compatible chat server on 127.0.0.1 for tests: scripted replies, recorded requests.
+"""A local OpenAI-compatible chat server on 127.0.0.1 for tests: scripted replies, recorded requests, and
+an optional model list (``GET /v1/models``).
 
 It speaks the real wire format (``POST /v1/chat/completions``), so the real ``openai`` client is
 exercised end to end: request shape, status codes, timeouts and malformed bodies.
@@ -17,6 +18,8 @@ class FakeOpenAI:
         self.requests: list[dict] = []   # {"path", "headers", "body"}
         self.replies: list = []          # str content, or dict(status=..., body=..., delay=...)
         self.default = "a red panda"
+        self.models: list[str] | None = None    # GET /v1/models: these names, or 404 when None
+        self.model_requests: list[dict] = []     # {"path", "headers"} of each GET
         handler = self._handler()
         self.host = host
         self.httpd = ThreadingHTTPServer((host, 0), handler)
@@ -44,6 +47,20 @@ class FakeOpenAI:
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
+
+            def do_GET(self):  # noqa: N802
+                server.model_requests.append({"path": self.path,
+                                              "headers": {k.lower(): v for k, v in self.headers.items()}})
+                if self.path.rstrip("/") != "/v1/models" or server.models is None:
+                    status, raw = 404, json.dumps({"error": {"message": "not found", "type": "error"}}).encode()
+                else:
+                    status, raw = 200, json.dumps({"object": "list", "data": [
+                        {"id": m, "object": "model", "created": 0, "owned_by": "test"} for m in server.models]}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
 
             def do_POST(self):  # noqa: N802
                 length = int(self.headers.get("Content-Length", 0))
