@@ -1,9 +1,12 @@
 """Step time of the DynASyn trainer on the real SD 2.1-base architecture (random weights) at 512 px.
 
-    python bench/train_step.py [--rounds 3] [--resolution 512] [--frozen-dtype auto]
+    python bench/train_step.py [--rounds 3] [--resolution 512] [--frozen-dtype auto] [--tiny]
 
 One trainer in phase 2 (tokens + UNet + text encoder trained); per round every variant runs one
-step, in turn, so machine noise hits them alike; medians are compared:
+step, in turn, so machine noise hits them alike; medians are compared. A step's time is its whole-run
+cost: the training step plus the precomputation of its frozen-model targets (``precompute_targets``,
+which a run does for all steps up front). ``--tiny``: the tiny random model at 64 px, to check the
+code path in seconds (its figures mean nothing). Variants:
   break_a_scene      L_MD + L_M2A on the reference image (prior preservation off in every variant)
   dynasyn            + L_ICA (frozen model, class prompt, stopped after the last 16x16 layer)
   dynasyn+aug        + one augmented pair's L_AUG (attention-only pass + frozen pass)
@@ -42,7 +45,10 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--frozen-dtype", default="auto")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--tiny", action="store_true", help="the tiny random model at 64 px: checks the code path only")
     args = ap.parse_args()
+    if args.tiny:
+        args.resolution = 64
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.time()
@@ -50,7 +56,12 @@ def main() -> None:
     cfg = TrainConfig(mode="dynasyn", phase1_steps=0, phase2_steps=10**6, phase2_lr=1e-7, resolution=args.resolution,
                       optimizer="adafactor", fused_backward_step=True, frozen_dtype=args.frozen_dtype,
                       prior_preservation=False)  # the variants compare loss terms; the class-prior step is a second UNet pass
-    trainer = DynASynTrainer(sd21_base_components(), image, masks, nouns, cfg, augmented=[augmented_pair(args.resolution)],
+    if args.tiny:
+        from dynasyn.tiny import tiny_components
+        comps = tiny_components(seed=0)
+    else:
+        comps = sd21_base_components()
+    trainer = DynASynTrainer(comps, image, masks, nouns, cfg, augmented=[augmented_pair(args.resolution)],
                              device="cpu", log=lambda *_: None)
     trainer._setup_phase(2)
     unet = trainer.c.unet
@@ -63,6 +74,7 @@ def main() -> None:
                 remove_attention_capture(unet)
                 trainer._maps = sdpa_only_maps(trainer)
             try:
+                trainer.precompute_targets(1, release=False)  # this step's share of the run's precomputation
                 trainer.training_step()
             finally:
                 if not capture:
@@ -81,7 +93,8 @@ def main() -> None:
             times[name].append(timed(run))
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items()), flush=True)
     med = {k: median(v) for k, v in times.items()}
-    print(f"\nSD 2.1-base architecture, random weights, {args.resolution} px, batch 1, phase 2, frozen model "
+    model = "tiny random model (code path only)" if args.tiny else "SD 2.1-base architecture, random weights"
+    print(f"\n{model}, {args.resolution} px, batch 1, phase 2, frozen model "
           f"{trainer._frozen_dtype()}; {machine()}; {args.rounds} rounds, medians; total {time.time() - started:.0f} s")
     print(f"{'variant':<16} {'median s':>9} {'÷ break_a_scene':>16}")
     for k, v in med.items():

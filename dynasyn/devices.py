@@ -15,6 +15,13 @@ PRECISIONS = ("auto", "no", "fp16", "bf16")
 # torch.OutOfMemoryError exists from torch 2.5; older torch (many ComfyUI installs) raises torch.cuda.OutOfMemoryError
 OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {e for e in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if e is not None})
+# what torch says when an allocation fails without its OOM type: older CUDA builds, the CPU and MPS allocators
+_OOM_TEXT = ("out of memory", "can't allocate memory", "failed to allocate memory")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A device or host allocation failure: torch's OOM types, or a RuntimeError that says so."""
+    return isinstance(e, OOM_ERRORS) or (isinstance(e, RuntimeError) and any(t in str(e).lower() for t in _OOM_TEXT))
 
 
 def cuda_capability(device: torch.device) -> tuple[int, int] | None:

@@ -8,6 +8,16 @@ optimizer. The same loop runs the baselines and ablations (``MODES``) so the pap
 and 3 can be reproduced: TI / DB (+mask) with one subject per step, Break-a-Scene and DreamBooth with
 their class-prior preservation (``prior.py``), Table 3's rows MD (L_MD + L_M2A), + App, + Act, Eq. 5. Progress goes to a callback; ``should_stop`` lets a caller cancel, after
 which a resumable state is saved.
+
+Every random draw of a step (subset, flip, augmented pair, class image, latent noise, noise, timestep)
+comes from the seeded streams in a fixed order and depends on nothing the training computes. So the
+frozen base model's targets of L_ICA / L_AUG (its class-prompt maps) are computed for every step before
+training, from copies of the streams, and the frozen copy is freed before the first step
+(``precompute_targets``): the same losses, without the frozen model in the training peak.
+
+Nothing lost: ``train(state_dir)`` writes a versioned state (``state.py``) every ``save_every`` steps, on
+Cancel, and on any error that escapes a step, as the state of the last completed step (a failed step's
+draws are undone); never after an update that was only partly applied.
 """
 
 from __future__ import annotations
@@ -15,12 +25,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import json
 import math
 import os
 import random
-import shutil
-import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
@@ -30,7 +38,7 @@ import torch.nn.functional as F
 
 from .attention import (AttentionStore, capture_layers, install_attention_capture, last_layer, map_side, remove_attention_capture,
                         run_until_last_capture, token_maps)
-from .devices import (OOM_ERRORS, PRECISIONS, cuda_capability, enable_gradient_checkpointing, noise_generator,
+from .devices import (PRECISIONS, cuda_capability, enable_gradient_checkpointing, is_out_of_memory, noise_generator,
                       resolve_mixed_precision)
 from .distributed import Distributed
 from .dataset import AugmentedPair, augmented_prompt_pair
@@ -38,7 +46,8 @@ from .errors import DynASynError
 from .losses import (augmentation_loss, inter_cross_attention_loss, masked_attention_loss, masked_diffusion_loss,
                      resize_masks, union_mask, union_sample)
 from .models import SDComponents
-from .state import MARKER as MARKER_NAME, check_fingerprint, input_fingerprint, is_owned, mark
+from .state import (MARKER as MARKER_NAME, StateNotSaved, check_fingerprint, input_fingerprint, is_owned, read_pointer,
+                    sweep, version_folder, write_version)
 from .optim import FusedBackwardOptimizer, make_optimizer
 from .subjects import (DEFAULT_TEMPLATE, Subject, add_placeholder_tokens, make_prompt_pair, placeholder_tokens,
                        token_positions, validate_subjects)
@@ -117,6 +126,11 @@ class TrainConfig:
     class_image_steps: int = 50     # DDIM steps per class image (Break-a-Scene: the pipeline default, 50)
     class_guidance_scale: float = 7.5
     aspect: str = "crop"            # non-square pictures: crop (centre square, masks alike) | pad
+    # train(state_dir) also writes its resumable state every N completed steps (0: only on Cancel or an error)
+    save_every: int = 0
+    # the frozen model's L_ICA / L_AUG targets for every step before training, then the frozen copy freed (the
+    # same losses, bit for bit); False: computed at each step, the frozen copy kept through training
+    precompute_targets: bool = True
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -131,6 +145,8 @@ class TrainConfig:
             raise DynASynError(f"Unknown frozen_dtype {self.frozen_dtype!r}; choose auto, fp16, bf16 or fp32.")
         if self.aspect not in ("crop", "pad"):
             raise DynASynError(f"Unknown aspect {self.aspect!r}; choose crop (centre square) or pad.")
+        if self.save_every < 0:
+            raise DynASynError(f"save_every must be 0 (off) or a number of steps; got {self.save_every}.")
         if self.use_prior and (self.num_class_images < 1 or not self.class_prompt.strip()):
             raise DynASynError("Prior preservation needs num_class_images >= 1 and a class_prompt "
                                "(Break-a-Scene: 100 images of 'a photo at the beach').")
@@ -187,6 +203,16 @@ class NonFiniteLoss(DynASynError):
 
 class OutOfMemory(DynASynError):
     pass
+
+
+class _Draws(NamedTuple):
+    """One step's random draws. Python stream: subset, flip, augmented pair, class image; torch stream: the
+    reference's (latent sample, noise, timestep), then the pair's, then the class image's."""
+    subset: list
+    flip: bool
+    ref: tuple
+    aug: tuple | None       # (pair index, (latent sample, noise, timestep))
+    prior: tuple | None     # (class image index, (latent sample, noise, timestep))
 
 
 MEMORY_ADVICE = ("turn on gradient_checkpointing, use mixed_precision fp16/bf16, optimizer adamw8bit or adafactor, "
@@ -308,6 +334,10 @@ class DynASynTrainer:
         self.step = 0
         self.history: list[StepLog] = []
         self.frozen = None
+        self.targets: dict[int, tuple] = {}  # step -> (its draws' key, (L_ICA class maps, L_AUG class maps))
+        self.half_applied: int | None = None  # a step whose update an error cut short: no state to save from here
+        self._applying = False
+        self._last_saved: tuple[Path, int] | None = None
         self.class_hidden: dict[str, torch.Tensor] = {}  # frozen base encodings of the class prompts
         self.optimizer = None
         self.phase = None
@@ -364,9 +394,23 @@ class DynASynTrainer:
                         f"training picture, less than one cell (1/{side * side}), so its loss terms would train on "
                         f"nothing.{hint}")
 
-    def _sample_latent(self, dist) -> torch.Tensor:
-        noise = torch.randn(dist.mean.shape, generator=self.gen, device=self.gen.device).to(self.device, dist.mean.dtype)
-        return (dist.mean + dist.std * noise) * self.c.scaling_factor
+    def _draw_noise(self, gen: torch.Generator) -> tuple:
+        """A latent sample's noise, the diffusion noise and a timestep (every latent has the reference's shape)."""
+        shape = self.ref_dist[0].mean.shape
+        sample = torch.randn(shape, generator=gen, device=gen.device)
+        noise = torch.randn(shape, generator=gen, device=gen.device)
+        t = torch.randint(0, self.c.noise_scheduler.config.num_train_timesteps, (1,), generator=gen, device=gen.device)
+        return sample, noise, t
+
+    def _noised(self, dist, draw: tuple):
+        """``(z_t, t, target)`` of a VAE latent distribution for drawn noise: target is ε, or v for v-prediction."""
+        sample, noise, t = draw
+        sched = self.c.noise_scheduler
+        latents = (dist.mean + dist.std * sample.to(self.device, dist.mean.dtype)) * self.c.scaling_factor
+        noise, t = noise.to(self.device, latents.dtype), t.to(self.device)
+        noisy = sched.add_noise(latents, noise, t)
+        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+        return noisy, t, target
 
     # ------------------------------------------------------------------ models
     def _frozen_dtype(self) -> torch.dtype:
@@ -452,14 +496,6 @@ class DynASynTrainer:
                                truncation=True, return_tensors="pt").input_ids.to(self.device)
         return te(ids)[0]
 
-    def _noisy(self, latents: torch.Tensor):
-        sched = self.c.noise_scheduler
-        noise = torch.randn(latents.shape, generator=self.gen, device=self.gen.device).to(self.device, latents.dtype)
-        t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=self.gen, device=self.gen.device).to(self.device)
-        noisy = sched.add_noise(latents, noise, t)
-        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-        return noisy, t, target
-
     def _autocast(self, enabled: bool):
         """Autocast of the trained model's forward pass (a no-op context when off: any device, ``meta`` included)."""
         if not enabled or self.precision not in ("fp16", "bf16"):
@@ -490,21 +526,136 @@ class DynASynTrainer:
         hidden = self.class_hidden[prompt] if te is None else None
         return self._maps(unet, te, store, prompt, noisy, t, positions, grad=False, need_pred=False, hidden=hidden)[0].float()
 
-    def _sample_subset(self) -> list[int]:
+    def _sample_subset(self, rng: random.Random) -> list[int]:
         if self.cfg.subsets == "single":  # TI / DB (+mask): "a photo of <asset_i>" with mask M_i
-            return [self.rng.randrange(len(self.subjects))]
-        return union_sample(len(self.subjects), self.rng)
+            return [rng.randrange(len(self.subjects))]
+        return union_sample(len(self.subjects), rng)
+
+    def _phase_of(self, step: int) -> int:
+        """The phase the loop is in when it runs step ``step + 1`` (0-based ``step``)."""
+        first = 0
+        for p in self.cfg.phases:
+            first += self.cfg.steps_in(p)
+            if step < first:
+                return p
+        return self.cfg.phases[-1]
+
+    def _draw(self, rng: random.Random, gen: torch.Generator, phase: int) -> _Draws:
+        """Every random draw of one step, in the streams' order; the training and the precomputed targets both
+        draw through here (the targets from copies of the streams), so they see the same steps."""
+        cfg = self.cfg
+        subset = self._sample_subset(rng)
+        flip = rng.random() < cfg.flip_p
+        ref = self._draw_noise(gen)
+        aug = prior = None
+        if self.use_aug:
+            aug = (rng.randrange(len(self.augmented)), self._draw_noise(gen))
+        if cfg.use_prior and phase == 2:  # phase 1 trains only placeholder rows: no gradient from the class prompt
+            prior = (rng.randrange(cfg.num_class_images), self._draw_noise(gen))
+        return _Draws(subset, flip, ref, aug, prior)
+
+    def _aug_inputs(self, aug: tuple):
+        """``(k, prompts, z_t, t)`` of the augmented pair a step drew."""
+        k, draw = aug
+        noisy, t, _ = self._noised(self.aug_latents[k], draw)
+        return k, self.aug_prompts[k], noisy, t
+
+    def _target_key(self, d: _Draws) -> tuple:
+        return tuple(d.subset), d.flip, d.aug[0] if d.aug else None, "ica" in self.cfg.losses, self.use_aug
+
+    def _frozen_maps(self, pair, noisy, t, aug_in) -> tuple:
+        """The frozen model's class-prompt maps of a step: L_ICA's (reference) and L_AUG's (its pair), or None."""
+        ica = self._class_maps(pair.class_prompt, noisy, t, pair.class_positions) if "ica" in self.cfg.losses else None
+        aug = None
+        if aug_in is not None:
+            _, prompts, anoisy, at = aug_in
+            aug = self._class_maps(prompts.class_prompt, anoisy, at, prompts.class_positions)
+        return ica, aug
+
+    def _step_targets(self, d: _Draws, pair, noisy, t, aug_in) -> tuple:
+        """This step's frozen-model targets: precomputed, or computed now from the frozen copy."""
+        entry = self.targets.get(self.step)
+        if entry is not None:
+            key, maps = entry
+            if key != self._target_key(d):  # the streams went elsewhere than where the targets were drawn
+                raise DynASynError(f"Internal error: the precomputed targets of step {self.step + 1} were drawn for "
+                                   "another step; set precompute_targets off and report this.")
+            return maps
+        if "ica" not in self.cfg.losses and aug_in is None:
+            return None, None
+        if self.frozen is None:
+            raise DynASynError(f"Step {self.step + 1} has no precomputed L_ICA / L_AUG target and the frozen base model "
+                               "was already freed; start a new trainer for more steps.")
+        return self._frozen_maps(pair, noisy, t, aug_in)
+
+    def precompute_targets(self, count: int | None = None, release: bool = True,
+                           should_stop: Callable[[], bool] | None = None) -> bool:
+        """The frozen model's L_ICA / L_AUG targets for the next ``count`` steps (all remaining: None), drawn from
+        copies of the training streams (which are left as they are), kept on the device (a few KB per step).
+        With ``release`` and every remaining step covered, the frozen copy is freed. Returns False when
+        ``should_stop`` asked to stop (the targets made so far are kept)."""
+        if self.frozen is None:
+            return True
+        total = self.cfg.total_steps
+        end = total if count is None else min(total, self.step + count)
+        todo = [s for s in range(self.step, end) if s not in self.targets]
+        if todo:
+            self.log(f"[DynASyn] L_ICA / L_AUG targets of steps {self.step + 1}-{end}: {len(todo)} frozen-model passes "
+                     f"before training" + (", then the frozen copy is freed." if release and end == total else "."))
+        started = time.perf_counter()
+        rng = random.Random()
+        rng.setstate(self.rng.getstate())
+        gen = torch.Generator(device=self.gen.device)
+        gen.set_state(self.gen.get_state())
+        c = self.c
+        with torch.no_grad():
+            for s in range(self.step, end):
+                d = self._draw(rng, gen, self._phase_of(s))
+                if s in self.targets:
+                    continue
+                if should_stop is not None and should_stop():
+                    return False
+                pair = make_prompt_pair(c.tokenizer, self.subjects, d.subset, self.cfg.template)
+                noisy, t, _ = self._noised(self.ref_dist[1 if d.flip else 0], d.ref) if "ica" in self.cfg.losses else (None,) * 3
+                aug_in = self._aug_inputs(d.aug) if d.aug else None
+                self.targets[s] = (self._target_key(d), self._frozen_maps(pair, noisy, t, aug_in))
+        if todo:
+            self.log(f"[DynASyn] targets ready in {time.perf_counter() - started:.1f} s.")
+        if release and end == total:
+            self.frozen, self.class_hidden = None, {}  # its memory leaves the training peak
+        return True
 
     def training_step(self) -> StepLog:
+        """One step. An error before the update reaches the weights undoes the step's draws (the trainer is then
+        exactly at the previous step, and saves as such); an error while the update is applied (optimizer step,
+        or backward with ``fused_backward_step``) marks the trainer ``half_applied``: it saves no state."""
+        streams = (self.gen.get_state(), self.rng.getstate())
+        try:
+            return self._training_step()
+        except BaseException:
+            if self._applying:
+                self.half_applied = self.step + 1
+            else:
+                self.gen.set_state(streams[0])
+                self.rng.setstate(streams[1])
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+            self.store.clear()
+            raise
+        finally:
+            self._applying = False
+
+    def _training_step(self) -> StepLog:
         cfg, c = self.cfg, self.c
-        subset = self._sample_subset()
-        flip = self.rng.random() < cfg.flip_p
+        d = self._draw(self.rng, self.gen, self.phase)
+        subset = d.subset
         pair = make_prompt_pair(c.tokenizer, self.subjects, subset, cfg.template)
-        masks = self.ref_masks.flip(-1) if flip else self.ref_masks
-        latents = self._sample_latent(self.ref_dist[1 if flip else 0])
-        noisy, t, target = self._noisy(latents)
+        masks = self.ref_masks.flip(-1) if d.flip else self.ref_masks
+        noisy, t, target = self._noised(self.ref_dist[1 if d.flip else 0], d.ref)
         maps, pred = self._maps(c.unet, c.text_encoder, self.store, pair.placeholder_prompt, noisy, t,
                                 pair.placeholder_positions, grad=True)
+        aug_in = self._aug_inputs(d.aug) if d.aug else None
+        class_maps, aug_class_maps = self._step_targets(d, pair, noisy, t, aug_in)
         terms = {}
         sel = masks[subset]
         if "md" in cfg.losses:
@@ -512,22 +663,26 @@ class DynASynTrainer:
         if "m2a" in cfg.losses:
             terms["m2a"] = (cfg.lambda_m2a, masked_attention_loss(maps.float(), sel))
         if "ica" in cfg.losses:
-            class_maps = self._class_maps(pair.class_prompt, noisy, t, pair.class_positions)
             terms["ica"] = (cfg.lambda_ica, inter_cross_attention_loss(maps.float(), class_maps, sel))
         if self.use_aug:
-            terms["aug"] = (cfg.lambda_aug, self._augmentation_term())
-        if cfg.use_prior and self.phase == 2:  # phase 1 trains only placeholder rows: no gradient from the class prompt
-            terms["prior"] = (cfg.prior_loss_weight, self._prior_term())
+            terms["aug"] = (cfg.lambda_aug, self._augmentation_term(aug_in, aug_class_maps))
+        if d.prior is not None:
+            terms["prior"] = (cfg.prior_loss_weight, self._prior_term(d.prior))
         loss = sum(w * v for w, v in terms.values())
         self.optimizer.zero_grad(set_to_none=True)
         fused = isinstance(self.optimizer, FusedBackwardOptimizer)
-        bad_grads = self._fused_backward(loss) if fused else self._backward(loss)
+        if fused:
+            self._applying = True  # each tensor is updated during backward
+            bad_grads = self._fused_backward(loss)
+        else:
+            bad_grads = self._backward(loss)
         # one host sync per step: the loss, its terms and the gradients' check read together, after backward
         # (every process agrees on them before any stops); nothing has reached the weights unless fused
         values = self.dist.mean(torch.stack([loss.detach().float(), *(v.detach().float() for _, v in terms.values()),
                                              bad_grads.float()])).tolist()
         mean_loss, term_values, grad_check = values[0], dict(zip(terms, values[1:-1])), values[-1]
         if not math.isfinite(mean_loss):
+            self._applying = False  # a non-finite loss applies nothing, fused or not
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss(f"The loss became {mean_loss} at step {self.step + 1} "
                                 f"({', '.join(f'{k}={v:.4g}' for k, v in term_values.items())}). Lower the learning "
@@ -548,7 +703,9 @@ class DynASynTrainer:
                     keep[self.token_ids] = False
                     self._keep_rows = keep.to(emb.device)[:, None]
                 emb.copy_(torch.where(self._keep_rows, self.orig_embeddings, emb))  # no boolean indexing: no sync
+        self.targets.pop(self.step, None)
         self.step += 1
+        self._applying = False
         return StepLog(self.step, self.phase, float(mean_loss), term_values,
                        self.optimizer.param_groups[0]["lr"], [self.subjects[i].token for i in subset])
 
@@ -565,6 +722,11 @@ class DynASynTrainer:
         """The optimizer step unless the gradients are non-finite: under fp16 that is an overflow and the step is
         skipped (the loss scale shrinks); otherwise training stops with the last good weights."""
         finite = math.isfinite(grad_norm)
+        if not finite and not self.scaler:  # never let a non-finite update reach the weights
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(f"The gradients became {grad_norm} at step {self.step + 1}. Lower the learning "
+                                "rate or use mixed_precision 'no'; the last good state was kept.")
+        self._applying = True  # from here the weights, the optimizer or the loss scale change
         if finite:
             self.optimizer.step()
         else:
@@ -574,10 +736,6 @@ class DynASynTrainer:
             if not finite:
                 self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
                 self.log(f"[DynASyn] fp16 gradients overflowed at step {self.step + 1}: step skipped, loss scale lowered.")
-            return
-        if not finite:  # never let a non-finite update reach the weights
-            raise NonFiniteLoss(f"The gradients became {grad_norm} at step {self.step + 1}. Lower the learning "
-                                "rate or use mixed_precision 'no'; the last good state was kept.")
 
     def _fused_backward(self, loss: torch.Tensor) -> torch.Tensor:
         """Each tensor is updated by its hook during backward (no global clipping possible); returns the device flag
@@ -586,16 +744,16 @@ class DynASynTrainer:
         loss.backward()
         return self.optimizer.found_inf
 
-    def _augmentation_term(self) -> torch.Tensor:
-        """L_AUG on one augmented pair: attention only, no reconstruction loss."""
-        k = self.rng.randrange(len(self.augmented))
-        pair = self.augmented[k]
-        prompts = self.aug_prompts[k]  # c_a, ĉ_a, positions, in the order of pair.masks
-        latents = self._sample_latent(self.aug_latents[k])
-        noisy, t, _ = self._noisy(latents)
+    def _augmentation_term(self, aug_in: tuple | None = None, class_maps: torch.Tensor | None = None) -> torch.Tensor:
+        """L_AUG on one augmented pair: attention only, no reconstruction loss. ``aug_in``: the step's pair and
+        noise (``_aug_inputs``; drawn here if None); ``class_maps``: its target (from the frozen model if None)."""
+        if aug_in is None:
+            aug_in = self._aug_inputs((self.rng.randrange(len(self.augmented)), self._draw_noise(self.gen)))
+        k, prompts, noisy, t = aug_in  # c_a, ĉ_a, positions, in the order of the pair's masks
         maps, _ = self._maps(self.c.unet, self.c.text_encoder, self.store, prompts.placeholder_prompt, noisy, t,
                              prompts.placeholder_positions, grad=True, need_pred=False)
-        class_maps = self._class_maps(prompts.class_prompt, noisy, t, prompts.class_positions)
+        if class_maps is None:
+            class_maps = self._class_maps(prompts.class_prompt, noisy, t, prompts.class_positions)
         pseudo = self.aug_masks[k]  # squared like the pair's picture, on the device, in the order of pair.masks
         return augmentation_loss(maps.float(), class_maps, pseudo)
 
@@ -619,13 +777,14 @@ class DynASynTrainer:
         with torch.no_grad():
             self.class_dists = [vae.encode(_image_to_tensor(im).to(self.device, vae.dtype)).latent_dist for im in images]
 
-    def _prior_term(self) -> torch.Tensor:
-        """Break-a-Scene / DreamBooth prior preservation: the plain (unmasked) MSE on one class image."""
+    def _prior_term(self, prior: tuple) -> torch.Tensor:
+        """Break-a-Scene / DreamBooth prior preservation: the plain (unmasked) MSE on the class image ``prior`` drew
+        (``(index, noise)``)."""
         cfg, c = self.cfg, self.c
         if self.class_dists is None:
             self._prepare_class_images()
-        latents = self._sample_latent(self.class_dists[self.rng.randrange(len(self.class_dists))])
-        noisy, t, target = self._noisy(latents)
+        index, draw = prior
+        noisy, t, target = self._noised(self.class_dists[index], draw)
         with self._autocast(True):
             dtype = next(c.unet.parameters()).dtype
             hidden = self._encode(c.text_encoder, cfg.class_prompt)
@@ -633,37 +792,81 @@ class DynASynTrainer:
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
 
     # ------------------------------------------------------------------ loop
+    def _stop_requested(self) -> bool:
+        return self.dist.any(bool(self.should_stop and self.should_stop()), self.device)
+
     def train(self, state_dir: str | os.PathLike | None = None) -> TrainResult:
+        """Train to ``cfg.total_steps``. With ``state_dir``: leftovers of interrupted saves are swept first, and the
+        resumable state is written every ``save_every`` steps, on Cancel (``Cancelled``) and on any error escaping
+        the loop (re-raised with where the state is; out of memory as ``OutOfMemory``)."""
         cfg = self.cfg
         if self.class_image_dir is None and state_dir is not None:  # the class images live with the run's state
             self.class_image_dir = Path(state_dir).parent / "class_images"
-        for phase in cfg.phases:
-            first = sum(cfg.steps_in(p) for p in cfg.phases if p < phase)
-            last = first + cfg.steps_in(phase)
-            if self.step >= last:
-                continue
-            if self.phase != phase:
-                self._setup_phase(phase)
-            while self.step < last:
-                if self.dist.any(bool(self.should_stop and self.should_stop()), self.device):
-                    saved = self.save_state(state_dir) if state_dir else None
-                    raise Cancelled(self.step, saved)
-                try:
+        if state_dir is not None and self.dist.is_main:
+            removed = sweep(state_dir)
+            if removed:
+                self.log(f"[DynASyn] removed what an interrupted save left in {state_dir}: {', '.join(removed)}.")
+        try:
+            if cfg.precompute_targets and not self.precompute_targets(should_stop=self._stop_requested):
+                raise Cancelled(self.step, self.save_state(state_dir) if state_dir else None)
+            for phase in cfg.phases:
+                first = sum(cfg.steps_in(p) for p in cfg.phases if p < phase)
+                last = first + cfg.steps_in(phase)
+                if self.step >= last:
+                    continue
+                if self.phase != phase:
+                    self._setup_phase(phase)
+                while self.step < last:
+                    if self._stop_requested():
+                        raise Cancelled(self.step, self.save_state(state_dir) if state_dir else None)
                     entry = self.training_step()
-                except NonFiniteLoss as e:
-                    # the failing step never reached the optimizer: the weights are the last good ones
-                    if state_dir:
+                    self.history.append(entry)
+                    if self.callback and self.dist.is_main:
+                        self.callback(entry)
+                    if state_dir is not None and cfg.save_every and self.step % cfg.save_every == 0:
                         self.save_state(state_dir)
-                        raise NonFiniteLoss(f"{e} Resumable state of step {self.step}: {state_dir}.") from None
-                    raise
-                except OOM_ERRORS as e:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    raise OutOfMemory(f"Out of memory at step {self.step + 1} ({self.device.type}): {MEMORY_ADVICE}.") from e
-                self.history.append(entry)
-                if self.callback and self.dist.is_main:
-                    self.callback(entry)
+        except Cancelled:
+            raise
+        except BaseException as e:
+            error = self._failed(e, state_dir)
+            if error is e:
+                raise
+            raise error from (e if isinstance(error, OutOfMemory) else None)
         self._finish()
         return TrainResult(self.c, self.subjects, self.history, self.use_aug)
+
+    def _failed(self, e: BaseException, state_dir) -> BaseException:
+        """Save the state of the last completed step after an error (unless the error is the save's own, or the step
+        was half applied, or other processes would wait for this one), and say where it is."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)  # an OOM's gradients go before the save copies weights
+        saved, why = None, None
+        if state_dir is None:
+            why = "no state folder was given"
+        elif isinstance(e, StateNotSaved) or e is getattr(self, "_save_error", None):
+            why = "the state could not be written"
+        elif self.dist.active:
+            why = "the other training processes cannot join a save"
+        else:
+            try:
+                saved = self.save_state(state_dir)
+            except Exception as save_error:  # noqa: BLE001 - the training error is the one to report
+                why = f"saving it failed too ({save_error})"
+            if saved is None and why is None:
+                why = f"step {self.half_applied} stopped while its update was being applied"
+        if saved is not None:
+            note = f"Resumable state of step {self.step}: {state_dir}."
+        else:
+            last = f" (the last saved state, step {self._last_saved[1]}, is kept)" if self._last_saved else ""
+            note = f"No resumable state was saved: {why}{last}."
+        self.log(f"[DynASyn] training stopped at step {self.step + 1} by {type(e).__name__}. {note}")
+        if is_out_of_memory(e):  # caused by torch's error: ComfyUI's own OOM handling still sees it
+            return OutOfMemory(f"Out of memory at step {self.step + 1} ({self.device.type}): {MEMORY_ADVICE}. {note}")
+        if isinstance(e, NonFiniteLoss):
+            return NonFiniteLoss(f"{e} {note}")
+        if isinstance(e, Exception) and not isinstance(e, StateNotSaved):
+            e.add_note(f"DynASyn: {note}")
+        return e
 
     def _finish(self) -> None:
         """Drop what only training needed (gradients, optimizer state, frozen copy, hooks) before handing back."""
@@ -676,7 +879,7 @@ class DynASynTrainer:
         self.dist.check_in_sync([self.c.unet, self.c.text_encoder])
         for m in (self.c.unet, self.c.text_encoder):
             m.eval().requires_grad_(False)
-        self.frozen, self.class_hidden = None, {}
+        self.frozen, self.class_hidden, self.targets = None, {}, {}
 
     def release(self) -> None:
         """Let go of everything training holds besides the components and the history: the callbacks (a caller's
@@ -686,7 +889,7 @@ class DynASynTrainer:
         if isinstance(self.optimizer, FusedBackwardOptimizer):
             self.optimizer.remove()
         self.callback = self.should_stop = None
-        self.optimizer, self.frozen, self.class_hidden, self.params = None, None, {}, []
+        self.optimizer, self.frozen, self.class_hidden, self.params, self.targets = None, None, {}, [], {}
         self.ref_dist, self.aug_latents, self.orig_embeddings = [], [], None
         self.store.clear()
         remove_attention_capture(self.c.unet)
@@ -696,54 +899,70 @@ class DynASynTrainer:
         return {s.token: emb[i].detach().float().cpu().clone() for s, i in zip(self.subjects, self.token_ids)}
 
     # ------------------------------------------------------------------ state
-    def save_state(self, folder: str | os.PathLike) -> Path:
-        """Everything needed to resume, written to a temporary folder and renamed into place.
+    def _state_bytes(self) -> int:
+        """About what a version of the state takes on disk: weights, optimizer state, the token table's copy."""
+        def size(obj) -> int:
+            if torch.is_tensor(obj):
+                return obj.numel() * obj.element_size()
+            if isinstance(obj, dict):
+                return sum(size(v) for v in obj.values())
+            if isinstance(obj, (list, tuple)):
+                return sum(size(v) for v in obj)
+            return 0
+        n = size(self.c.unet.state_dict()) + size(self.c.text_encoder.state_dict())
+        n += size(self.optimizer.state_dict()) if self.optimizer is not None else 0
+        return n + size(getattr(self, "orig_embeddings", None)) + 2**20
 
-        Called on every process (their RNG states are gathered); only the main process writes.
+    def save_state(self, folder: str | os.PathLike) -> Path | None:
+        """Everything needed to resume, as a new version of the state in ``folder`` (``state.write_version``: the
+        previous version stays current until this one is complete). Returns ``folder``, or None when the trainer
+        holds no consistent state (a step's update was cut short: the last saved version stays).
+
+        Called on every process (their RNG states are gathered); only the main process writes. Saving the same
+        step to the same folder twice writes nothing the second time.
         """
         from safetensors.torch import save_file
 
         folder = Path(folder)
+        if self.half_applied is not None:
+            self.log(f"[DynASyn] no state saved: step {self.half_applied} stopped while its update was being applied, "
+                     "so the weights are those of no step; the last saved state stays.")
+            return None
+        if self._last_saved == (folder.absolute(), self.step):
+            return folder
         rng_states = self.dist.gather((self.gen.get_state(), self.rng.getstate()))
         if not self.dist.is_main:
             self.dist.wait()
             return folder
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.c.unet.state_dict().items()}, tmp / "unet.safetensors")
+
+        def write(path: Path) -> None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.c.unet.state_dict().items()},
+                      path / "unet.safetensors")
             save_file({k: v.detach().cpu().contiguous() for k, v in self.c.text_encoder.state_dict().items()},
-                      tmp / "text_encoder.safetensors")
+                      path / "text_encoder.safetensors")
             # tensors, dicts, lists and RNG tuples only: load_state reads it with torch.load(weights_only=True)
             torch.save({"optimizer": self.optimizer.state_dict() if self.optimizer else None,
                         "orig_embeddings": getattr(self, "orig_embeddings", None),
+                        "scaler": self.scaler.state_dict() if self.scaler else None,
                         "torch_gen": self.gen.get_state(), "python_rng": self.rng.getstate(),
-                        "rng_per_process": rng_states}, tmp / "trainer.pt")
-            (tmp / "state.json").write_text(json.dumps({
-                "step": self.step, "phase": self.phase, "config": asdict(self.cfg),
+                        "rng_per_process": rng_states}, path / "trainer.pt")
+
+        meta = {"step": self.step, "phase": self.phase, "config": asdict(self.cfg),
                 "tokens": [s.token for s in self.subjects], "class_nouns": [s.class_noun for s in self.subjects],
-                "fingerprint": self.fingerprint, "history": [asdict(h) for h in self.history]}, indent=1))
-            mark(tmp)
-            if folder.exists() or folder.is_symlink():
-                if not is_owned(folder):
-                    raise DynASynError(f"{folder} exists and is not a DynASyn training state; it is left alone: "
-                                       "choose another run_name.")
-                old = folder.with_name(folder.name + ".old")
-                if is_owned(old):
-                    shutil.rmtree(old, ignore_errors=True)
-                folder.rename(old)
-                tmp.rename(folder)
-                if is_owned(old):
-                    shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(folder)
+                "fingerprint": self.fingerprint, "history": [asdict(h) for h in self.history]}
+        try:
+            write_version(folder, meta, write, self._state_bytes())
+        except BaseException as e:
+            self._save_error = e  # the loop's error handler does not try a second time
+            raise
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.dist.wait()
+            self.dist.wait()
+        self._last_saved = (folder.absolute(), self.step)
         return folder
 
     def load_state(self, folder: str | os.PathLike) -> None:
-        """Resume from ``folder``: refused unless it is a DynASyn state of the same inputs; never unpickles code."""
+        """Resume from the current version of ``folder``: refused unless it is a DynASyn state of the same inputs;
+        never unpickles code."""
         import pickle
 
         from safetensors.torch import load_file
@@ -751,30 +970,29 @@ class DynASynTrainer:
         folder = Path(folder)
         if not is_owned(folder):
             raise DynASynError(f"{folder} is not a DynASyn training state (no {MARKER_NAME} marker); not resuming.")
-        try:
-            meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-            if not isinstance(meta, dict):
-                raise ValueError("not an object")
-        except (OSError, ValueError) as e:
-            raise DynASynError(f"The saved state in {folder} is unreadable ({type(e).__name__}); turn 'resume' off.") from None
+        meta = read_pointer(folder)
         if meta.get("tokens") != [s.token for s in self.subjects] or meta.get("class_nouns") != [s.class_noun for s in self.subjects]:
             raise DynASynError(f"The saved state in {folder} belongs to other subjects ({meta.get('class_nouns')}).")
         check_fingerprint(meta.get("fingerprint"), self.fingerprint, folder)
+        data = version_folder(folder, meta)
         try:  # weights_only: tensors and plain containers only, never code (a planted pickle is refused here)
-            extra = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
+            extra = torch.load(data / "trainer.pt", map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
             raise DynASynError(f"The saved state in {folder} holds something other than tensors (trainer.pt was "
                                "refused: it is never unpickled); delete the folder or turn 'resume' off.") from None
-        self.c.unet.load_state_dict(load_file(folder / "unet.safetensors"))
-        self.c.text_encoder.load_state_dict(load_file(folder / "text_encoder.safetensors"))
+        self.c.unet.load_state_dict(load_file(data / "unet.safetensors"))
+        self.c.text_encoder.load_state_dict(load_file(data / "text_encoder.safetensors"))
         self.step = meta["step"]
         self.history = [StepLog(**h) for h in meta["history"]]
+        self.targets, self.half_applied, self._last_saved = {}, None, None  # targets follow the restored streams
         if meta["phase"] is not None:
             self._setup_phase(meta["phase"])
             if extra["orig_embeddings"] is not None:
                 self.orig_embeddings = extra["orig_embeddings"].to(self.device)
             if extra["optimizer"] is not None:
                 self.optimizer.load_state_dict(extra["optimizer"])
+            if extra.get("scaler") and self.scaler is not None:
+                self.scaler.load_state_dict(extra["scaler"])
         per_process = extra.get("rng_per_process") or [(extra["torch_gen"], extra["python_rng"])]
         gen_state, rng_state = per_process[self.dist.rank % len(per_process)]
         self.gen.set_state(gen_state)

@@ -155,12 +155,27 @@ class _Payload:
         return exec, (f"open({self.flag!r}, 'w').write('code ran')",)
 
 
-def test_a_planted_pickle_in_the_state_is_refused_and_never_runs(saved_state, tmp_path):
+@pytest.mark.parametrize("layout", ["versioned", "format 1"])
+def test_a_planted_pickle_in_the_state_is_refused_and_never_runs(saved_state, tmp_path, layout):
+    """In the version the pointer names, and in a first-format state (files beside state.json), still read."""
+    import json
+    import shutil
+
     from dynasyn.errors import DynASynError
+    from dynasyn.state import current_version
 
     state = _copy(saved_state, tmp_path)
+    data = current_version(state)
+    if layout == "format 1":
+        for f in data.iterdir():
+            shutil.move(str(f), state / f.name)
+        data.rmdir()
+        meta = json.loads((state / "state.json").read_text())
+        del meta["data"], meta["format"]
+        (state / "state.json").write_text(json.dumps(meta))
+        data = state
     flag = tmp_path / "pwned"
-    torch.save({"optimizer": _Payload(flag), "torch_gen": torch.zeros(1)}, state / "trainer.pt")
+    torch.save({"optimizer": _Payload(flag), "torch_gen": torch.zeros(1)}, data / "trainer.pt")
     t = _trainer()
     with pytest.raises(DynASynError, match="never unpickled"):
         t.load_state(state)

@@ -169,7 +169,9 @@ def test_nan_loss_keeps_and_saves_the_last_good_state(tmp_path):
     with pytest.raises(NonFiniteLoss, match="Resumable state of step 2"):
         t.train(state_dir=tmp_path / "state")
     from safetensors.torch import load_file
-    saved = load_file(tmp_path / "state" / "text_encoder.safetensors")
+
+    from dynasyn.state import current_version
+    saved = load_file(current_version(tmp_path / "state") / "text_encoder.safetensors")
     key = next(k for k in saved if k.endswith("token_embedding.weight"))
     assert torch.isfinite(saved[key]).all()
 
@@ -402,26 +404,37 @@ def test_learning_rate_of_each_phase():
     assert [(h.phase, h.lr) for h in t.history] == [(1, 3e-3), (1, 3e-3), (2, 7e-5), (2, 7e-5)]
 
 
-def test_class_encodings_stay_at_the_base_model_through_training():
-    """The precomputed class-prompt encodings are the base text encoder's and phase 2 never changes them."""
+@pytest.mark.parametrize("precompute", [False, True])
+def test_class_encodings_stay_at_the_base_model_through_training(precompute):
+    """The precomputed class-prompt encodings are the base text encoder's and phase 2 never changes them; with the
+    targets precomputed they are all used before the first step, then freed with the frozen copy."""
     from dynasyn.subjects import add_placeholder_tokens
 
-    t = trainer(cfg(mode="dynasyn", phase1_steps=1, phase2_steps=3, phase2_lr=1e-3, frozen_dtype="fp32"),
-                augmented=aug_pairs(1))
+    t = trainer(cfg(mode="dynasyn", phase1_steps=1, phase2_steps=3, phase2_lr=1e-3, frozen_dtype="fp32",
+                    precompute_targets=precompute), augmented=aug_pairs(1))
     base = tiny_components(seed=0)
     add_placeholder_tokens(base.tokenizer, base.text_encoder, ["<asset0>", "<asset1>"], ["panda", "bowl"])
     with torch.no_grad():
         expected = {p: base.text_encoder(base.tokenizer(p, padding="max_length", max_length=77,
                                                         return_tensors="pt").input_ids)[0] for p in t.class_hidden}
-    used = {}
-    real_finish = t._finish
-    t._finish = lambda: (used.update({k: v.clone() for k, v in t.class_hidden.items()}), real_finish())
+    used, steps = {}, []
+    real_class_maps = t._class_maps
+
+    def class_maps(prompt, *a):
+        used[prompt] = t.class_hidden[prompt].clone()
+        steps.append(t.step)
+        return real_class_maps(prompt, *a)
+
+    t._class_maps = class_maps
     te_before = weights(t.c)
     t.train()
     assert any(not torch.equal(te_before[k], v) for k, v in weights(t.c).items() if k.startswith("te."))  # TE trained
-    assert used.keys() == expected.keys() and len(used) == 5
-    for p, v in expected.items():
-        torch.testing.assert_close(used[p], v, rtol=0, atol=1e-6, msg=p)
+    assert len(steps) == 8  # L_ICA and L_AUG at each of the 4 steps
+    assert set(steps) == ({0} if precompute else {0, 1, 2, 3})
+    assert set(used) <= set(expected) and len(expected) == 5
+    for p, v in used.items():
+        torch.testing.assert_close(v, expected[p], rtol=0, atol=1e-6, msg=p)
+    assert t.frozen is None and t.class_hidden == {}
 
 
 def test_reversed_subset_keeps_masks_placeholder_maps_and_class_maps_aligned(monkeypatch):
@@ -429,13 +442,13 @@ def test_reversed_subset_keeps_masks_placeholder_maps_and_class_maps_aligned(mon
     import dynasyn.train as train_mod
 
     t = trainer(cfg(mode="dynasyn_app", phase1_steps=1, phase2_steps=0, flip_p=0.0))
-    monkeypatch.setattr(t, "_sample_subset", lambda: [1, 0])
-    calls, losses = [], {}
+    monkeypatch.setattr(t, "_sample_subset", lambda rng: [1, 0])
+    calls, losses = {}, {}
     real_maps = t._maps
 
     def maps(unet, te, store, prompt, noisy, tt, positions, **kw):
         out = real_maps(unet, te, store, prompt, noisy, tt, positions, **kw)
-        calls.append((prompt, positions, out[0].detach().clone()))
+        calls["trained" if unet is t.c.unet else "frozen"] = (prompt, positions, out[0].detach().clone())
         return out
 
     monkeypatch.setattr(t, "_maps", maps)
@@ -444,7 +457,7 @@ def test_reversed_subset_keeps_masks_placeholder_maps_and_class_maps_aligned(mon
         monkeypatch.setattr(train_mod, name, lambda *a, _n=name, _r=real, **k: losses.setdefault(_n, a) and _r(*a, **k))
     t.train()
     tok = t.c.tokenizer
-    (c_prompt, c_pos, c_maps), (hat_prompt, hat_pos, hat_maps) = calls
+    (c_prompt, c_pos, c_maps), (hat_prompt, hat_pos, hat_maps) = calls["trained"], calls["frozen"]
     assert (c_prompt, hat_prompt) == ("a photo of <asset1> and <asset0>", "a photo of bowl and panda")
     ids = tok(c_prompt).input_ids
     assert c_pos == [[ids.index(t.token_ids[1])], [ids.index(t.token_ids[0])]]
