@@ -121,18 +121,17 @@ def embedding_names(prefix: str, class_nouns: Sequence[str]) -> list[str]:
     """``<prefix>_<noun>`` per subject, the noun made a valid name ('teddy bear' -> 'teddy_bear'); a noun
     that repeats gets ``_2``, ``_3``... ('panda, panda' -> prefix_panda, prefix_panda_2)."""
     validate_export_name(prefix, "run")
-    out, seen = [], {}
+    out, taken = [], set()
     for i, noun in enumerate(class_nouns):
         part = _noun_part(noun, i)
-        seen[part.lower()] = seen.get(part.lower(), 0) + 1
-        if seen[part.lower()] > 1:
-            part = f"{part}_{seen[part.lower()]}"
-        name = f"{prefix}_{part}"
-        if len(name) > MAX_NAME_LENGTH:
-            name = name[:MAX_NAME_LENGTH].rstrip("_.-")
+        for k in range(1, len(class_nouns) + 2):
+            suffix = f"_{k}" if k > 1 else ""
+            room = MAX_NAME_LENGTH - len(prefix) - 1 - len(suffix)
+            name = (f"{prefix}_{part[:room]}".rstrip("_.-") if room > 0 else prefix[:MAX_NAME_LENGTH - len(suffix)]) + suffix
+            if name.lower() not in taken:  # case-insensitive file systems
+                break
+        taken.add(name.lower())
         out.append(validate_export_name(name, "embedding"))
-    if len({n.lower() for n in out}) != len(out):
-        out = [f"{n}_{i + 1}" if len(n) + 3 <= MAX_NAME_LENGTH else n for i, n in enumerate(out)]
     return out
 
 

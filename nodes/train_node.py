@@ -425,14 +425,18 @@ class DynASynTrain:
             "resume": ("BOOLEAN", {"default": True, "tooltip": (
                 "Continue from the state a cancelled run of the same run_name saved (in ComfyUI/user/__dynasyn/runs/<run>). "
                 "Refused, naming what changed, if the picture, masks, class nouns, model or settings differ.")}),
+            "preview_every": _watch_inputs()["preview_every"],
+        }, "optional": {
+            "dataset": ("DYNASYN_DATASET", {"tooltip": "Augmented (image, prompt, pseudo-mask) pairs for L_AUG."}),
+            # optional, so API prompts written before they existed still validate
+            "sample_every": _watch_inputs()["sample_every"],
+            "sample_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": WATCH_TIPS["sample_prompt"]}),
+            "save_every": _watch_inputs()["save_every"],
             "force_retrain": ("BOOLEAN", {"default": False, "tooltip": (
                 "Train even when a finished run of these exact inputs exists (it is replaced). Off: that run is loaded "
                 "in seconds. A finished run keeps the trained tensors that differ from the base in the base dtype "
                 "(SD 1.5 fp16 full fine-tune: ~2 GB; textual inversion: a few KB), the embeddings, the training "
                 "inputs and the samples; delete its folder to reclaim the space.")}),
-            **_watch_inputs(),
-        }, "optional": {
-            "dataset": ("DYNASYN_DATASET", {"tooltip": "Augmented (image, prompt, pseudo-mask) pairs for L_AUG."}),
             "memory_preset": (list(PRESET_CHOICES), {"default": "auto", "tooltip": (
                 "Sets gradient_checkpointing, optimizer, fused_backward_step and train_text_encoder for the card. auto = the "
                 "largest preset whose estimated peak fits the free GPU memory (on CPU: the switches as set); custom = the "
@@ -452,7 +456,6 @@ class DynASynTrain:
             "aspect": (["crop", "pad"], {"default": "crop", "tooltip": (
                 "A non-square picture: crop = its centre square (masks cropped alike), pad = the whole picture padded "
                 "to a square with grey. Then resized to resolution, antialiased. The log says what was done.")}),
-            "sample_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": WATCH_TIPS["sample_prompt"]}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def train(self, **inputs):
