@@ -139,7 +139,7 @@ def free_prefix(folder: str | os.PathLike, base: str, class_nouns: Sequence[str]
     """``base`` or ``base_001``... such that none of its embedding files exists in ``folder``."""
     folder = Path(folder)
     for k in range(10000):
-        cand = base if k == 0 else f"{base}_{k:03d}"
+        cand = base if k == 0 else f"{base[:MAX_NAME_LENGTH - 20].rstrip('_.-')}_{k:03d}"
         if not any((folder / f"{n}.safetensors").exists() for n in embedding_names(cand, class_nouns)):
             return cand
     raise DynASynError(f"No free embedding name left for {base!r} in {folder}.")

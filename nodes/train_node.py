@@ -87,7 +87,7 @@ def _whole(name: str, value, lo: int = 0) -> int:
 
 def _with_save_every(cfg: TrainConfig, save_every: int) -> TrainConfig:
     """``save_every`` goes to the trainer (a versioned resumable state every N steps) once TrainConfig has it."""
-    if save_every and "save_every" in {f.name for f in fields(TrainConfig)}:
+    if "save_every" in {f.name for f in fields(TrainConfig)}:
         return replace(cfg, save_every=save_every)
     return cfg
 
@@ -267,9 +267,15 @@ class _Watch:
 
 
 def _train_run(*, model, clip, vae, picture, masks, nouns, cfg, dataset, run_name, prefix, key, state_dir, watch_args,
-               sample_prompt, prepare, meta):
+               sample_prompt, prepare, meta, save_as):
     """Train (``prepare`` may resume or continue the trainer first), store the finished run, return it with the
     trained MODEL / CLIP made from exactly what was stored."""
+    # the run stores at most every UNet and text-encoder tensor in the base dtype: refuse now, not after training
+    runs.check_free_space(paths.runs_dir(), _bytes(model.model.diffusion_model) + _bytes(clip.cond_stage_model),
+                          "the finished run")
+    if save_as == "checkpoint":
+        runs.check_free_space(folder_paths.get_folder_paths("checkpoints")[0], sum(_bytes(m) for m in (
+            model.model.diffusion_model, clip.cond_stage_model, getattr(vae, "first_stage_model", None))), "the checkpoint")
     emb_dir = _emb_dir()
     prefix = runs.free_prefix(emb_dir, prefix, nouns)
     names = runs.embedding_names(prefix, nouns)
@@ -508,7 +514,7 @@ class DynASynTrain:
         record, (trained_model, trained_clip) = _train_run(
             model=model, clip=clip, vae=vae, picture=ref, masks=masks, nouns=nouns, cfg=cfg, dataset=dataset,
             run_name=run_name, prefix=run_name, key=key, state_dir=state_dir, sample_prompt=sample_prompt,
-            watch_args={"unique_id": unique_id, **watch_args}, prepare=prepare,
+            watch_args={"unique_id": unique_id, **watch_args}, prepare=prepare, save_as=save_as,
             meta={"memory_preset": memory_preset, "parent": None})
         out = _deliver(record, trained_model, trained_clip, vae, save_as)
         remove_owned(state_dir)  # finished and stored: the next queue starts a new run (only a folder the trainer marked)
@@ -586,9 +592,9 @@ class DynASynContinueTraining:
 
         record, (trained_model, trained_clip) = _train_run(
             model=model, clip=clip, vae=vae, picture=picture, masks=masks, nouns=nouns, cfg=cfg, dataset=pairs,
-            run_name=name, prefix=f"{parent.meta['prefix']}_{cfg.total_steps}"[:MAX_NAME_LENGTH - 40], key=key,
+            run_name=name, prefix=f"{parent.meta['prefix'][:MAX_NAME_LENGTH - 40]}_{cfg.total_steps}", key=key,
             state_dir=state_dir, sample_prompt=sample_prompt, watch_args={"unique_id": unique_id, **watch_args},
-            prepare=prepare, meta={"memory_preset": parent.meta.get("memory_preset"),
+            prepare=prepare, save_as=save_as, meta={"memory_preset": parent.meta.get("memory_preset"),
                                    "parent": {"run": parent.label, "key": parent.key, "steps": steps}})
         out = _deliver(record, trained_model, trained_clip, vae, save_as)
         remove_owned(state_dir)

@@ -261,6 +261,25 @@ def test_save_every_writes_the_embeddings_at_that_step(pack, tn, tiny, dirs):
                            load_file(dirs / "embeddings" / "lost_panda.safetensors")["emb_params"])
 
 
+def test_save_every_reaches_a_trainer_that_supports_it(pack, tn, tiny, dirs, monkeypatch):
+    """Once TrainConfig has ``save_every`` (the trainer's versioned state), the widget reaches it; it is no part of
+    the run's key (it changes how training saves, not what it trains)."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class WithSaveEvery(tn.TrainConfig):
+        save_every: int = 0
+
+    seen = []
+    real = tn.DynASynTrainer
+    monkeypatch.setattr(tn, "TrainConfig", WithSaveEvery)
+    monkeypatch.setattr(tn, "DynASynTrainer", lambda c, i, m, n, cfg, **k: seen.append(cfg.save_every) or real(c, i, m, n, cfg, **k))
+    tn.DynASynTrain().train(**quick(tiny, save_every=3))
+    assert seen == [3]
+    tn.DynASynTrain().train(**quick(tiny, save_every=0))
+    assert seen == [3]  # loaded
+
+
 def test_loss_map_plots_in_cores_loss_graph_node(pack, tn, tiny, dirs):
     from comfy_extras.nodes_train import LossGraphNode
 
@@ -297,6 +316,10 @@ def test_a_full_disk_is_refused_before_writing_and_nothing_is_lost(pack, tn, tin
     tn.DynASynTrain().train(**quick(tiny, save_as="checkpoint"))  # the run was kept: exported without training
     assert [p.name for p in (dirs / "checkpoints").iterdir()] == ["lost.safetensors"]
     assert runs.resolve_run(runs_root(dirs), run.label).meta["exports"] == {"checkpoint": "lost"}
+    # a run that could not be stored is refused before training, not after
+    monkeypatch.setattr(runs.shutil, "disk_usage", lambda p: usage(10 ** 9, 10 ** 9, 1000))
+    with pytest.raises(RuntimeError, match="Not enough free disk space for the finished run"):
+        tn.DynASynTrain().train(**quick(tiny, seed=5))  # the trainer (failing this test) is never made
 
 
 # ---------------------------------------------------------------------------------------------- Scene Prompt
