@@ -104,6 +104,28 @@ def test_a_changed_mask_or_base_model_is_another_run(pack, tn, tiny, dirs, monke
     assert len(runs.list_runs(runs_root(dirs))) == 3
 
 
+def test_the_base_fingerprint_ignores_a_loaded_clones_patches_but_not_the_models_own(pack, tiny):
+    """ComfyUI bakes a loaded clone's patches into the shared weights (keeping the originals in ``backup``): the
+    base model is still recognised then; a LoRA-like patch on the MODEL itself is another base."""
+    import comfy.model_management as mm
+
+    bridge = pack.nodes.bridge
+    model, clip, vae = tiny
+    mm.unload_all_models()
+    before = bridge.native_fingerprint(model, clip, vae)
+    patched = model.clone()
+    key = next(iter(model.model.diffusion_model.state_dict()))
+    patched.add_patches({"diffusion_model." + key: ("diff", (torch.ones_like(model.model.diffusion_model.state_dict()[key]),))})
+    mm.load_models_gpu([patched], force_patch_weights=True)
+    try:
+        assert not torch.equal(model.model.diffusion_model.state_dict()[key], patched.backup["diffusion_model." + key].weight)
+        assert bridge.native_fingerprint(model, clip, vae) == before
+        assert bridge.native_fingerprint(patched, clip, vae)["unet"] != before["unet"]
+    finally:
+        mm.unload_all_models()
+    assert bridge.native_fingerprint(model, clip, vae) == before
+
+
 # ---------------------------------------------------------------------------------------------- memory (item 8)
 def test_trained_model_holds_only_changed_tensors_in_the_base_dtype(pack, tiny, dirs):
     """Patches hold the base dtype (fp16 base: half the bytes of fp32 copies) and give the very weights the fp32
