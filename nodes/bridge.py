@@ -8,8 +8,10 @@ converts without a hard-coded config.
 Directions:
   * ``native_to_components``: MODEL, CLIP, VAE (as CheckpointLoaderSimple returns them) ->
     ``dynasyn.models.SDComponents`` (fp32 copies, trainable, made outside inference mode);
-  * ``components_to_native``: trained weights -> a *patched clone* of the MODEL and CLIP (the
-    originals are untouched) that stock CLIPTextEncode / KSampler use at once;
+  * ``components_to_native`` (= ``trained_weights`` + ``apply_trained``): trained weights -> a *patched
+    clone* of the MODEL and CLIP (the originals are untouched) that stock CLIPTextEncode / KSampler use at
+    once; the patches hold only the changed tensors, in the base weights' dtype;
+  * ``native_fingerprint``: the base model's identity, which names a training run;
   * ``save_checkpoint``: a single-file checkpoint written by ComfyUI's own ``save_checkpoint``;
   * ``save_lora``: the trained-minus-base difference as a LoRA file that stock LoraLoader loads;
   * ``components_to_new_native``: diffusers components (e.g. a diffusers folder) -> native MODEL, CLIP, VAE.
@@ -18,6 +20,7 @@ Directions:
 from __future__ import annotations
 
 import collections.abc
+import inspect
 import json
 import logging
 import os
@@ -280,14 +283,13 @@ def native_text_encoder_to_transformers(clip):
 
 def te_key_map(clip, te) -> dict[str, str]:
     """``{transformers_key: comfy CLIP patch key}`` for the text-encoder weights the bridge converts."""
-    inner, name = _clip_inner(clip)
-    out = {}
-    for k in te.state_dict():
-        bare = k[len("text_model."):] if k.startswith("text_model.") else k
-        if "position_ids" in bare:
-            continue
-        out[k] = f"{name}.transformer.text_model.{bare}"
-    return out
+    _, name = _clip_inner(clip)
+    return {k: _te_comfy_key(name, k) for k in te.state_dict() if "position_ids" not in k}
+
+
+def _te_comfy_key(name: str, key: str) -> str:
+    bare = key[len("text_model."):] if key.startswith("text_model.") else key
+    return f"{name}.transformer.text_model.{bare}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,54 +366,152 @@ def native_to_components(model, clip, vae=None) -> SDComponents:
 # Diffusers -> native
 # --------------------------------------------------------------------------------------------
 
-def _set_patch_if_changed(patches: dict, key: str, trained: torch.Tensor, base: torch.Tensor) -> None:
-    """Add a "set" patch unless ``trained`` equals ``base`` as stored (untouched tensors cost no memory)."""
+def _original(patcher, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The base weight of ``key`` even while ComfyUI has a patched clone loaded (it keeps the originals in the
+    ``backup`` every clone of the model shares)."""
+    saved = getattr(patcher, "backup", {}).get(key)
+    return saved.weight if saved is not None else tensor
+
+
+def _round_like_comfy(trained: torch.Tensor, base: torch.Tensor, key: str) -> torch.Tensor:
+    """``trained`` in ``base``'s dtype, rounded exactly as ComfyUI rounds a patched weight (so a patch held in
+    the base dtype gives the very weights an fp32 "set" patch would, at a half or a quarter of the memory)."""
+    import comfy.float
+    from comfy.model_patcher import string_to_seed
+
     w = trained.detach().to("cpu", torch.float32).reshape(base.shape)
-    if not torch.equal(w.to(base.dtype), base.detach().cpu()):
-        patches[key] = ("set", (w.clone(),))
+    return comfy.float.stochastic_rounding(w, base.dtype, seed=string_to_seed(key)).contiguous()
 
 
-def unet_patches(model, unet) -> dict[str, tuple]:
+def _changed(out: dict, name: str, trained: torch.Tensor, base: torch.Tensor, key: str) -> None:
+    w = _round_like_comfy(trained, base, key)
+    if not torch.equal(w, base.detach().to("cpu")):
+        out[name] = w.reshape(trained.shape)
+
+
+def trained_weights(model, clip, comps: SDComponents, *, include_text_encoder: bool = True):
+    """``(unet, text_encoder)``: the trained tensors that differ from the base MODEL / CLIP, keyed as diffusers /
+    transformers name them, in the base weights' dtype (what a finished run stores and the patches hold).
+    Untouched tensors are left out; the token table keeps ComfyUI's vocabulary (placeholders go to embeddings)."""
     mapping = unet_key_map(model)
     base_sd = model.model.diffusion_model.state_dict()
-    patches = {}
-    for dk, w in unet.state_dict().items():
-        lk = mapping.get(dk)
-        if lk is None or lk not in base_sd:
-            raise DynASynError(f"Trained UNet weight {dk} has no place in the base MODEL; was it trained from this model?")
-        _set_patch_if_changed(patches, "diffusion_model." + lk, w, base_sd[lk])
-    return patches
+    unet = {}
+    with torch.no_grad():
+        for dk, w in comps.unet.state_dict().items():
+            lk = mapping.get(dk)
+            if lk is None or lk not in base_sd:
+                raise DynASynError(f"Trained UNet weight {dk} has no place in the base MODEL; was it trained from this model?")
+            key = "diffusion_model." + lk
+            _changed(unet, dk, w, _original(model, key, base_sd[lk]), key)
+        te = {}
+        if include_text_encoder:
+            clip_sd = clip.cond_stage_model.state_dict()
+            te_sd = comps.text_encoder.state_dict()
+            for tk, ck in te_key_map(clip, comps.text_encoder).items():
+                base = clip_sd.get(ck)
+                if base is None:
+                    raise DynASynError(f"Trained text-encoder weight {tk} has no place in the base CLIP; was it trained from this model?")
+                w = te_sd[tk]
+                if w.shape != base.shape:
+                    if tk.endswith("token_embedding.weight") and w.shape[0] > base.shape[0]:
+                        w = w[: base.shape[0]]  # added placeholder rows live in embedding files
+                    else:
+                        raise DynASynError(f"Trained text-encoder weight {tk} has shape {tuple(w.shape)}, the base CLIP {tuple(base.shape)}.")
+                _changed(te, tk, w, _original(clip.patcher, ck, base), ck)
+    return unet, te
 
 
-def text_encoder_patches(clip, te) -> dict[str, tuple]:
-    """Patches for the CLIP; the token table keeps ComfyUI's vocabulary (placeholders go to embedding files)."""
-    inner, _ = _clip_inner(clip)
-    base_sd = clip.cond_stage_model.state_dict()
-    te_sd = te.state_dict()
-    patches = {}
-    for tk, ck in te_key_map(clip, te).items():
-        w = te_sd[tk].detach().to("cpu", torch.float32)
-        base = base_sd.get(ck)
-        if base is None:
-            raise DynASynError(f"Trained text-encoder weight {tk} has no place in the base CLIP; was it trained from this model?")
-        if w.shape != base.shape:
-            if tk.endswith("token_embedding.weight") and w.shape[0] > base.shape[0]:
-                w = w[: base.shape[0]]  # added placeholder rows live in embedding files
-            else:
-                raise DynASynError(f"Trained text-encoder weight {tk} has shape {tuple(w.shape)}, the base CLIP {tuple(base.shape)}.")
-        _set_patch_if_changed(patches, ck, w, base)
-    return patches
+def apply_trained(model, clip, unet: dict[str, torch.Tensor], text_encoder: dict[str, torch.Tensor]):
+    """Clones of ``model`` / ``clip`` whose "set" patches are the given trained tensors (as ``trained_weights``
+    makes them, or as a finished run stores them). The patches hold those tensors, in the base dtype: no fp32
+    copy of the model is made. The originals are untouched."""
+    mapping = unet_key_map(model)
+    base_sd = model.model.diffusion_model.state_dict()
+    with torch.inference_mode(False):
+        m, c = model.clone(), clip.clone()
+        patches = {}
+        for dk, w in unet.items():
+            lk = mapping.get(dk)
+            if lk is None or lk not in base_sd or base_sd[lk].numel() != w.numel():
+                raise DynASynError(f"The trained UNet tensor {dk} has no place in this MODEL; connect the model it was trained from.")
+            patches["diffusion_model." + lk] = ("set", (w.reshape(base_sd[lk].shape),))
+        if len(m.add_patches(patches, 1.0)) != len(patches):
+            raise DynASynError("Some trained UNet tensors have no place in this MODEL; connect the model it was trained from.")
+        inner, name = _clip_inner(clip)
+        clip_sd = clip.cond_stage_model.state_dict()
+        patches = {}
+        for tk, w in text_encoder.items():
+            ck = _te_comfy_key(name, tk)
+            if ck not in clip_sd or clip_sd[ck].shape != w.shape:
+                raise DynASynError(f"The trained text-encoder tensor {tk} has no place in this CLIP; connect the CLIP it was trained from.")
+            patches[ck] = ("set", (w,))
+        if len(c.add_patches(patches, 1.0)) != len(patches):
+            raise DynASynError("Some trained text-encoder tensors have no place in this CLIP.")
+    return m, c
 
 
 def components_to_native(model, clip, comps: SDComponents, *, include_text_encoder: bool = True):
     """Patched clones of ``model`` / ``clip`` carrying ``comps``' trained weights (originals untouched)."""
-    with torch.inference_mode(False):
-        m = model.clone()
-        m.add_patches(unet_patches(model, comps.unet), 1.0)
-        c = clip.clone()
-        if include_text_encoder:
-            c.add_patches(text_encoder_patches(clip, comps.text_encoder), 1.0)
-    return m, c
+    return apply_trained(model, clip, *trained_weights(model, clip, comps, include_text_encoder=include_text_encoder))
+
+
+# --------------------------------------------------------------------------------------------
+# The base model's identity (names a training run; a run is reloaded only onto its own base)
+# --------------------------------------------------------------------------------------------
+
+def _patch_values(obj, depth: int = 0):
+    """What a patch is made of, for hashing: tensors, numbers, names, recursively (LoRA adapters included)."""
+    if depth > 6:
+        return
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (str, int, float, bool, type(None))):
+        yield repr(obj)
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=repr):
+            yield repr(k)
+            yield from _patch_values(obj[k], depth + 1)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
+        for x in items:
+            yield from _patch_values(x, depth + 1)
+    elif isinstance(obj, type) or inspect.isroutine(obj):
+        yield f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+    else:
+        yield type(obj).__qualname__
+        yield from _patch_values(vars(obj) if hasattr(obj, "__dict__") else repr(obj), depth + 1)
+
+
+def _patched_digest(patcher, module, prefix: str, extra=()) -> str:
+    from ..dynasyn.runs import sampled_digest
+
+    items = []
+    for key, t in module.state_dict().items():
+        items.append((prefix + key, _original(patcher, prefix + key, t)))
+    patches = getattr(patcher, "patches", {}) or {}
+    for key in sorted(k for k in patches if k.startswith(prefix)):
+        for i, v in enumerate(_patch_values(patches[key])):
+            if isinstance(v, torch.Tensor):
+                items.append((f"patch|{key}|{i}", v))
+            else:
+                extra = (*extra, key, v)
+    return sampled_digest(items, extra)
+
+
+def native_fingerprint(model, clip, vae) -> dict[str, str]:
+    """Hashes of the base MODEL (weights, patches such as a LoRA, prediction type), CLIP (weights, patches,
+    the layer the conditioning uses) and VAE, from a sample of every tensor: no conversion, a fraction of a
+    second for SD 1.5, and the same while ComfyUI has a patched clone of the model loaded."""
+    with torch.no_grad():
+        out = {"unet": _patched_digest(model, model.model.diffusion_model, "diffusion_model.",
+                                       (prediction_type(model), type(model.get_model_object("model_sampling")).__name__))}
+        inner, _ = _clip_inner(clip)
+        out["clip"] = _patched_digest(clip.patcher, clip.cond_stage_model, "", (_clip_layers_used(inner, clip),))
+        if vae is not None:
+            from ..dynasyn.runs import sampled_digest
+
+            out["vae"] = sampled_digest(vae.first_stage_model.state_dict().items())
+    return out
 
 
 # --------------------------------------------------------------------------------------------

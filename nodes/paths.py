@@ -37,3 +37,12 @@ def state_dir(run_name: str) -> str:
     """The resumable state of ``run_name``: the name is validated before it becomes part of a path."""
     validate_export_name(run_name, "run")
     return os.path.join(runs_dir(), run_name, "state")
+
+
+def continue_state_dir(run_name: str, key: str) -> str:
+    """The resumable state of a 'Continue training' of ``run_name`` (one per continued run, never the state a
+    Train of that name resumes from)."""
+    validate_export_name(run_name, "run")
+    if not (len(key) >= 16 and all(c in "0123456789abcdef" for c in key)):
+        raise ValueError(f"not a run key: {key!r}")
+    return os.path.join(runs_dir(), run_name, f"continue_{key[:16]}", "state")

@@ -261,7 +261,8 @@ def train_node(family: str, args) -> None:
     req = node.INPUT_TYPES()["required"]
     kw = {k: v[1]["default"] for k, v in req.items() if len(v) > 1 and isinstance(v[1], dict) and "default" in v[1]}
     kw.update(model=model, clip=clip, vae=vae, image=image[None], masks=torch.stack(masks), class_nouns=", ".join(nouns),
-              phase1_steps=2, phase2_steps=2, resolution=res, save_checkpoint=False, resume=False, preview_every=0,
+              phase1_steps=2, phase2_steps=2, resolution=res, save_as="embeddings", resume=False, preview_every=0,
+              force_retrain=True,
               run_name=f"gpucheck_{family}", unique_id="1")
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
@@ -269,7 +270,7 @@ def train_node(family: str, args) -> None:
     with torch.inference_mode():  # as ComfyUI runs a node
         out_node = node.train(**kw)
     train_s = time.perf_counter() - t0
-    trained_model, trained_clip, prompt, _ = out_node["result"]
+    trained_model, trained_clip, prompt = out_node["result"][:3]
     peak = torch.cuda.max_memory_allocated(DEV) / GIB if CUDA else None
     with torch.inference_mode():
         pos = comfy_nodes.CLIPTextEncode().encode(trained_clip, prompt)[0]

@@ -304,11 +304,12 @@ if (!app.extensions?.some?.((e) => e.name === "DynASyn.ui")) app.registerExtensi
   name: "DynASyn.ui",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     const name = nodeData.name;
-    if (name !== "DynASynTrain" && name !== "DynASynSAMMasks" && !GALLERY_NODES.has(name)) return;
+    const trains = name === "DynASynTrain" || name === "DynASynContinueTraining";  // both send dynasyn.train events
+    if (!trains && name !== "DynASynSAMMasks" && !GALLERY_NODES.has(name)) return;
     const created = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const r = created?.apply(this, arguments);
-      if (name === "DynASynTrain") addLossChart(this);
+      if (trains) addLossChart(this);
       else if (name === "DynASynSAMMasks") addSamPicker(this);
       else addGallery(this);
       return r;

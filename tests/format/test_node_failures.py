@@ -72,7 +72,7 @@ def train_inputs(tiny, **kw):
                 mode="dynasyn", phase1_steps=3, phase2_steps=3, phase1_lr=5e-3, phase2_lr=1e-4, lambda_md=1.0,
                 lambda_m2a=0.01, lambda_ica=0.01, lambda_aug=0.01, seed=0, resolution=64, gradient_checkpointing=False,
                 mixed_precision="no", optimizer="adamw", fused_backward_step=False, frozen_dtype="fp32",
-                train_text_encoder=True, run_name="lost", save_checkpoint=False, resume=True, preview_every=1)
+                train_text_encoder=True, run_name="lost", save_as="embeddings", resume=True, preview_every=1)
     args.update(kw)
     return args
 
@@ -102,7 +102,7 @@ def test_cancel_through_the_progress_hook_saves_state_and_raises_comfys_interrup
     # queued again with resume on, it continues from step 2 and finishes
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", comfy_progress_hook())
     out = node.train(**train_inputs(tiny))
-    assert "embedding:lost_asset0" in out["result"][2]
+    assert "embedding:lost_panda" in out["result"][2]
     assert saved_state(dirs) is None  # finished: the state is gone
 
 
@@ -161,7 +161,7 @@ def test_train_parses_nouns_and_checks_the_image_like_every_other_node(pack, tin
     train = pack.nodes.train_node.DynASynTrain()
     out = train.train(**train_inputs(tiny, class_nouns=" panda, bowl, ", phase1_steps=1, phase2_steps=0,
                                      mode="textual_inversion"))
-    assert out["result"][2] == "a photo of embedding:lost_asset0 and embedding:lost_asset1"
+    assert out["result"][2] == "a photo of embedding:lost_panda and embedding:lost_bowl"
     image = train_inputs(tiny)["image"]
     with pytest.raises(RuntimeError, match="ONE image, not a batch of 2"):
         train.train(**train_inputs(tiny, image=torch.cat([image, image])))

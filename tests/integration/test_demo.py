@@ -35,7 +35,7 @@ def test_demo_makes_every_promised_output(tmp_path):
     index = json.loads((out / "dataset" / "dataset.json").read_text())
     assert len(index["pairs"]) == len(augmented)
     embeddings = sorted((out / "embeddings").glob("*.safetensors"))
-    assert [e.name for e in embeddings] == ["dynasyn_asset0.safetensors", "dynasyn_asset1.safetensors"]
+    assert [e.name for e in embeddings] == ["dynasyn_ball.safetensors", "dynasyn_box.safetensors"]  # <run>_<noun>
     for e in embeddings:
         vec = next(iter(load_file(e).values()))
         assert vec.shape[-1] == 32 and torch.isfinite(vec).all()  # the tiny model's text width

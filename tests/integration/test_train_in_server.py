@@ -30,7 +30,7 @@ def train_graph(run_name, phase1=2, phase2=2, **extra):
             "class_nouns": "panda, bowl", "mode": "dynasyn", "phase1_steps": phase1, "phase2_steps": phase2,
             "phase1_lr": 5e-3, "phase2_lr": 1e-4, "lambda_md": 1.0, "lambda_m2a": 0.01, "lambda_ica": 0.01, "lambda_aug": 0.01,
             "seed": 0, "resolution": 64, "gradient_checkpointing": False, "mixed_precision": "no", "optimizer": "adamw",
-            "fused_backward_step": False, "frozen_dtype": "auto", "train_text_encoder": True, "run_name": run_name, "save_checkpoint": True, "resume": True, "preview_every": 2,
+            "fused_backward_step": False, "frozen_dtype": "auto", "train_text_encoder": True, "run_name": run_name, "save_as": "checkpoint", "resume": True, "preview_every": 2,
             **extra}},
         "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["6", 1], "text": ["6", 2]}},
         "8": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["6", 1], "text": ""}},
@@ -51,7 +51,7 @@ class Listener:
 
         self.client_id = uuid.uuid4().hex
         self.ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={self.client_id}", timeout=5)
-        self.messages, self.stop = [], False
+        self.messages, self.frames, self.stop = [], [], False  # frames: binary messages (previews)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -70,6 +70,8 @@ class Listener:
                     self.messages.append(json.loads(msg))
                 except ValueError:
                     pass
+            elif isinstance(msg, bytes):
+                self.frames.append(msg)
 
     def events(self, kind):
         return [m["data"] for m in self.messages if m.get("type") == kind]
@@ -89,15 +91,15 @@ def test_train_then_sample_with_stock_nodes(server):
         listener.close()
     assert entry["status"]["status_str"] == "success", execution_error(entry) or server.log()[-3000:]
     prompt = entry["outputs"]["6"]["text"][0]
-    assert prompt == "a photo of embedding:it_run_asset0 and embedding:it_run_asset1"
+    assert prompt == "a photo of embedding:it_run_panda and embedding:it_run_bowl"
     saved = entry["outputs"]["12"]["images"]
     assert len(saved) == 1 and (server.base / "output" / saved[0]["subfolder"] / saved[0]["filename"]).exists()
-    for i in range(2):
-        emb = load_file(server.base / "models" / "embeddings" / f"it_run_asset{i}.safetensors")["emb_params"]
+    for noun in ("panda", "bowl"):
+        emb = load_file(server.base / "models" / "embeddings" / f"it_run_{noun}.safetensors")["emb_params"]
         assert emb.shape == (1, 32)
-    assert {"it_run_asset0", "it_run_asset1"} <= set(server.get("/embeddings"))
+    assert {"it_run_panda", "it_run_bowl"} <= set(server.get("/embeddings"))
     log = server.log()
-    assert "it_run_asset0 does not exist" not in log and "shape mismatch" not in log  # the embeddings were used
+    assert "it_run_panda does not exist" not in log and "shape mismatch" not in log  # the embeddings were used
     assert (server.base / "models" / "checkpoints" / "it_run.safetensors").exists()
     events = [e for e in listener.events("dynasyn.train") if e["node"] == "6"]
     assert [e["step"] for e in events] == [1, 2, 3, 4]
@@ -127,7 +129,7 @@ def test_cancel_saves_state_and_resume_continues(server):
     assert not (server.base / "output" / "dynasyn" / "it_cancel").exists()
     meta = json.loads((state / "state.json").read_text())
     assert meta["step"] >= 5
-    assert not (server.base / "models" / "embeddings" / "it_cancel_asset0.safetensors").exists()
+    assert not (server.base / "models" / "embeddings" / "it_cancel_panda.safetensors").exists()
     resumed = Listener(server)
     try:
         entry = server.run(train_graph("it_cancel", phase1=3, phase2=meta["step"] + 2), client_id=resumed.client_id)

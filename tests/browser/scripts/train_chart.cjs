@@ -12,7 +12,7 @@ module.exports = async (page, { image, masks, steps }) => {
     { id: 6, type: "DynASynTrain", pos: [400, 0],
       links: { model: [1, 0], clip: [1, 1], vae: [1, 2], image: [2, 0], masks: [5, 0] },
       widgets: { class_nouns: "ball, box", phase1_steps: steps[0], phase2_steps: steps[1], resolution: 64,
-                 preview_every: 2, run_name: "chart_" + Date.now(), save_checkpoint: false } },
+                 preview_every: 2, run_name: "chart_" + Date.now(), save_as: "embeddings" } },
     { id: 7, type: "SaveImage", pos: [800, 0], links: { images: [6, 3] } },
   ] };
   const id = (await page.evaluate(buildGraph, spec))[6];
