@@ -23,11 +23,12 @@ def user_error(e: Exception) -> RuntimeError:
 
     Out-of-memory stays torch's OutOfMemoryError (with the message added), so ComfyUI's own OOM handling runs:
     it unloads every model and shows its memory tips."""
+    notes = "".join(f" {n}" for n in getattr(e, "__notes__", ()))  # e.g. where the resumable state was saved
     if _out_of_memory(e):
-        return torch.cuda.OutOfMemoryError(f"DynASyn: {e}")
+        return torch.cuda.OutOfMemoryError(f"DynASyn: {e}{notes}")
     if isinstance(e, DynASynError):
-        return RuntimeError(f"DynASyn: {e}")
-    return RuntimeError(f"DynASyn: {type(e).__name__}: {e}")
+        return RuntimeError(f"DynASyn: {e}{notes}")
+    return RuntimeError(f"DynASyn: {type(e).__name__}: {e}{notes}")
 
 
 def class_nouns(text: str) -> list[str]:

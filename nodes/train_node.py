@@ -116,7 +116,7 @@ class _Released:
 
 
 # ------------------------------------------------------------------ exports
-def _export_checkpoint(record, model, clip, vae) -> None:
+def _export_checkpoint(record, model, clip, vae, base) -> None:
     """models/checkpoints/<prefix>.safetensors, once per run (a later queue of the run finds it)."""
     ckpt_dir = folder_paths.get_folder_paths("checkpoints")[0]
     exports = dict(record.meta.get("exports") or {})
@@ -133,12 +133,34 @@ def _export_checkpoint(record, model, clip, vae) -> None:
     record.update(exports={**exports, "checkpoint": name})
 
 
-# save_as -> what, besides the embeddings, a finished run is exported as (None: nothing). The LoRA export of
-# dynasyn/lora.py joins here as EXPORTS["lora"] = a function (record, model, clip, vae) like _export_checkpoint.
-EXPORTS = {"checkpoint": _export_checkpoint, "embeddings": None}
+LORA_RANK = 64
+
+
+def _export_lora(record, model, clip, vae, base) -> None:
+    """models/loras/<prefix>.safetensors: the trained-minus-base difference at rank 64 (stock LoraLoader loads it;
+    DynASyn Save LoRA offers other ranks), once per run."""
+    lora_dir = folder_paths.get_folder_paths("loras")[0]
+    exports = dict(record.meta.get("exports") or {})
+    done = exports.get("lora")
+    if isinstance(done, str) and validate_export_name(done, "LoRA") and os.path.isfile(os.path.join(lora_dir, done + ".safetensors")):
+        return
+    base_model, base_clip = base
+    name = unique_name(lora_dir, record.meta["prefix"])
+    path, summary = bridge.save_lora(lora_dir, name, base_model, model, base_clip, clip, rank=LORA_RANK,
+                                     metadata={"dynasyn.run": record.label,
+                                               "dynasyn.embeddings": " ".join(record.meta["embeddings"])})
+    log.info("[DynASyn] wrote %s (rank %d; %.1f%% of the change dropped)", path, LORA_RANK,
+             100 * float(summary.get("rel_error") or 0.0))
+    record.update(exports={**exports, "lora": name})
+
+
+# save_as -> what, besides the embeddings, a finished run is exported as (None: nothing): a function
+# (record, trained MODEL, trained CLIP, VAE, (base MODEL, base CLIP)).
+EXPORTS = {"checkpoint": _export_checkpoint, "lora": _export_lora, "embeddings": None}
 SAVE_AS = tuple(EXPORTS)
 SAVE_AS_TIP = ("What to write besides the run itself: checkpoint = also models/checkpoints/<run>.safetensors (~2 GB for "
-               "SD 1.5; free disk space is checked first); embeddings = only models/embeddings/<run>_<noun>. The "
+               "SD 1.5; free disk space is checked first); lora = also models/loras/<run>.safetensors, the trained-minus-"
+               "base difference at rank 64 for a stock LoraLoader (DynASyn Save LoRA offers other ranks); embeddings = only models/embeddings/<run>_<noun>. The "
                "embeddings are always written (the prompt uses them), after the checkpoint. A finished run queued "
                "again with another save_as writes what is missing, without training.")
 
@@ -168,11 +190,11 @@ def _write_embeddings(record) -> None:
         save_embedding(emb_dir, name, vectors[token], meta)
 
 
-def _deliver(record, trained_model, trained_clip, vae, save_as):
-    """Exports (the checkpoint BEFORE the embeddings), then the outputs every run node returns."""
+def _deliver(record, trained_model, trained_clip, vae, save_as, base):
+    """Exports (the checkpoint or LoRA BEFORE the embeddings), then the outputs every run node returns."""
     exporter = EXPORTS[save_as]
     if exporter is not None:
-        exporter(record, trained_model, trained_clip, vae)
+        exporter(record, trained_model, trained_clip, vae, base)
     _write_embeddings(record)
     prompt = runs.scene_prompt("", record.words)
     history = [StepLog(**{k: h[k] for k in ("step", "phase", "loss", "terms", "lr", "subjects")}) for h in record.history()]
@@ -196,7 +218,7 @@ def _check_base(record, model, clip, vae=None) -> None:
 def _load_finished(record, model, clip, vae, save_as):
     trained_model, trained_clip = bridge.apply_trained(model, clip, record.tensors("unet.safetensors"),
                                                        record.tensors("text_encoder.safetensors"))
-    return _deliver(record, trained_model, trained_clip, vae, save_as)
+    return _deliver(record, trained_model, trained_clip, vae, save_as, (model, clip))
 
 
 # ------------------------------------------------------------------ training
@@ -375,7 +397,7 @@ class DynASynTrain:
         "Trains one placeholder token per subject, then the tokens + every UNet weight + the text encoder on ONE reference "
         "image (DynASyn, AAAI-25): L = λ_MD·L_MD + λ_M2A·L_M2A + λ_ICA·L_ICA + λ_AUG·L_AUG. A hash of the inputs names "
         "the run: queueing the same inputs again loads the finished run (user/__dynasyn/runs/<run>/<hash>) instead of "
-        "training. Writes each subject's embedding to models/embeddings and (save_as) a checkpoint, and returns the "
+        "training. Writes each subject's embedding to models/embeddings and (save_as) a checkpoint or a LoRA, and returns the "
         "trained MODEL and CLIP for a KSampler; connect 'run' to DynASyn Scene Prompt to write a new scene. Cancel saves "
         "a resumable state; queue again with 'resume' on to continue.")
     CATEGORY = "DynASyn/train"
@@ -516,7 +538,7 @@ class DynASynTrain:
             run_name=run_name, prefix=run_name, key=key, state_dir=state_dir, sample_prompt=sample_prompt,
             watch_args={"unique_id": unique_id, **watch_args}, prepare=prepare, save_as=save_as,
             meta={"memory_preset": memory_preset, "parent": None})
-        out = _deliver(record, trained_model, trained_clip, vae, save_as)
+        out = _deliver(record, trained_model, trained_clip, vae, save_as, (model, clip))
         remove_owned(state_dir)  # finished and stored: the next queue starts a new run (only a folder the trainer marked)
         return out
 
@@ -596,7 +618,7 @@ class DynASynContinueTraining:
             state_dir=state_dir, sample_prompt=sample_prompt, watch_args={"unique_id": unique_id, **watch_args},
             prepare=prepare, save_as=save_as, meta={"memory_preset": parent.meta.get("memory_preset"),
                                    "parent": {"run": parent.label, "key": parent.key, "steps": steps}})
-        out = _deliver(record, trained_model, trained_clip, vae, save_as)
+        out = _deliver(record, trained_model, trained_clip, vae, save_as, (model, clip))
         remove_owned(state_dir)
         try:
             os.rmdir(os.path.dirname(state_dir))  # continue_<key>/, when nothing else is in it

@@ -32,12 +32,12 @@ def dirs(tmp_path, monkeypatch):
     import comfy.utils
     import folder_paths
 
-    for name in ("output", "user", "temp", "embeddings", "checkpoints"):
+    for name in ("output", "user", "temp", "embeddings", "checkpoints", "loras"):
         (tmp_path / name).mkdir()
     monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path / "output"))
     monkeypatch.setattr(folder_paths, "user_directory", str(tmp_path / "user"))
     monkeypatch.setattr(folder_paths, "temp_directory", str(tmp_path / "temp"))
-    for name in ("embeddings", "checkpoints"):
+    for name in ("embeddings", "checkpoints", "loras"):
         monkeypatch.setitem(folder_paths.folder_names_and_paths, name,
                             ([str(tmp_path / name)], folder_paths.folder_names_and_paths[name][1]))
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", None)

@@ -323,6 +323,21 @@ def test_the_checkpoint_is_written_before_the_embeddings_and_only_once(pack, tn,
     assert order == ["checkpoint", "embedding", "embedding"]
 
 
+def test_save_as_lora_writes_a_lora_that_loraloader_turns_the_base_into_the_trained_model(pack, tn, tiny, dirs):
+    import comfy.sd
+    import comfy.utils
+
+    model, clip = tiny[0], tiny[1]
+    out = tn.DynASynTrain().train(**quick(tiny, save_as="lora", phase2_lr=1e-2))["result"]
+    assert [p.name for p in (dirs / "loras").iterdir()] == ["lost.safetensors"]
+    assert not list((dirs / "checkpoints").iterdir())
+    lora = comfy.utils.load_torch_file(str(dirs / "loras" / "lost.safetensors"), safe_load=True)
+    lora_model, lora_clip = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
+    prompt = "a photo of panda and bowl"  # the tuned UNet and text encoder, without the new tokens
+    want, got, base = (sample_latent(m, c, prompt) for m, c in ((out[0], out[1]), (lora_model, lora_clip), (model, clip)))
+    assert (got - want).abs().max() < 0.05 * (want - base).abs().max()
+
+
 def test_a_full_disk_is_refused_before_writing_and_nothing_is_lost(pack, tn, tiny, dirs, monkeypatch):
     runs = _mod("dynasyn.runs")
     run = tn.DynASynTrain().train(**quick(tiny, save_as="embeddings"))["result"][4]
@@ -360,7 +375,7 @@ def test_scene_prompt_writes_the_scene_with_the_runs_words(pack, tn, tiny, dirs)
 
 # ---------------------------------------------------------------------------------------------- bad values
 @pytest.mark.parametrize("bad, message", [
-    ({"save_as": "lora"}, "save_as must be one of checkpoint, embeddings"),
+    ({"save_as": "safetensors"}, "save_as must be one of checkpoint, lora, embeddings"),
     ({"save_as": "../x"}, "save_as must be one of"),
     ({"sample_every": -1}, "sample_every must be a whole number >= 0"),
     ({"save_every": "5"}, "save_every must be a whole number >= 0"),
