@@ -5,7 +5,9 @@ Stages (each checkpointed into --work-dir, so an interrupted run resumes where i
   2. Fold the latent statistics into the VAE so latents x 0.18215 have unit std (SD's convention).
   3. UNet + CLIP text encoder on the frozen encoder's latents of the training scenes (epsilon,
      min-SNR weighting, 10 % empty captions for classifier-free guidance, EMA weights).
-  4. Decoder fine-tuning on the same frozen latents (sharper reconstructions).
+  4. Decoder fine-tuning on the same frozen latents (sharper reconstructions), plus --decoder-patterned scenes of
+     two-colour patterned objects (the novel subjects of the benchmark and the demo): the UNet never sees them,
+     but the decoder must be able to draw them once a subject is learned.
   5. Evaluation on held-out scenes/captions with the scorer; writes the fp16 weights + manifest.
 
 Usage: python scripts/train_shapes_world.py [--vae-steps N] [--unet-steps N] ...
@@ -36,6 +38,7 @@ from dynasyn.shapes import world  # noqa: E402
 
 TRAIN_SEED0 = 0
 EVAL_SEED0 = 50_000_000  # held-out scenes / captions: disjoint seed range
+PATTERNED_SEED0 = 30_000_000  # the decoder's patterned scenes (the benchmark's subjects are hand-picked)
 
 
 def log(msg: str) -> None:
@@ -214,6 +217,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vae-steps", type=int, default=1500)
     ap.add_argument("--vae-batch", type=int, default=8)
     ap.add_argument("--decoder-steps", type=int, default=600)
+    ap.add_argument("--decoder-patterned", type=int, default=4000,
+                    help="patterned-subject scenes added to the decoder's fine-tuning set")
     ap.add_argument("--unet-steps", type=int, default=2600)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -271,9 +276,16 @@ def main(argv=None) -> int:
     log(f"latent std {latents.std().item():.3f} (x scaling)")
 
     unet_done = train_unet(comps, latents, ids, args, work)
+    dec_imgs, dec_latents = imgs, latents
+    if args.decoder_patterned and args.decoder_steps:
+        from dynasyn.shapes.identity import sample_novel_scene
+
+        log(f"rendering {args.decoder_patterned} patterned scenes for the decoder")
+        pat = np.stack([sample_novel_scene(PATTERNED_SEED0 + i)[0].image for i in range(args.decoder_patterned)])
+        dec_imgs, dec_latents = np.concatenate([imgs, pat]), torch.cat([latents, encode_all(comps.vae, pat)])
     dec_params = list(comps.vae.post_quant_conv.parameters()) + list(comps.vae.decoder.parameters())
-    dec_done = train_vae(comps, imgs, args, work, params=dec_params, name="decoder", steps=args.decoder_steps,
-                         lr=3e-4, latents=latents)
+    dec_done = train_vae(comps, dec_imgs, args, work, params=dec_params, name="decoder", steps=args.decoder_steps,
+                         lr=3e-4, latents=dec_latents)
     train_s = time.time() - t_start
     sha = sm.save_weights(comps, out)
     log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB), evaluating")
@@ -284,7 +296,8 @@ def main(argv=None) -> int:
         "lr": args.lr, "ema": args.ema, "threads": args.threads,
         "training_time_s": round(train_s), "command": "python scripts/train_shapes_world.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in (("vae_steps", vae_done), ("unet_steps", unet_done),
-                                                        ("decoder_steps", dec_done), ("scenes", args.scenes))),
+                                                        ("decoder_steps", dec_done), ("decoder_patterned", args.decoder_patterned),
+                                                        ("scenes", args.scenes))),
         "date": time.strftime("%Y-%m-%d"),
     }
     manifest_path.write_text(json.dumps(man, indent=2) + "\n")

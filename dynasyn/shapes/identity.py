@@ -4,8 +4,9 @@ A novel subject is a two-colour patterned object (``world.PATTERNS``): the pretr
 plain ones. In a picture, a subject's region is where its two colours are (gaps of a
 pattern closed, holes filled). Then, per subject:
 
-- identity (the CLIP-I analogue): both its colours cover a fair share of the region, interleaved as a
-  pattern (not two halves), and the region has the subject's class;
+- colors: both its colours cover a fair share of one region (the learned look, at the coarsest);
+- identity (the CLIP-I analogue): colors, and the region has the subject's class; pattern: besides, the colours are interleaved as the pattern (not two halves: stricter,
+  and bounded by what the model's VAE can draw);
 - text (the CLIP-T analogue): the prompt's relation between the subjects, or the subject's pose, holds;
 - leakage: the share of the region painted in the *other* subject's colours.
 """
@@ -60,8 +61,14 @@ class SubjectFound:
     leakage: float       # share of the region in the other subjects' colours
     detection: scorer.Detection
 
+    def colors(self) -> bool:
+        return min(self.shares) >= MIN_SHARE
+
     def identity(self, subject: NovelSubject) -> bool:
-        return (min(self.shares) >= MIN_SHARE and self.interleave >= MIN_INTERLEAVE and self.cls == subject.cls)
+        return self.colors() and self.cls == subject.cls
+
+    def pattern(self, subject: NovelSubject) -> bool:
+        return self.identity(subject) and self.interleave >= MIN_INTERLEAVE
 
 
 def _as_uint8(img: np.ndarray) -> np.ndarray:
@@ -138,11 +145,15 @@ class EvalPrompt:
 
 
 def score(img: np.ndarray, subjects: list[NovelSubject], prompt: EvalPrompt) -> dict:
-    """identity (share of the prompt's subjects found with their pattern and class), text (the relation or
-    pose holds), leakage (mean share of other subjects' colours inside each found subject)."""
+    """colors (share of the prompt's subjects whose two colours share one region), identity (with the subject's
+    class too), pattern (identity with
+    the colours interleaved), text (the relation or pose holds), leakage (mean share of other subjects' colours
+    inside each found subject)."""
     found = find_subjects(img, subjects)
     named = [(subjects[i], found[i]) for i in prompt.subjects]
+    colors = float(np.mean([f is not None and f.colors() for s, f in named]))
     identity = float(np.mean([f is not None and f.identity(s) for s, f in named]))
+    pattern = float(np.mean([f is not None and f.pattern(s) for s, f in named]))
     if prompt.relation:
         a, b = (found[i] for i in prompt.subjects[:2])
         text = a is not None and b is not None and scorer._relation_holds(prompt.relation, a.detection, b.detection)
@@ -150,7 +161,8 @@ def score(img: np.ndarray, subjects: list[NovelSubject], prompt: EvalPrompt) -> 
         f = found[prompt.subjects[0]]
         text = f is not None and f.pose == prompt.pose
     leaks = [f.leakage for _, f in named if f is not None]
-    return {"identity": identity, "text": float(text), "leakage": float(np.mean(leaks)) if leaks else 0.0}
+    return {"colors": colors, "identity": identity, "pattern": pattern, "text": float(text),
+            "leakage": float(np.mean(leaks)) if leaks else 0.0}
 
 
 def novel_scene(subjects: list[NovelSubject], prompt: EvalPrompt, seed: int = 0, background: str | None = None
@@ -171,3 +183,21 @@ def novel_scene(subjects: list[NovelSubject], prompt: EvalPrompt, seed: int = 0,
     scene = world.Scene(background=bg, objects=objs, relation=prompt.relation)
     scene.caption = world.caption_for(scene)
     return world.render(scene, seed)
+
+
+def sample_novel_scene(seed: int) -> tuple[world.Scene, list[NovelSubject], EvalPrompt]:
+    """A random scene of two patterned subjects in distinct world colours (a pure function of ``seed``)."""
+    rng = np.random.default_rng([seed, 13])
+    cols = [str(c) for c in rng.choice(list(world.COLORS), 4, replace=False)]
+    subjects = []
+    for i in range(2):
+        cls = str(rng.choice(world.CLASSES))
+        patterns = [p for p in world.PATTERNS[1:] if not (cls == "star" and p == "dotted")]  # too thin for dots
+        subjects.append(NovelSubject(cls, cols[2 * i], cols[2 * i + 1], str(rng.choice(patterns))))
+    if rng.random() < 0.3:
+        k = int(rng.integers(2))
+        poses = [p for p in world.POSES if subjects[k].cls in world.POSES[p]] + [""]
+        prompt = EvalPrompt((k,), pose=str(rng.choice(poses)))
+    else:
+        prompt = EvalPrompt((0, 1), relation=str(rng.choice(world.RELATIONS)))
+    return novel_scene(subjects, prompt, seed), subjects, prompt

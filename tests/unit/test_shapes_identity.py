@@ -31,6 +31,7 @@ def test_rendered_subjects_are_found_with_their_pattern_class_relation_and_pose(
         subs, prompt = _case(t, rng)
         scores.append(I.score(I.novel_scene(subs, prompt, seed=t).image, subs, prompt))
     assert np.mean([s["identity"] for s in scores]) >= 0.98
+    assert np.mean([s["pattern"] for s in scores]) >= 0.98
     assert np.mean([s["text"] for s in scores]) >= 0.98
     assert np.mean([s["leakage"] for s in scores]) <= 0.02
 
@@ -40,15 +41,22 @@ def test_plain_world_objects_are_not_the_subjects():
     ids = []
     for t in range(60):
         subs, prompt = _case(t, rng)
-        ids.append(I.score(world.sample_scene(10**6 + t).image, subs, prompt)["identity"])
+        ids.append(I.score(world.sample_scene(10**6 + t).image, subs, prompt)["colors"])
     assert max(ids) == 0.0
 
 
-def test_wrong_pattern_colours_or_class_fail_identity_and_a_swapped_colour_is_leakage():
+def test_wrong_pattern_colours_or_class_fail_identity_and_a_swapped_colour_is_leakage(monkeypatch):
     subs = [I.NovelSubject("ball", "red", "yellow", "striped"), I.NovelSubject("box", "blue", "green", "checked")]
     prompt = I.EvalPrompt((0, 1), relation="left of")
     good = I.novel_scene(subs, prompt, seed=3, background="snow")
-    assert I.score(good.image, subs, prompt) == {"identity": 1.0, "text": 1.0, "leakage": 0.0}
+    assert I.score(good.image, subs, prompt) == {"colors": 1.0, "identity": 1.0, "pattern": 1.0, "text": 1.0,
+                                                "leakage": 0.0}
+    # the right colours in two halves (one band per object), not the pattern
+    monkeypatch.setattr(world, "PATTERN_BANDS", 1.0)
+    halves = I.novel_scene(subs, prompt, seed=3, background="snow").image
+    ball = I.find_subjects(halves, subs)[0]
+    assert ball.identity(subs[0]) and not ball.pattern(subs[0])
+    monkeypatch.undo()
     # the box painted with the ball's second colour: the box leaks the ball's look
     leaky = [subs[0], I.NovelSubject("box", "blue", "yellow", "checked")]
     img = I.novel_scene(leaky, prompt, seed=3, background="snow").image
@@ -56,7 +64,8 @@ def test_wrong_pattern_colours_or_class_fail_identity_and_a_swapped_colour_is_le
     assert s["identity"] == 0.5 and s["leakage"] > 0.1
     # the right colours on the wrong class
     wrong = [I.NovelSubject("cone", "red", "yellow", "striped"), subs[1]]
-    assert I.score(I.novel_scene(wrong, prompt, seed=3).image, subs, prompt)["identity"] == 0.5
+    wrong_class = I.score(I.novel_scene(wrong, prompt, seed=3).image, subs, prompt)
+    assert wrong_class["identity"] == 0.5 and wrong_class["colors"] == 1.0
     # the reversed relation is not the prompt's
     assert I.score(good.image, subs, I.EvalPrompt((1, 0), relation="left of"))["text"] == 0.0
 

@@ -1,0 +1,212 @@
+"""Tables 1 and 3 in miniature: every mode learns two novel subjects from one Shapes World picture, scored exactly.
+
+For each reference scene (two subjects in patterns the pretrained Shapes World model never saw) and each mode,
+the real pipeline runs on the Shapes World model: augmentation (the scene's prompts, attention drafts,
+compose, inpaint, GSA) once per scene, then the pack's trainer per mode, then fixed-seed samples of the
+evaluation prompts in the paper's three groups (plain = the reference's arrangement, action = one subject
+changes pose, interaction = the subjects in a new relation), scored by ``dynasyn.shapes.identity``:
+colors (the subject's two colours in one region), identity (colors and the subject's class there; the
+CLIP-I analogue), pattern (identity
+with the colours interleaved as the pattern), text (the relation / pose holds; the CLIP-T analogue) and
+leakage (one subject's colours inside the other).
+
+    .venv/bin/python bench/fidelity.py                 # the whole table (5 scenes x 7 modes)
+    .venv/bin/python bench/fidelity.py --scenes 1 --modes break_a_scene dynasyn --seeds 2   # a quick look
+
+Ends with one line of name=value pairs. Steps are scaled to the 64 px model (see --phase1-steps etc.).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dynasyn.augment import AugmentConfig, augment  # noqa: E402
+from dynasyn.gsa import GSAConfig  # noqa: E402
+from dynasyn.prompts import PromptTemplate  # noqa: E402
+from dynasyn.shapes import identity as I  # noqa: E402
+from dynasyn.shapes import world  # noqa: E402
+from dynasyn.shapes.model import load_shapes_components, sample_images, to_uint8  # noqa: E402
+from dynasyn.train import DynASynTrainer, TrainConfig  # noqa: E402
+
+TABLE1 = ("textual_inversion", "dreambooth", "break_a_scene", "dynasyn")
+TABLE3 = ("dynasyn_md", "dynasyn_app", "dynasyn_act", "dynasyn")
+MODES = ("textual_inversion", "dreambooth", "break_a_scene", "dynasyn_md", "dynasyn_app", "dynasyn_act", "dynasyn")
+SHORT = {"textual_inversion": "ti", "dreambooth": "db", "break_a_scene": "bas", "dynasyn": "dynasyn",
+         "dynasyn_md": "md", "dynasyn_app": "app", "dynasyn_act": "act"}
+
+
+@dataclass(frozen=True)
+class RefScene:
+    subjects: tuple[I.NovelSubject, I.NovelSubject]
+    relation: str
+    background: str
+    seed: int
+
+
+S = I.NovelSubject
+# Two subjects each, in patterns (and colour pairs) the pretrained world never contained.
+SCENES = (
+    RefScene((S("ball", "red", "yellow", "striped"), S("box", "blue", "green", "checked")), "left of", "beach", 1),
+    RefScene((S("cone", "purple", "orange", "striped"), S("ring", "green", "red", "checked")), "next to", "grass", 2),
+    RefScene((S("box", "yellow", "blue", "dotted"), S("star", "orange", "purple", "striped")), "right of", "room", 3),
+    RefScene((S("ring", "blue", "orange", "striped"), S("ball", "purple", "green", "dotted")), "left of", "snow", 4),
+    RefScene((S("star", "green", "yellow", "checked"), S("box", "red", "purple", "striped")), "next to", "beach", 5),
+)
+# Augmentation prompts (the offline stand-in for the LLM's): new relations of the two subjects
+AUG_TEMPLATES = ("[1] on top of [2]", "[2] on top of [1]", "[1] right of [2]", "[2] left of [1]", "[1] under [2]",
+                 "[2] next to [1]")
+
+
+def eval_prompts(scene: RefScene) -> dict[str, list[I.EvalPrompt]]:
+    """plain: the reference's arrangement; action: one subject changes pose; interaction: a new relation."""
+    poses = [(k, p) for k, s in enumerate(scene.subjects) for p in ("jumping", "tilted") if s.cls in world.POSES[p]]
+    flipped = {"left of": "right of", "right of": "left of", "next to": "left of"}[scene.relation]
+    return {"plain": [I.EvalPrompt((0, 1), relation=scene.relation)],
+            "action": [I.EvalPrompt((k,), pose=p) for k, p in poses[:3]],
+            "interaction": [I.EvalPrompt((0, 1), relation="on top of"), I.EvalPrompt((1, 0), relation="on top of"),
+                            I.EvalPrompt((0, 1), relation=flipped)]}
+
+
+def reference(scene: RefScene):
+    ref = I.novel_scene(list(scene.subjects), I.EvalPrompt((0, 1), relation=scene.relation), scene.seed,
+                        background=scene.background)
+    image = torch.from_numpy(ref.image).float() / 255.0
+    masks = [torch.from_numpy(m).float() for m in ref.masks]
+    return ref, image, masks
+
+
+def run_augment(args, comps, scene: RefScene, image, masks):
+    nouns = [s.cls for s in scene.subjects]
+    descriptions = [f"a {s.color} {s.cls}" for s in scene.subjects]  # what the base model can draw
+    cfg = AugmentConfig(size=world.SIZE, draft_steps=args.draft_steps, inpaint_steps=args.inpaint_steps,
+                        guidance_scale=5.0, seed=scene.seed, draft_batch=len(AUG_TEMPLATES), min_mask_pixels=16,
+                        inpaint_dilation=2, gsa=GSAConfig(steps=args.gsa_steps, guidance_scale=5.0))
+    report = augment(comps, image, masks, nouns, descriptions, [PromptTemplate(t) for t in AUG_TEMPLATES], cfg)
+    return report
+
+
+def train_mode(args, mode: str, scene: RefScene, image, masks, pairs, class_dir: Path):
+    comps = load_shapes_components()
+    nouns = [s.cls for s in scene.subjects]
+    cfg = TrainConfig(mode=mode, phase1_steps=args.phase1_steps, phase2_steps=args.phase2_steps,
+                      phase1_lr=args.phase1_lr, phase2_lr=args.phase2_lr, seed=args.seed, resolution=world.SIZE,
+                      template="{}", class_prompt=f"a {nouns[0]} next to a {nouns[1]}",
+                      num_class_images=args.class_images, class_image_steps=20, class_guidance_scale=5.0,
+                      lambda_ica=args.lambda_ica, lambda_aug=args.lambda_aug, lambda_m2a=args.lambda_m2a)
+    use_pairs = pairs if "aug" in cfg.losses else []
+    trainer = DynASynTrainer(comps, image.clone(), [m.clone() for m in masks], nouns, cfg, augmented=use_pairs,
+                             device="cpu", log=lambda m: None, class_image_dir=class_dir)
+    trainer.train()
+    trainer.release()
+    return comps
+
+
+def evaluate(args, comps, scene: RefScene, words: list[str]) -> dict[str, dict[str, float]]:
+    groups = eval_prompts(scene)
+    prompts = [(g, p) for g, ps in groups.items() for p in ps]
+    caps = [p.render(words) for _, p in prompts for _ in range(args.seeds)]
+    seeds = [1000 * scene.seed + k for _ in prompts for k in range(args.seeds)]
+    imgs = to_uint8(sample_images(comps, caps, seeds, steps=20, guidance=5.0))
+    out: dict[str, dict[str, list[float]]] = {}
+    for (g, p), im in zip([gp for gp in prompts for _ in range(args.seeds)], imgs):
+        s = I.score(im, list(scene.subjects), p)
+        for k, v in s.items():
+            out.setdefault(g, {}).setdefault(k, []).append(v)
+    return {g: {k: float(np.mean(v)) for k, v in d.items()} for g, d in out.items()}, imgs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenes", type=int, default=len(SCENES))
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--seeds", type=int, default=4, help="samples per evaluation prompt")
+    ap.add_argument("--phase1-steps", type=int, default=200)
+    ap.add_argument("--phase2-steps", type=int, default=200)
+    ap.add_argument("--phase1-lr", type=float, default=5e-3, help="scaled to the small model (SD: 5e-4)")
+    ap.add_argument("--phase2-lr", type=float, default=1e-4, help="scaled to the small model (SD: 2e-6)")
+    ap.add_argument("--lambda-m2a", type=float, default=0.01)
+    ap.add_argument("--lambda-ica", type=float, default=0.01)
+    ap.add_argument("--lambda-aug", type=float, default=0.01)
+    ap.add_argument("--class-images", type=int, default=20, help="prior-preservation pictures (BaS/DB)")
+    ap.add_argument("--draft-steps", type=int, default=20)
+    ap.add_argument("--inpaint-steps", type=int, default=20)
+    ap.add_argument("--gsa-steps", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "fidelity"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    print(f"fidelity bench: {args.scenes} scenes x {len(args.modes)} modes; phase 1/2 steps {args.phase1_steps}/"
+          f"{args.phase2_steps}, lr {args.phase1_lr}/{args.phase2_lr}; {args.seeds} seeds per prompt", flush=True)
+    results: dict[str, list[dict]] = {m: [] for m in ["untrained", *args.modes]}
+    n_pairs = []
+    for scene in SCENES[:args.scenes]:
+        ref, image, masks = reference(scene)
+        base = load_shapes_components()
+        # the untrained baseline: the base model asked for each subject's look in words
+        words = [f"a {s.color} and {s.color2} {s.pattern} {s.cls}" for s in scene.subjects]
+        results["untrained"].append(evaluate(args, base, scene, words)[0])
+        pairs = []
+        if any(m in ("dynasyn", "dynasyn_act") for m in args.modes):
+            t0 = time.time()
+            report = run_augment(args, base, scene, image, masks)
+            pairs = report.pairs
+            print(f"  scene {scene.seed}: {len(pairs)} augmented pairs ({len(report.skipped)} skipped) in "
+                  f"{time.time() - t0:.0f} s", flush=True)
+        n_pairs.append(len(pairs))
+        for mode in args.modes:
+            t0 = time.time()
+            comps = train_mode(args, mode, scene, image, masks, pairs, out_dir / f"class_images_{scene.seed}")
+            scores, imgs = evaluate(args, comps, scene, ["<asset0>", "<asset1>"])
+            results[mode].append(scores)
+            if mode in ("break_a_scene", "dynasyn"):
+                from PIL import Image
+
+                grid = np.concatenate([ref.image, *imgs[::args.seeds]], 1)
+                Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(
+                    out_dir / f"scene{scene.seed}_{mode}.png")
+            print(f"  scene {scene.seed} {mode:18s} " + "  ".join(
+                f"{g}: col {v['colors']:.2f} id {v['identity']:.2f} pat {v['pattern']:.2f} text {v['text']:.2f} leak {v['leakage']:.3f}" for g, v in scores.items())
+                + f"  ({time.time() - t0:.0f} s)", flush=True)
+
+    def mean(mode, group, key):
+        vals = [r[group][key] for r in results[mode] if group in r]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    groups = ("plain", "action", "interaction")
+    for title, modes in (("Table 1 (miniature)", ["untrained", *[m for m in TABLE1 if m in args.modes]]),
+                         ("Table 3 (miniature)", [m for m in TABLE3 if m in args.modes])):
+        print(f"\n{title}: identity / text per group, leakage over all")
+        print(f"{'mode':20s}" + "".join(f"{g + ' id':>15s}{g + ' text':>17s}" for g in groups) + f"{'leakage':>10s}")
+        for m in modes:
+            leak = np.mean([mean(m, g, "leakage") for g in groups])
+            print(f"{m:20s}" + "".join(f"{mean(m, g, 'identity'):15.3f}{mean(m, g, 'text'):17.3f}" for g in groups)
+                  + f"{leak:10.3f}")
+    line = {}
+    for m in ["untrained", *args.modes]:
+        key = SHORT.get(m, m)
+        line[f"{key}_identity"] = np.mean([mean(m, g, "identity") for g in groups])
+        line[f"{key}_colors"] = np.mean([mean(m, g, "colors") for g in groups])
+        line[f"{key}_pattern"] = np.mean([mean(m, g, "pattern") for g in groups])
+        line[f"{key}_text"] = np.mean([mean(m, g, "text") for g in ("action", "interaction")])
+        line[f"leakage_{key}"] = np.mean([mean(m, g, "leakage") for g in groups])
+    line["aug_pairs"] = float(np.mean(n_pairs))
+    line["minutes"] = (time.time() - started) / 60
+    print("\n" + " ".join(f"{k}={v:.3f}" for k, v in line.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
