@@ -131,7 +131,7 @@ class DynASynDescribeSubjects:
                 "offline: the class nouns (or 'phrases') are the descriptions; vlm: ask the model at 'endpoint'.")}),
             "model": ("STRING", {"default": "llava", "tooltip": "VLM name at the endpoint (llava, qwen2.5vl, gpt-4o-mini...)."}),
             **LLM_INPUTS,
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Sent to the model; part of the cache key."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": False, "tooltip": "Sent to the model; part of the cache key."}),
         }, "optional": {
             "phrases": ("STRING", {"default": "", "multiline": True, "tooltip": "Offline: your own description per line (empty line = class noun)."}),
         }}
@@ -177,7 +177,7 @@ class DynASynAugmentPrompts:
             "mode": (["offline", "llm"], {"default": "offline", "tooltip": "offline: built-in generator; llm: ask the model at 'endpoint'."}),
             "model": ("STRING", {"default": "llama3.1", "tooltip": "LLM name at the endpoint."}),
             **LLM_INPUTS,
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Same seed, same prompts (offline, and cached online)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": False, "tooltip": "Same seed, same prompts (offline, and cached online)."}),
         }}
 
     def prompts(self, descriptions, class_nouns, count, mode, model, endpoint, timeout, seed):
@@ -287,7 +287,7 @@ class DynASynAugment:
                 "ddim / euler: deterministic (the output depends on the start noise only).")}),
             "paper_exact": ("BOOLEAN", {"default": False, "tooltip": "GSA as in the paper: 700 DDPM steps from t = 700 (slow)."}),
             "guidance": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.5, "tooltip": "Classifier-free guidance scale."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Prompt k uses seed + k."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": False, "tooltip": "Prompt k uses seed + k."}),
             "draft_sampler": (comfy.samplers.KSampler.SAMPLERS, {"default": "euler", "tooltip": "ComfyUI sampler for the drafts and the inpainting."}),
             "draft_scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "normal", "tooltip": "ComfyUI scheduler for the drafts and the inpainting."}),
             "draft_batch": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Drafts sampled together (more is faster on a GPU, needs more memory). Prompt k's noise depends only on seed + k."}),

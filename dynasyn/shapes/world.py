@@ -44,6 +44,11 @@ POSES = {"jumping": CLASSES, "tilted": ("box", "cone", "star"), "lying": ("cone"
 POSE_ANGLE = {"tilted": 35.0, "lying": 90.0}
 GROUND_Y = 54  # where objects stand (pixels from the top)
 SHADOW = (70, 70, 75)
+# Surface patterns, never drawn in the pretraining scenes (sample_scene keeps every object plain): the example
+# scene's subjects wear them, so a personalization method has to learn an appearance the model has not seen.
+# Value: one band / square as a fraction of the object's radius (5 stripes across a ball, 3x3 squares on a box).
+PATTERNS = {"striped": 0.4, "checked": 0.6}
+PATTERN_LIGHT = (245, 245, 238)  # the pattern's second colour
 
 
 @dataclass
@@ -114,6 +119,23 @@ def _draw_object(draw: ImageDraw.ImageDraw, o: SceneObject, fill, k: int) -> Non
         draw.ellipse([o.cx * k - ri, o.cy * k - ri, o.cx * k + ri, o.cy * k + ri], fill=0 if isinstance(fill, int) else None)
 
 
+def _pattern_fill(o: SceneObject, k: int) -> Image.Image:
+    """The object's colour alternating with PATTERN_LIGHT over the whole canvas, in the object's own frame
+    (centred on it, turned with it): stripes across its height, or a checkerboard."""
+    if o.pattern not in PATTERNS:
+        raise DynASynError(f"Unknown pattern {o.pattern!r}; known: plain, {', '.join(PATTERNS)}.")
+    period = PATTERNS[o.pattern] * o.size
+    y, x = (np.mgrid[0:SIZE * k, 0:SIZE * k].astype(np.float32) + 0.5) / k
+    a = math.radians(-o.angle)
+    u = (x - o.cx) * math.cos(a) - (y - o.cy) * math.sin(a)
+    v = (x - o.cx) * math.sin(a) + (y - o.cy) * math.cos(a)
+    light = np.floor(v / period + 0.5) % 2 == 1  # a band centred on the object: symmetric edges
+    if o.pattern == "checked":
+        light ^= np.floor(u / period + 0.5) % 2 == 1
+    rgb = np.where(light[..., None], np.array(PATTERN_LIGHT, np.uint8), np.array(COLORS[o.color], np.uint8))
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
 def _background(name: str, rng: np.random.Generator, k: int) -> Image.Image:
     top, bottom, horizon = BACKGROUNDS[name]
     h = SIZE * k
@@ -139,7 +161,12 @@ def render(scene: Scene, seed: int = 0) -> Scene:
             draw.ellipse([(o.cx - w) * k, (GROUND_Y - 1.5) * k, (o.cx + w) * k, (GROUND_Y + 1.5) * k], fill=SHADOW)
     masks = []
     for o in scene.objects:
-        _draw_object(draw, o, COLORS[o.color], k)
+        if o.pattern == "plain":
+            _draw_object(draw, o, COLORS[o.color], k)
+        else:  # the pattern through the object's silhouette
+            m = Image.new("L", img.size, 0)
+            _draw_object(ImageDraw.Draw(m), o, 255, k)
+            img.paste(_pattern_fill(o, k), (0, 0), m)
     for o in scene.objects:
         m = Image.new("L", (SIZE * k, SIZE * k), 0)
         _draw_object(ImageDraw.Draw(m), o, 255, k)
@@ -208,6 +235,13 @@ def _stand(o: SceneObject, base_y: float) -> None:
 
 def _top(o: SceneObject) -> float:
     return o.cy + min(y for _, y in shape_polygon(o.cls, 0.0, 0.0, o.size, o.angle))
+
+
+def stand_at(o: SceneObject, cx: float) -> SceneObject:
+    """Put ``o`` on the ground at x = cx (its lowest point on GROUND_Y)."""
+    _stand(o, GROUND_Y)
+    o.cx = float(cx)
+    return o
 
 
 def sample_scene(seed: int, n_objects: int | None = None, *, classes=CLASSES, colors=tuple(COLORS),
