@@ -16,7 +16,8 @@ module.exports = async (page, { runName }) => {
     { id: 6, type: "EmptyLatentImage", pos: [0, 900], widgets: { width: 64, height: 64, batch_size: 1 } },
     { id: 7, type: "KSampler", pos: [400, 700], links: { model: [1, 0], positive: [5, 0], negative: [5, 0], latent_image: [6, 0] },
       widgets: { steps: 1 } },
-    { id: 8, type: "PreviewImage", pos: [800, 700], links: { images: [7, 0] } },
+    { id: 8, type: "VAEDecode", pos: [800, 700], links: { samples: [7, 0], vae: [1, 2] } },
+    { id: 9, type: "PreviewImage", pos: [1000, 700], links: { images: [8, 0] } },
   ] };
   const ids = await page.evaluate(buildGraph, spec);
   return await page.evaluate(async ({ ids }) => {
@@ -31,6 +32,7 @@ module.exports = async (page, { runName }) => {
         if (!q.queue_running.length && !q.queue_pending.length) return;
       }
     };
+    const earlier = new Set(Object.keys(await (await fetch("/history")).json()));
     const before = { train: seed(3), tiny: seed(1), ksampler: seed(7) };
     const out = { controls: { train: controls(3), tiny: controls(1), ksampler: controls(7) }, before, after: [] };
     for (let i = 0; i < 2; i++) {
@@ -38,7 +40,8 @@ module.exports = async (page, { runName }) => {
       await wait();
       out.after.push({ train: seed(3), tiny: seed(1), ksampler: seed(7) });
     }
-    out.history = Object.values(await (await fetch("/history")).json()).map((h) => h.status.status_str);
+    out.history = Object.entries(await (await fetch("/history")).json())
+      .filter(([id]) => !earlier.has(id)).map(([, h]) => h.status.status_str);
 
     // the Train node as an older version of the pack saved it: a control value right after the seed
     const saved = app.graph.serialize();
