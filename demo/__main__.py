@@ -1,4 +1,4 @@
-"""The main job in one command: workflows/dynasyn_full.json, headless, through ComfyUI's HTTP API.
+"""The main job in one command: example_workflows/dynasyn_full.json, headless, through ComfyUI's HTTP API.
 
     bash scripts/demo.sh                              # bundled picture, built-in tiny model (no download)
     bash scripts/demo.sh --checkpoint sd15.safetensors [--sam sam_vit_b_01ec64.pth]
@@ -20,11 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-from . import example
 from .server import ROOT, ComfyServer, execution_error
 from .workflow import WorkflowError, nodes_of, ui_to_api
 
-WORKFLOW = ROOT / "workflows" / "dynasyn_full.json"
+WORKFLOW = ROOT / "example_workflows" / "dynasyn_full.json"
 TINY_SAM = "tiny (random test-size SAM, for trying graphs)"
 # The built-in model is 64 px and random: small numbers keep the whole job to a few minutes on a CPU.
 TINY_SETTINGS = {
@@ -127,9 +126,9 @@ def build_prompt(workflow: dict, object_info: dict, **kw) -> dict:
 
 
 def substitute(prompt: dict, *, tiny: bool, ckpt_name: str | None = None, sam_name: str | None = None,
-               nouns: str = example.CLASS_NOUNS, mask_names=example.MASKS, image_name: str = example.IMAGE,
-               quick: bool = False) -> dict:
-    """The API prompt with this run's model, SAM, picture and masks (and small settings for the tiny model)."""
+               nouns: str | None = None, mask_names=None, image_name: str | None = None, quick: bool = False) -> dict:
+    """The API prompt with this run's model, SAM and settings (small ones for the tiny model); with ``image_name``,
+    your picture (in ComfyUI's input folder), its ``mask_names`` and class ``nouns`` replace the workflow's own."""
     prompt = json.loads(json.dumps(prompt))
     for k in nodes_of(prompt, "CheckpointLoaderSimple"):
         prompt[k] = ({"class_type": "DynASynTinyModel", "inputs": {"seed": 0, "prediction": "epsilon"}} if tiny
@@ -144,6 +143,9 @@ def substitute(prompt: dict, *, tiny: bool, ckpt_name: str | None = None, sam_na
     for settings in ([TINY_SETTINGS] if tiny else []) + ([QUICK_SETTINGS] if quick else []):
         for node in prompt.values():
             node["inputs"].update(settings.get(node["class_type"], {}))
+    if image_name is None:  # the workflow's own picture (DynASyn Example Scene)
+        return prompt
+    _replace_example_scene(prompt, image_name, mask_names, nouns)
     for k in nodes_of(prompt, "LoadImage"):
         prompt[k]["inputs"]["image"] = image_name
     _set_masks(prompt, mask_names)
@@ -152,6 +154,21 @@ def substitute(prompt: dict, *, tiny: bool, ckpt_name: str | None = None, sam_na
             if not isinstance(prompt[k]["inputs"].get("class_nouns"), list):
                 prompt[k]["inputs"]["class_nouns"] = nouns
     return prompt
+
+
+def _replace_example_scene(prompt: dict, image_name: str, mask_names: list[str], nouns: str) -> None:
+    """DynASyn Example Scene -> LoadImage + one LoadImageMask per subject into DynASyn Subject Masks; its class nouns
+    output becomes the given nouns."""
+    for k in nodes_of(prompt, "DynASynExampleScene"):
+        batch = f"{k}_masks"
+        prompt[k] = {"class_type": "LoadImage", "inputs": {"image": image_name}}  # IMAGE stays output 0
+        prompt[batch] = {"class_type": "DynASynMaskBatch", "inputs": {}}
+        for node in prompt.values():
+            for name, v in node["inputs"].items():
+                if v == [k, 1]:
+                    node["inputs"][name] = [batch, 0]
+                elif v == [k, 2]:
+                    node["inputs"][name] = nouns
 
 
 def _set_masks(prompt: dict, mask_names: list[str]) -> None:
@@ -313,9 +330,8 @@ def main(argv=None) -> int:
             for i, m in enumerate(user["masks"], start=1):
                 shutil.copy2(m, inp / f"dynasyn_user_mask_{i}{m.suffix}")
                 mask_names.append(f"dynasyn_user_mask_{i}{m.suffix}")
-        else:
-            ex = example.write(inp)
-            image_name, mask_names, nouns = ex["image"], ex["masks"], ex["class_nouns"]
+        else:  # the workflow's DynASyn Example Scene draws the bundled picture
+            image_name = mask_names = nouns = None
         sam_name = None
         if ckpt:
             os.symlink(ckpt, base / "models" / "checkpoints" / ckpt.name)

@@ -1,8 +1,8 @@
 """UI-format workflows (what the page saves and the template browser loads) -> API prompts.
 
 The same rules as the frontend's ``graphToPrompt``, from the server's ``/object_info``: widgets
-come in the node's input order (required, then optional); an INT named ``seed`` / ``noise_seed``
-or marked ``control_after_generate`` carries one extra "control" value right after it (an
+come in the node's input order (required, then optional); an INT marked ``control_after_generate``, or
+named ``seed`` / ``noise_seed`` and not marked ``control_after_generate: False``, carries one extra "control" value right after it (an
 image-upload button's value comes last). Notes and other frontend-only nodes are dropped; muted nodes are left out.
 The browser tier checks this against the page's own conversion.
 """
@@ -29,8 +29,8 @@ def _is_widget(spec: list) -> bool:
 def _extra_values(name: str, spec: list) -> int:
     kind = spec[0]
     opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-    if kind == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
-        return 1
+    if kind == "INT":  # as the frontend: an explicit control_after_generate wins over the name
+        return int(bool(opts.get("control_after_generate", name in ("seed", "noise_seed"))))
     if (isinstance(kind, list) or kind == "COMBO") and opts.get("control_after_generate"):
         return 1
     return 0  # an image-upload button's value comes after every widget: nothing to skip

@@ -191,7 +191,7 @@ class DynASynDescribeSubjects:
                 "offline: the class nouns (or 'phrases') are the descriptions; vlm: ask the model at 'endpoint'.")}),
             "model": ("STRING", {"default": "llava", "tooltip": "VLM name at the endpoint (llava, qwen2.5vl, gpt-4o-mini...)."}),
             **LLM_INPUTS,
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Sent to the model; part of the cache key."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": False, "tooltip": "Sent to the model; part of the cache key."}),
         }, "optional": {
             "phrases": ("STRING", {"default": "", "multiline": True, "tooltip": "Offline: your own description per line (empty line = class noun)."}),
             "llm": LLM_SETTINGS_INPUT,
@@ -240,7 +240,7 @@ class DynASynAugmentPrompts:
             "mode": (["offline", "llm"], {"default": "offline", "tooltip": "offline: built-in generator; llm: ask the model at 'endpoint'."}),
             "model": ("STRING", {"default": "llama3.1", "tooltip": "LLM name at the endpoint."}),
             **LLM_INPUTS,
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Same seed, same prompts (offline, and cached online)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": False, "tooltip": "Same seed, same prompts (offline, and cached online)."}),
         }, "optional": {"llm": LLM_SETTINGS_INPUT}}
 
     def prompts(self, descriptions, class_nouns, count, mode, model, endpoint, timeout, seed, llm=None):
@@ -373,7 +373,7 @@ class DynASynAugment:
                 "ddim / euler: deterministic (the output depends on the start noise only).")}),
             "paper_exact": ("BOOLEAN", {"default": False, "tooltip": "GSA as in the paper: 700 DDPM steps from t = 700 (slow)."}),
             "guidance": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.5, "tooltip": "Classifier-free guidance scale."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Prompt k uses seed + k."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": False, "tooltip": "Prompt k uses seed + k."}),
             "draft_sampler": (comfy.samplers.KSampler.SAMPLERS, {"default": "euler", "tooltip": "ComfyUI sampler for the drafts and the inpainting."}),
             "draft_scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "normal", "tooltip": "ComfyUI scheduler for the drafts and the inpainting."}),
             "draft_batch": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Drafts sampled together (more is faster on a GPU, needs more memory). Prompt k's noise depends only on seed + k."}),
@@ -486,7 +486,7 @@ class DynASynDrafts:
             "size": ("INT", {"default": 512, "min": 64, "max": 1024, "step": 64, "tooltip": "Draft size (512 for SD 1.5 / 2.1-base)."}),
             "steps": ("INT", {"default": 25, "min": 1, "max": 200, "tooltip": "Sampling steps of each draft."}),
             "guidance": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.5, "tooltip": "Classifier-free guidance scale."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": False,
                              "tooltip": "Prompt k uses seed + k - 1 (the same drafts as Augment with this seed)."}),
             "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "euler", "tooltip": "ComfyUI sampler."}),
             "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "normal", "tooltip": "ComfyUI scheduler."}),

@@ -41,7 +41,7 @@ class DynASynGSA:
                 "ComfyUI sampler over the GSA sigmas. ddpm (default) is the paper's stochastic reverse SDE (fresh noise "
                 "every step, seeded by 'seed'); euler_ancestral is another stochastic one; ddim / euler are deterministic.")}),
             "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.5, "tooltip": "Classifier-free guidance."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "tooltip": "Noise seed."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**63 - 1, "control_after_generate": False, "tooltip": "Noise seed."}),
             "paper_exact": ("BOOLEAN", {"default": False, "tooltip": "700 DDPM steps from t = 700, as in the paper (slow)."}),
         }}
 

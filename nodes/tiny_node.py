@@ -22,7 +22,7 @@ class DynASynTinyModel:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Seed of the random weights."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": False, "tooltip": "Seed of the random weights."}),
             "prediction": (["epsilon", "v_prediction"], {"default": "epsilon", "tooltip": "Prediction type of the model."}),
         }}
 

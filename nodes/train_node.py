@@ -430,7 +430,7 @@ class DynASynTrain:
             "lambda_m2a": f(0.01, 0.0, 100.0, 0.001, "Weight of the mask-to-attention loss L_M2A."),
             "lambda_ica": f(0.01, 0.0, 100.0, 0.001, "Weight of the inter-cross-attention loss L_ICA (class prior from the frozen model)."),
             "lambda_aug": f(0.01, 0.0, 100.0, 0.001, "Weight of the augmentation attention loss L_AUG (needs a dataset)."),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Same seed and inputs give the same weights."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": False, "tooltip": "Same seed and inputs give the same weights."}),
             "resolution": ("INT", {"default": 512, "min": 64, "max": 1024, "step": 64, "tooltip": "Training size: 512 for SD 1.5 / 2.1-base, 768 for SD 2.1 768-v."}),
             "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Less memory, ~30% slower."}),
             "mixed_precision": (["auto", "no", "fp16", "bf16"], {"default": "auto", "tooltip": (

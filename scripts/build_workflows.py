@@ -1,4 +1,4 @@
-"""Regenerates workflows/*.json and their .jpg thumbnails by building each graph in the real page.
+"""Regenerates example_workflows/*.json and their .jpg thumbnails by building each graph in the real page.
 
     .venv/bin/python scripts/build_workflows.py
 
@@ -16,17 +16,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from demo import example  # noqa: E402
+from dynasyn.example_scene import BALL_AND_BOX, SHAPES_PAIR, example_scene as draw_scene  # noqa: E402
 from demo.server import ComfyServer  # noqa: E402
 from tests.support.page import prepare_server, run_page  # noqa: E402
 
-OUT = ROOT / "workflows"
+OUT = ROOT / "example_workflows"
 SD15 = {"name": "v1-5-pruned-emaonly.safetensors", "directory": "checkpoints",
         "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly.safetensors"}
 SAM_B = {"name": "sam_vit_b_01ec64.pth", "directory": "sams",
          "url": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"}
 NOTE_COLOR = ["#432", "#653"]
 SCENE = "[1] rolling next to [2] on a sunny beach"
+# what a linked class_nouns widget shows once its link is removed: the Example Scene's own nouns
+NOUNS = draw_scene(BALL_AND_BOX).class_nouns
 
 
 def note(id_, pos, text, width=420):
@@ -38,77 +40,78 @@ def checkpoint(id_, pos, name=SD15["name"], models=(SD15,)):
             "properties": {"models": [dict(m) for m in models]}}
 
 
-def reference_and_masks(x, y):
-    """LoadImage + one LoadImageMask per subject + DynASyn Subject Masks (ids 10-13)."""
-    return [
-        {"id": 10, "type": "LoadImage", "pos": [x, y], "widgets": {"image": example.IMAGE}},
-        {"id": 11, "type": "LoadImageMask", "pos": [x, y + 380], "widgets": {"image": example.MASKS[0], "channel": "red"}},
-        {"id": 12, "type": "LoadImageMask", "pos": [x, y + 720], "widgets": {"image": example.MASKS[1], "channel": "red"}},
-        {"id": 13, "type": "DynASynMaskBatch", "pos": [x + 340, y + 560], "links": {"mask_1": [11, 0], "mask_2": [12, 0]}},
-    ]
-
-
-def describe_and_prompts(x, y, image, masks):
-    return [
-        {"id": 20, "type": "DynASynDescribeSubjects", "pos": [x, y], "links": {"image": image, "masks": masks},
-         "widgets": {"class_nouns": example.CLASS_NOUNS}},
-        {"id": 21, "type": "DynASynAugmentPrompts", "pos": [x, y + 380],
-         "links": {"descriptions": [20, "descriptions"], "class_nouns": [20, "class_nouns"]},
-         "widgets": {"class_nouns": example.CLASS_NOUNS}},
-    ]
-
-
-def augment(x, y, image, masks, sam):
-    return [
-        {"id": 30, "type": "DynASynAugment", "pos": [x, y], "size": [380, 720],
-         "links": {"model": [1, "MODEL"], "clip": [1, "CLIP"], "vae": [1, "VAE"], "image": image, "masks": masks,
-                   "prompts": [21, "prompts"], "sam": sam}},
-        {"id": 31, "type": "DynASynSaveDataset", "pos": [x + 420, y], "links": {"dataset": [30, "dataset"]}},
-        {"id": 32, "type": "SaveImage", "pos": [x + 420, y + 200], "links": {"images": [30, "augmented"]},
-         "widgets": {"filename_prefix": "dynasyn/augmented"}},
-    ]
-
-
-def train_and_sample(x, y, image, masks, nouns, dataset):
-    return [
-        {"id": 40, "type": "DynASynTrain", "pos": [x, y], "size": [400, 1240],
-         "links": {"model": [1, "MODEL"], "clip": [1, "CLIP"], "vae": [1, "VAE"], "image": image, "masks": masks,
-                   **({"class_nouns": nouns} if nouns else {}), "dataset": dataset},
-         "widgets": {"class_nouns": example.CLASS_NOUNS, "new_prompt": SCENE}},
-        {"id": 41, "type": "SaveImage", "pos": [x + 440, y + 760], "links": {"images": [40, "loss_curve"]},
-         "widgets": {"filename_prefix": "dynasyn/loss"}},
-        *sample(x + 440, y, model=[40, "MODEL"], clip=[40, "CLIP"], vae=[1, "VAE"], text_link=[40, "prompt"]),
-    ]
-
-
-def sample(x, y, model, clip, vae, text_link=None, text=""):
+def sample(x, y, model, clip, vae, text_link=None, text="", settings=None, latent=(512, 512, 2), prefix="dynasyn/sample",
+           negative="blurry, low quality, deformed"):
+    """Stock sampling: CLIPTextEncode (+ a negative) -> KSampler -> VAEDecode -> SaveImage (ids 50-55)."""
     positive = {"id": 50, "type": "CLIPTextEncode", "pos": [x, y], "links": {"clip": clip}, "widgets": {"text": text}}
     if text_link:
         positive["links"]["text"] = text_link
+    w, h, batch = latent
     return [
         positive,
         {"id": 51, "type": "CLIPTextEncode", "pos": [x, y + 200], "links": {"clip": clip},
-         "widgets": {"text": "blurry, low quality, deformed"}},
-        {"id": 52, "type": "EmptyLatentImage", "pos": [x, y + 400], "widgets": {"width": 512, "height": 512, "batch_size": 2}},
+         "widgets": {"text": negative}},
+        {"id": 52, "type": "EmptyLatentImage", "pos": [x, y + 400], "widgets": {"width": w, "height": h, "batch_size": batch}},
         {"id": 53, "type": "KSampler", "pos": [x + 400, y],
          "links": {"model": model, "positive": [50, 0], "negative": [51, 0], "latent_image": [52, 0]},
-         "widgets": {"seed": 0, "steps": 30, "cfg": 7.5, "sampler_name": "dpmpp_2m", "scheduler": "karras"}},
+         "widgets": {"seed": 0, "steps": 30, "cfg": 7.5, "sampler_name": "dpmpp_2m", "scheduler": "karras", **(settings or {})}},
         {"id": 54, "type": "VAEDecode", "pos": [x + 400, y + 500], "links": {"samples": [53, 0], "vae": vae}},
         {"id": 55, "type": "SaveImage", "pos": [x + 700, y], "links": {"images": [54, 0]},
-         "widgets": {"filename_prefix": "dynasyn/sample"}},
+         "widgets": {"filename_prefix": prefix}},
+    ]
+
+
+def example_scene(x, y, scene=BALL_AND_BOX, id_=10):
+    """DynASyn Example Scene: the bundled picture, its masks and class nouns, drawn by the node (no file to load)."""
+    return [{"id": id_, "type": "DynASynExampleScene", "pos": [x, y], "size": [320, 320], "widgets": {"scene": scene}}]
+
+
+def describe_and_prompts(x, y, image, masks, nouns, count=None):
+    return [
+        {"id": 20, "type": "DynASynDescribeSubjects", "pos": [x, y], "links": {"image": image, "masks": masks, "class_nouns": nouns},
+         "widgets": {"class_nouns": NOUNS}},
+        {"id": 21, "type": "DynASynAugmentPrompts", "pos": [x, y + 320],
+         "links": {"descriptions": [20, "descriptions"], "class_nouns": [20, "class_nouns"]},
+         "widgets": {"class_nouns": NOUNS, **({"count": count} if count else {})}},
+    ]
+
+
+def augment(x, y, model, image, masks, sam=None, settings=None, save=True):
+    links = {"model": [model, "MODEL"], "clip": [model, "CLIP"], "vae": [model, "VAE"], "image": image, "masks": masks,
+             "prompts": [21, "prompts"], **({"sam": sam} if sam else {})}
+    nodes = [{"id": 30, "type": "DynASynAugment", "pos": [x, y], "size": [380, 760], "links": links,
+              **({"widgets": settings} if settings else {})}]
+    if save:
+        nodes += [
+            {"id": 31, "type": "DynASynSaveDataset", "pos": [x + 420, y], "links": {"dataset": [30, "dataset"]}},
+            {"id": 32, "type": "SaveImage", "pos": [x + 420, y + 300], "links": {"images": [30, "augmented"]},
+             "widgets": {"filename_prefix": "dynasyn/augmented"}},
+        ]
+    return nodes
+
+
+def train(x, y, model, image, masks, nouns, dataset, settings=None):
+    return [
+        {"id": 40, "type": "DynASynTrain", "pos": [x, y], "size": [400, 1240],
+         "links": {"model": [model, "MODEL"], "clip": [model, "CLIP"], "vae": [model, "VAE"], "image": image,
+                   "masks": masks, "class_nouns": nouns, **({"dataset": dataset} if dataset else {})},
+         "widgets": {"class_nouns": NOUNS, "new_prompt": SCENE, **(settings or {})}},
+        {"id": 41, "type": "SaveImage", "pos": [x + 440, y], "links": {"images": [40, "loss_curve"]},
+         "widgets": {"filename_prefix": "dynasyn/loss"}},
     ]
 
 
 FULL_NOTE = f"""DynASyn: teach SD 1.5 / 2.1 the subjects of ONE picture, then draw them doing new things.
 
-1. Load your picture (LoadImage) and one black-and-white mask per subject (LoadImageMask, channel red), in subject order. \
-Or paint them with LoadImage's mask editor, or use DynASyn SAM Masks (see dynasyn_augment.json).
-2. Describe Subjects: write what each subject is in class_nouns ("ball, box"). It feeds the other nodes.
-3. Augment makes K = 30 new scenes (drafts, paste, inpaint, Guided SDE Augmentation); they are saved as a dataset folder.
-4. Train: about 800 steps (phase 1 tokens, phase 2 tokens + UNet + text encoder). Cancel keeps a resumable state.
+1. Inputs: DynASyn Example Scene gives the bundled picture, one mask per subject and the class nouns ("ball, box"). \
+For your own picture use LoadImage + one mask per subject (LoadImageMask into DynASyn Subject Masks, or DynASyn SAM \
+Masks, see dynasyn_augment.json) and write the class nouns in Describe Subjects.
+2. Augment: Describe Subjects and Augment Prompts write K = 30 new scenes; Augment draws them (drafts, paste, inpaint, \
+Guided SDE Augmentation) and Save Dataset keeps them as a dataset folder.
+3. Train: about 800 steps (phase 1 tokens, phase 2 tokens + UNet + text encoder). Cancel keeps a resumable state.
    new_prompt is the scene to draw: [1] = subject 1, [2] = subject 2.
-5. KSampler draws it with the trained MODEL/CLIP. The embeddings (models/embeddings/dynasyn_assetN) and a checkpoint \
-(models/checkpoints/dynasyn.safetensors) also work with stock nodes: see dynasyn_sample.json.
+4. Sample: KSampler draws it with the trained MODEL/CLIP. The embeddings (models/embeddings/dynasyn_assetN) and a \
+checkpoint (models/checkpoints/dynasyn.safetensors) also work with stock nodes: see dynasyn_sample.json.
 
 Models: {SD15['name']} in models/checkpoints; {SAM_B['name']} in models/sams (optional: disconnect 'sam' to use the attention maps).
 Memory: a 10 GB GPU fits training with optimizer = adafactor, gradient_checkpointing and fused_backward_step on (README).
@@ -117,8 +120,9 @@ DYNASYN_API_KEY environment variable or ~/.config/dynasyn/api_key, never stored 
 
 AUGMENT_NOTE = f"""DynASyn, augmentation only: one picture -> a dataset folder of new scenes for DynASyn Train.
 
-1. LoadImage: your picture. DynASyn SAM Masks: pick each subject on the picture (box = drag, points = click; choose the \
-subject first); the picks are stored in subject_prompts and saved with the workflow.
+1. DynASyn Example Scene: the bundled picture (or your picture from LoadImage). DynASyn SAM Masks: pick each subject \
+on the picture (box = drag, points = click; choose the subject first; the picture shows after the first Queue); the \
+picks are stored in subject_prompts and saved with the workflow.
 2. Describe Subjects: the class nouns ("ball, box"); offline uses them as descriptions, vlm asks a vision model.
 3. Augment Prompts: K scenes of the subjects alone and together (offline generator, or an LLM).
 4. Augment draws each scene, pastes your real subjects in, inpaints the gaps and runs Guided SDE Augmentation (t = 700).
@@ -129,9 +133,11 @@ Models: {SD15['name']} in models/checkpoints, {SAM_B['name']} in models/sams."""
 
 TRAIN_NOTE = """DynASyn, training from a saved dataset folder.
 
-1. LoadImage + LoadImageMask: the same picture and masks the dataset was made from, in subject order.
-2. Load Dataset: pick the dataset (a folder under user/__dynasyn/datasets, as written by dynasyn_augment.json).
-3. Train: class_nouns in mask order; new_prompt is the scene to draw ([1], [2]...). Defaults follow the paper \
+1. DynASyn Example Scene: the picture, masks and class nouns the dataset was made from (the bundled one, as in \
+dynasyn_augment.json); for your own, LoadImage + one mask per subject, in subject order, and the class nouns in Train.
+2. Load Dataset: pick the dataset (a folder under user/__dynasyn/datasets, as written by dynasyn_augment.json: run that \
+one first).
+3. Train: new_prompt is the scene to draw ([1], [2]...). Defaults follow the paper \
 (400 + 400 steps, lr 5e-4 then 2e-6, lambda 1 / 0.01 / 0.01 / 0.01).
 Outputs: models/embeddings/<run>_assetN.safetensors, models/checkpoints/<run>.safetensors, the loss curve, and samples."""
 
@@ -141,44 +147,104 @@ Load the exported checkpoint (models/checkpoints/dynasyn.safetensors) and write 
 in any prompt, e.g. "embedding:dynasyn_asset0 rolling next to embedding:dynasyn_asset1 on a sunny beach".
 The embeddings live in models/embeddings; the checkpoint carries the trained UNet and text encoder."""
 
+# The Shapes World run: small enough for a CPU, nothing to download. The learning rates are 10x the paper's
+# (tuned for 400 + 400 steps of SD at 512 px): with 200 + 100 steps of this small model the paper's barely move
+# the subjects' tokens, these make the samples show the striped and checked subjects.
+SHAPES_AUGMENT = {"size": 64, "draft_steps": 10, "inpaint_steps": 8, "gsa_steps": 20, "guidance": 5.0, "draft_batch": 6}
+SHAPES_TRAIN = {"phase1_steps": 200, "phase2_steps": 100, "phase1_lr": 5e-3, "phase2_lr": 2e-5, "resolution": 64,
+                "preview_every": 20, "run_name": "shapes_world", "save_checkpoint": False}
+SHAPES_PROMPTS = 6
+SHAPES_SAMPLE = {"steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal"}
+SHAPES_SCENE = "[1] on top of [2] in the snow"
+# measured with this workflow as shipped (tests/integration/test_templates_in_server.py runs it): update when it changes
+SHAPES_MEASURED = ("72 s in all (augment 5 s, train 62 s, sample 2 s) on ONE thread (OMP_NUM_THREADS=1) of this "
+                   "project's 2-core CPU machine, shared with a training job")
 
-def workflows() -> dict[str, list[dict]]:
-    img, masks = [10, "IMAGE"], [13, "masks"]
-    full = [checkpoint(1, [0, 0], models=(SD15,)), note(2, [0, 200], FULL_NOTE), *reference_and_masks(460, 0),
-            {"id": 14, "type": "DynASynSAMLoader", "pos": [900, 900], "widgets": {"sam_name": SAM_B["name"]},
-             "properties": {"models": [dict(SAM_B)]}},
-            *describe_and_prompts(900, 0, img, masks), *augment(1320, 0, img, masks, [14, 0]),
-            *train_and_sample(2160, 0, img, masks, [20, "class_nouns"], [31, "dataset"])]
-    aug = [checkpoint(1, [0, 0]), note(2, [0, 200], AUGMENT_NOTE),
-           {"id": 10, "type": "LoadImage", "pos": [460, 0], "widgets": {"image": example.IMAGE}},
-           {"id": 14, "type": "DynASynSAMLoader", "pos": [460, 420], "widgets": {"sam_name": SAM_B["name"]},
-            "properties": {"models": [dict(SAM_B)]}},
-           {"id": 15, "type": "DynASynSAMMasks", "pos": [820, 0], "size": [380, 620],
-            "links": {"sam": [14, 0], "image": [10, "IMAGE"]},
+SHAPES_NOTE = f"""DynASyn on the Shapes World: the whole pipeline in minutes on a CPU, nothing to download.
+
+The DynASyn Shapes World Model is a small SD-shaped model shipped with the pack, pretrained on 64 px pictures of \
+plain balls, boxes, cones, stars and rings. The Example Scene shows two subjects it never saw: a striped red ball and \
+a checked blue box. DynASyn learns them from this ONE picture.
+
+1. Inputs: the model and the Example Scene (64 px variant).
+2. Augment (offline, no LLM/SAM): {SHAPES_PROMPTS} prompts; drafts {SHAPES_AUGMENT['draft_steps']} steps, inpaint \
+{SHAPES_AUGMENT['inpaint_steps']}, GSA {SHAPES_AUGMENT['gsa_steps']} at 64 px; pseudo-masks from the attention maps.
+3. Train: {SHAPES_TRAIN['phase1_steps']} + {SHAPES_TRAIN['phase2_steps']} steps at 64 px, learning rates \
+{SHAPES_TRAIN['phase1_lr']:g} / {SHAPES_TRAIN['phase2_lr']:g} (10x the paper's, which are set for 400 + 400 steps of \
+SD 1.5 at 512 px). new_prompt = "{SHAPES_SCENE}".
+4. Sample: {SHAPES_SAMPLE['steps']} euler steps, 4 pictures (a 128x128 EmptyLatentImage = the model's 16x16 latents = 64 px).
+
+Measured: {SHAPES_MEASURED}. On a CPU that other programs keep busy, set OMP_NUM_THREADS=1 before starting \
+ComfyUI: competing for the cores, torch's threads can make it ten times slower."""
+
+
+def workflows() -> dict[str, dict]:
+    """name -> {"nodes": [...], "groups": [...]}: what scripts/build_workflows.py asks the page to build.
+
+    Node ids are roles (1 model, 2 note, 10 scene, 14 SAM, 20-21 describe/prompts, 30-33 augment, 40-41 train,
+    50-55 sample); a group lists the ids it frames. To add a node, add its spec to the list (and to a group)."""
+    # columns: note | inputs | describe + prompts | augment | its savers | train | loss | sample (groups need gaps)
+    scene = example_scene(500, 0)
+    img, masks, nouns = [10, "image"], [10, "masks"], [10, "class_nouns"]
+    sam = {"id": 14, "type": "DynASynSAMLoader", "pos": [500, 380], "widgets": {"sam_name": SAM_B["name"]},
+           "properties": {"models": [dict(SAM_B)]}}
+    full = [note(2, [0, 0], FULL_NOTE), checkpoint(1, [500, -160]), *scene, sam,
+            *describe_and_prompts(940, 0, img, masks, nouns), *augment(1300, 0, 1, img, masks, sam=[14, 0]),
+            *train(2060, 0, 1, img, masks, [20, "class_nouns"], [31, "dataset"]),
+            *sample(2840, 0, model=[40, "MODEL"], clip=[40, "CLIP"], vae=[1, "VAE"], text_link=[40, "prompt"])]
+    aug = [note(2, [0, 0], AUGMENT_NOTE), checkpoint(1, [500, -160]), *scene, sam,
+           {"id": 15, "type": "DynASynSAMMasks", "pos": [860, 0], "size": [380, 620],
+            "links": {"sam": [14, 0], "image": img},
             "widgets": {"subject_prompts": json.dumps([{"box": [80, 225, 245, 395]}, {"box": [285, 170, 465, 395]}])}},
-           *describe_and_prompts(1240, 0, img, [15, "masks"]), *augment(1660, 0, img, [15, "masks"], [14, 0]),
-           {"id": 33, "type": "PreviewImage", "pos": [2080, 500], "links": {"images": [30, "drafts"]}}]
-    train = [checkpoint(1, [0, 0]), note(2, [0, 200], TRAIN_NOTE), *reference_and_masks(460, 0),
-             {"id": 16, "type": "DynASynLoadDataset", "pos": [900, 0], "widgets": {"folder": "dynasyn_dataset"}},
-             *train_and_sample(1320, 0, img, masks, None, [16, "dataset"])]
-    samp = [checkpoint(1, [0, 0], name="dynasyn.safetensors", models=()), note(2, [0, 200], SAMPLE_NOTE),
-            *sample(460, 0, model=[1, "MODEL"], clip=[1, "CLIP"], vae=[1, "VAE"],
+           *describe_and_prompts(1280, 0, img, [15, "masks"], nouns),
+           *augment(1640, 0, 1, img, [15, "masks"], sam=[14, 0]),
+           {"id": 33, "type": "PreviewImage", "pos": [2060, 560], "links": {"images": [30, "drafts"]}}]
+    trn = [note(2, [0, 0], TRAIN_NOTE), checkpoint(1, [500, -160]), *scene,
+           {"id": 16, "type": "DynASynLoadDataset", "pos": [940, 0], "widgets": {"folder": "dynasyn_dataset"}},
+           *train(1300, 0, 1, img, masks, nouns, [16, "dataset"]),
+           *sample(2000, 0, model=[40, "MODEL"], clip=[40, "CLIP"], vae=[1, "VAE"], text_link=[40, "prompt"])]
+    samp = [note(2, [0, 0], SAMPLE_NOTE), checkpoint(1, [500, 0], name="dynasyn.safetensors", models=()),
+            *sample(940, 0, model=[1, "MODEL"], clip=[1, "CLIP"], vae=[1, "VAE"],
                     text="embedding:dynasyn_asset0 rolling next to embedding:dynasyn_asset1 on a sunny beach")]
-    return {"dynasyn_full": full, "dynasyn_augment": aug, "dynasyn_train": train, "dynasyn_sample": samp}
+    shapes = [note(2, [0, 0], SHAPES_NOTE),
+              {"id": 1, "type": "DynASynShapesWorldModel", "pos": [500, -160]}, *example_scene(500, 0, SHAPES_PAIR),
+              *describe_and_prompts(940, 0, img, masks, nouns, count=SHAPES_PROMPTS),
+              *augment(1300, 0, 1, img, masks, settings=SHAPES_AUGMENT, save=False),
+              *train(1820, 0, 1, img, masks, [20, "class_nouns"], [30, "dataset"],
+                     settings={**SHAPES_TRAIN, "new_prompt": SHAPES_SCENE}),
+              *sample(2600, 0, model=[40, "MODEL"], clip=[40, "CLIP"], vae=[1, "VAE"], text_link=[40, "prompt"],
+                      settings=SHAPES_SAMPLE, latent=(128, 128, 4), prefix="dynasyn/shapes_world", negative="")]
+    stages = {"Inputs": (1, 10, 14), "Augment": (20, 21, 30, 31, 32), "Train": (40, 41), "Sample": (50, 51, 52, 53, 54, 55)}
+    return {
+        "dynasyn_full": {"nodes": full, "groups": groups(full, stages)},
+        "dynasyn_augment": {"nodes": aug},
+        "dynasyn_train": {"nodes": trn},
+        "dynasyn_sample": {"nodes": samp},
+        "dynasyn_shapes_world": {"nodes": shapes, "groups": groups(shapes, stages)},
+    }
+
+
+GROUP_COLORS = {"Inputs": "#3f789e", "Augment": "#8A8", "Train": "#b58b2a", "Sample": "#a1309b"}
+
+
+def groups(nodes: list[dict], stages: dict[str, tuple]) -> list[dict]:
+    """One group per stage, framing the stage's nodes that this workflow has."""
+    ids = {n["id"] for n in nodes}
+    return [{"title": t, "nodes": [i for i in members if i in ids], "color": GROUP_COLORS[t]}
+            for t, members in stages.items() if ids & set(members)]
 
 
 def main() -> None:
     OUT.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as d, ComfyServer(Path(d)) as server:
-        example.write(Path(d) / "input")
         prepare_server(server)
-        for name, nodes in workflows().items():
-            res = run_page(server, "build_workflow", {"spec": {"nodes": nodes}, "thumbnail": str(OUT / f"{name}.jpg")})
+        for name, spec in workflows().items():
+            res = run_page(server, "build_workflow", {"spec": spec, "thumbnail": str(OUT / f"{name}.jpg")})
             if res["pageErrors"]:
                 raise SystemExit(f"{name}: page errors {res['pageErrors']}")
             wf = res["value"]
             (OUT / f"{name}.json").write_text(json.dumps(wf, indent=1) + "\n")
-            print(f"{name}: {len(wf['nodes'])} nodes, {len(wf['links'])} links")
+            print(f"{name}: {len(wf['nodes'])} nodes, {len(wf['links'])} links, {len(wf.get('groups') or [])} groups")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job in one command: sets up (same ComfyUI, pack and dependencies as the tests) and runs
-# workflows/dynasyn_full.json headless on the bundled picture. Options: python -m demo --help
+# example_workflows/dynasyn_full.json headless on the bundled picture. Options: python -m demo --help
 #   bash scripts/demo.sh                                   # built-in tiny model, no download
 #   bash scripts/demo.sh --checkpoint /path/to/v1-5-pruned-emaonly.safetensors
 set -euo pipefail

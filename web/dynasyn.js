@@ -1,15 +1,16 @@
 // ComfyUI-DynASyn web extension (plain JavaScript, no build step).
 //  - DynASyn Train: a live chart of every loss term per step (from the server's "dynasyn.train"
-//    events) with phase, step/total, ETA and the latest preview.
+//    events) with phase, step/total, ETA and the latest preview; also inside subgraphs (ids "12:5").
 //  - DynASyn Augment / Load Dataset / Save Dataset: a gallery of the augmented images with their
 //    prompts; hovering an image shows its pseudo-masks.
 //  - DynASyn SAM Masks: a box / point picker on the input image, written into the node's
 //    subject_prompts widget, so the workflow saves and reloads it.
+//  - Seeds: workflows saved when the pack's seeds still had a "control after generate" value load aligned.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const COLORS = ["#4fc3f7", "#ffb74d", "#81c784", "#e57373", "#ba68c8", "#fff176", "#a1887f", "#90a4ae"];
-const GALLERY_NODES = new Set(["DynASynAugment", "DynASynLoadDataset", "DynASynSaveDataset"]);
+const GALLERY_NODES = new Set(["DynASynAugment", "DynASynLoadDataset", "DynASynSaveDataset", "DynASynMakePair"]);
 
 function el(tag, props = {}, ...children) {
   const e = Object.assign(document.createElement(tag), props);
@@ -91,9 +92,22 @@ function drawChart(chart) {
   });
 }
 
+// The node the server means by an execution id: "5" at the top level, "12:5" for node 5 inside subgraph node 12
+// (nested subgraphs: "3:12:5"), as ComfyUI's prompt flattens subgraphs.
+function nodeByExecutionId(id) {
+  const path = String(id ?? "").split(":").filter((k) => k.length);
+  let graph = app.rootGraph ?? app.graph;
+  if (!graph || !path.length) return null;
+  const byId = (g, k) => g.getNodeById?.(Number(k)) ?? g.getNodeById?.(k) ?? null;
+  for (const k of path.slice(0, -1)) {
+    graph = byId(graph, k)?.subgraph;
+    if (!graph) return null;
+  }
+  return byId(graph, path[path.length - 1]);
+}
+
 api.addEventListener("dynasyn.train", ({ detail }) => {
-  const node = app.graph?.getNodeById?.(Number(detail.node)) ?? app.graph?.getNodeById?.(detail.node);
-  const chart = node?.dynasynChart;
+  const chart = nodeByExecutionId(detail.node)?.dynasynChart;
   if (!chart) return;
   if (chart.last && detail.step <= chart.last.step) chart.reset(); // a new run (or a resume) starts over
   const terms = { loss: detail.loss, ...(detail.terms || {}) };
@@ -112,7 +126,7 @@ api.addEventListener("dynasyn.train", ({ detail }) => {
 
 api.addEventListener("b_preview_with_metadata", ({ detail }) => {
   const id = detail?.displayNodeId ?? detail?.nodeId;
-  const chart = id != null ? app.graph?.getNodeById?.(Number(id))?.dynasynChart : null;
+  const chart = nodeByExecutionId(id)?.dynasynChart;
   if (!chart || !detail.blob) return;
   if (chart.preview.src) URL.revokeObjectURL(chart.preview.src);
   chart.preview.src = URL.createObjectURL(detail.blob);
@@ -298,12 +312,41 @@ function addSamPicker(node) {
   draw();
 }
 
+// ---------------------------------------------------------------- seeds
+// The pack's seeds say control_after_generate: false (a node that trains or generates for minutes must not get
+// a new seed, and retrain, on every Queue), so the frontend gives them no "control after generate" widget.
+// Workflows saved before that hold its value ("fixed", "randomize", …) right after the seed: drop it, so every
+// later value lands on its own widget again.
+const CONTROL_VALUES = new Set(["fixed", "increment", "decrement", "randomize"]);
+function fixedSeedNames(nodeData) {
+  return ["required", "optional"].flatMap((section) => Object.entries(nodeData.input?.[section] || {}))
+    .filter(([, spec]) => spec?.[0] === "INT" && spec?.[1]?.control_after_generate === false).map(([name]) => name);
+}
+
+function dropStaleSeedControl(node, values, seeds) {
+  const saved = node.widgets?.filter((w) => w.serialize !== false).length ?? 0;  // panels (charts…) are not saved
+  if (!Array.isArray(values) || values.length !== saved + 1) return values;
+  for (const name of seeds) {
+    const i = node.widgets.findIndex((w) => w.name === name);
+    if (i >= 0 && CONTROL_VALUES.has(values[i + 1])) return [...values.slice(0, i + 1), ...values.slice(i + 2)];
+  }
+  return values;
+}
+
 // ---------------------------------------------------------------- registration
 // A second copy of the pack (two folders in custom_nodes) must not break the page.
 if (!app.extensions?.some?.((e) => e.name === "DynASyn.ui")) app.registerExtension({
   name: "DynASyn.ui",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     const name = nodeData.name;
+    const seeds = name.startsWith("DynASyn") ? fixedSeedNames(nodeData) : [];
+    if (seeds.length) {
+      const configure = nodeType.prototype.configure;
+      nodeType.prototype.configure = function (info) {
+        if (info?.widgets_values) info.widgets_values = dropStaleSeedControl(this, info.widgets_values, seeds);
+        return configure.apply(this, arguments);
+      };
+    }
     const trains = name === "DynASynTrain" || name === "DynASynContinueTraining";  // both send dynasyn.train events
     if (!trains && name !== "DynASynSAMMasks" && !GALLERY_NODES.has(name)) return;
     const created = nodeType.prototype.onNodeCreated;

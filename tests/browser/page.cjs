@@ -1,14 +1,15 @@
 // Runs one Node-side script against the ComfyUI page in headless Chromium (playwright-core).
 //   node page.cjs <url> <script.cjs> <args.json> <result.json>
 // The script exports async (page, args) => value. The result file gets
-// {value, pageErrors, consoleErrors}; every uncaught page error is collected, never swallowed.
+// {value, pageErrors, consoleErrors, notFound (URLs answered 404)}; every uncaught page error is collected, never
+// swallowed.
 const fs = require("fs");
 const { chromium } = require("playwright-core");
 
 (async () => {
   const [url, scriptPath, argsPath, resultPath] = process.argv.slice(2);
   const args = JSON.parse(fs.readFileSync(argsPath, "utf8"));
-  const out = { value: null, pageErrors: [], consoleErrors: [], blockedRequests: [] };
+  const out = { value: null, pageErrors: [], consoleErrors: [], blockedRequests: [], notFound: [] };
   const browser = await chromium.launch({
     executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
     headless: true,
@@ -28,6 +29,7 @@ const { chromium } = require("playwright-core");
     });
     page.on("pageerror", (e) => out.pageErrors.push(String((e && e.stack) || e)));
     page.on("console", (m) => { if (m.type() === "error") out.consoleErrors.push(m.text()); });
+    page.on("response", (r) => { if (r.status() === 404) out.notFound.push(r.url()); });
     await page.goto(url, { waitUntil: "networkidle", timeout: 120000 });
     await page.waitForFunction(() => window.app && window.app.graph && window.LiteGraph, null, { timeout: 120000 });
     await page.waitForTimeout(500);

@@ -35,3 +35,48 @@ def test_requirements_never_pin_torch():
     for name in ("requirements.txt", "pyproject.toml"):
         text = (ROOT / name).read_text()
         assert not re.search(r"^\s*\"?torch\b", text, re.M), name
+
+
+def _git(*args):
+    import subprocess
+
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout.split("\0")
+    except (OSError, subprocess.CalledProcessError):
+        import pytest
+
+        pytest.skip("not a git checkout: the registry archive is built from git-tracked files")
+
+
+def test_registry_archive_ships_the_pack_and_leaves_out_the_developer_files():
+    """`comfy node publish` archives the git-tracked files minus .comfyignore (gitignore syntax, as git applies it)."""
+    tracked = {f for f in _git("ls-files", "-z") if f}
+    ignored = {f for f in _git("ls-files", "-z", "-ci", "--exclude-from=.comfyignore") if f}
+    shipped = tracked - ignored
+    for f in tracked:
+        top = f.split("/")[0]
+        if top in ("nodes", "dynasyn", "web", "example_workflows") or "/" not in f and f.endswith((".py", ".toml", ".txt", ".md")):
+            assert f in shipped or f in ("requirements-dev.txt",), f
+        if top in ("tests", "bench", ".ci", "demo", "docs"):
+            assert f not in shipped, f
+    assert {"__init__.py", "pyproject.toml", "requirements.txt", "LICENSE", "README.md", "web/dynasyn.js",
+            "dynasyn/shapes/weights/shapes_world.safetensors", "example_workflows/dynasyn_full.json"} <= shipped
+    assert {f for f in shipped if f.startswith("scripts/")} == {"scripts/train_shapes_world.py"}
+    # nothing shipped imports what is left out
+    left_out = {f.split("/")[0] for f in ignored} | {"scripts"}
+    for f in shipped:
+        if not f.endswith(".py"):
+            continue
+        for node in ast.walk(ast.parse((ROOT / f).read_text(encoding="utf-8"))):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(m.split(".")[0] in left_out for m in mods if m), f"{f} imports {mods}"
+
+
+def test_requires_comfyui_is_the_version_the_tests_run():
+    import tomllib
+
+    want = re.search(r'__version__ = "([^"]+)"', (ROOT / ".cache" / "ComfyUI" / "comfyui_version.py").read_text()).group(1)
+    setup = (ROOT / "scripts" / "setup_env.sh").read_text()
+    assert f"ComfyUI {want}" in setup
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["comfy"]["requires-comfyui"] == f">={want}"

@@ -7,7 +7,8 @@ module.exports = async (page, { spec, thumbnail }) => {
   await page.evaluate(buildGraph, spec);
   const workflow = await page.evaluate(() => {
     const app = window.app;
-    const xs = app.graph.nodes.map((n) => [n.pos[0], n.pos[1], n.pos[0] + n.size[0], n.pos[1] + n.size[1] + 30]);
+    const xs = [...app.graph.nodes.map((n) => [n.pos[0], n.pos[1], n.pos[0] + n.size[0], n.pos[1] + n.size[1] + 30]),
+                ...(app.graph.groups || []).map((g) => [g.pos[0], g.pos[1] + 30, g.pos[0] + g.size[0], g.pos[1] + g.size[1]])];
     const x0 = Math.min(...xs.map((b) => b[0])) - 20, y0 = Math.min(...xs.map((b) => b[1])) - 50;
     const x1 = Math.max(...xs.map((b) => b[2])) + 20, y1 = Math.max(...xs.map((b) => b[3])) + 20;
     const c = app.canvas.canvas, scale = Math.min(c.clientWidth / (x1 - x0), c.clientHeight / (y1 - y0));

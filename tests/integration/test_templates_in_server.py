@@ -1,0 +1,42 @@
+"""The shipped Shapes World template, as shipped, through the real server's HTTP API (as the page's Queue sends it):
+nothing to download or upload, and the whole pipeline (Example Scene -> augment -> Train -> sample) completes."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from demo.server import ROOT
+from demo.workflow import nodes_of, ui_to_api
+from tests.support.comfy_server import execution_error
+
+pytestmark = pytest.mark.slow
+
+
+def test_shapes_world_template_runs_as_shipped(server):
+    workflow = json.loads((ROOT / "example_workflows" / "dynasyn_shapes_world.json").read_text())
+    prompt = ui_to_api(workflow, server.get("/object_info"))
+    assert {v["class_type"] for v in prompt.values()} >= {"DynASynShapesWorldModel", "DynASynExampleScene",
+                                                          "DynASynAugment", "DynASynTrain", "KSampler"}
+    started = time.time()
+    entry = server.run(prompt, timeout=900)
+    assert entry["status"]["status_str"] == "success", execution_error(entry) or server.log()[-3000:]
+    print(f"dynasyn_shapes_world.json: {time.time() - started:.0f} s")
+
+    train = nodes_of(prompt, "DynASynTrain")[0]
+    scene_prompt = entry["outputs"][train]["text"][0]
+    names = scene_prompt.replace("embedding:", " ").split()
+    embeddings = [n for n in names if n.startswith("shapes_world")]
+    assert len(embeddings) == 2 and " on top of " in scene_prompt, scene_prompt
+    for name in embeddings:
+        vec = next(iter(load_file(server.base / "models" / "embeddings" / f"{name}.safetensors").values()))
+        assert vec.shape[-1] == 64  # the Shapes World text width
+    augment = nodes_of(prompt, "DynASynAugment")[0]
+    assert "dynasyn_gallery" in entry["outputs"][augment]  # augmented pairs were made
+    samples = [k for k in nodes_of(prompt, "SaveImage") if prompt[k]["inputs"]["filename_prefix"] == "dynasyn/shapes_world"]
+    saved = entry["outputs"][samples[0]]["images"]
+    pictures = [np.asarray(Image.open(server.base / "output" / s["subfolder"] / s["filename"]).convert("RGB")) for s in saved]
+    assert len(pictures) == 4 and all(p.shape == (64, 64, 3) and p.std() > 5 for p in pictures)

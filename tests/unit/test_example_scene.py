@@ -1,0 +1,84 @@
+"""The bundled example scenes (DynASyn Example Scene, the demo, the tests): deterministic pictures with one mask per
+subject, and the Shapes World pair whose patterns the pretrained model never saw."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from demo import example
+from dynasyn.errors import DynASynError
+from dynasyn.example_scene import BALL_AND_BOX, SCENES, SHAPES_PAIR, SHAPES_SUBJECTS, example_scene
+from dynasyn.shapes import world
+
+
+@pytest.mark.parametrize("name", list(SCENES))
+def test_each_scene_is_deterministic_with_one_mask_per_subject(name):
+    a, b = example_scene(name), example_scene(name)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.masks, b.masks) and a.class_nouns == b.class_nouns
+    size = 512 if name == BALL_AND_BOX else 64
+    assert a.image.shape == (size, size, 3) and a.image.dtype == np.uint8
+    nouns = [n.strip() for n in a.class_nouns.split(",")]
+    assert a.masks.shape == (len(nouns), size, size) and a.masks.dtype == bool
+    assert not (a.masks[0] & a.masks[1]).any()  # subjects do not overlap
+    for m in a.masks:
+        assert 0.03 < m.mean() < 0.3  # a subject, not the background
+    # the subjects differ from what is around them
+    ring = ~a.masks.any(0)
+    for m in a.masks:
+        assert np.abs(a.image[m].astype(float).mean(0) - a.image[ring].astype(float).mean(0)).max() > 40
+
+
+def test_demo_files_are_the_node_picture():
+    rgb, masks = example.draw()
+    ex = example_scene(BALL_AND_BOX)
+    assert np.array_equal(rgb, ex.image) and np.array_equal(np.stack(masks), ex.masks)
+    assert example.CLASS_NOUNS == ex.class_nouns
+
+
+def test_shapes_pair_wears_patterns_the_pretraining_scenes_never_have():
+    from dynasyn.shapes import identity
+
+    ex = example_scene(SHAPES_PAIR)
+    assert "striped" in ex.caption and "checked" in ex.caption
+    subjects = [identity.NovelSubject(*s) for s in SHAPES_SUBJECTS]
+    for m, s in zip(ex.masks, subjects):
+        px = ex.image[m].astype(float)
+        shares = [(np.abs(px - np.array(world.COLORS[c])).max(1) < 40).mean() for c in s.colors]
+        assert min(shares) > 0.25, (s, shares)  # two colours: a pattern
+    found = identity.find_subjects(ex.image, subjects)
+    assert all(f is not None and f.pattern(s) for f, s in zip(found, subjects))
+    # the pretrained model's scenes are always plain (the patterns are new to it)
+    assert all(o.pattern == "plain" for s in range(200) for o in world.sample_scene(s).objects)
+    # the world parses the caption as a red ball left of a blue box (patterns are extra words)
+    spec = world.parse_caption(ex.caption)
+    assert [(o["cls"], o["color"]) for o in spec["objects"]] == [("ball", "red"), ("box", "blue")]
+    assert spec["relation"] == "left of"
+
+
+def _standing(o):
+    world._stand(o, world.GROUND_Y)
+    o.cx = 30.0
+    return o
+
+
+def test_a_pattern_changes_only_the_object():
+    plain = world.Scene("room", [_standing(world.SceneObject("box", "green", 10.0, 0.0, 0.0))])
+    striped = replace(plain, objects=[replace(plain.objects[0], pattern="striped", color2="red")])
+    a, b = world.render(plain, seed=3), world.render(striped, seed=3)
+    assert np.array_equal(a.masks, b.masks)
+    near = a.masks[0].copy()  # the silhouette grown by a pixel: its edge pixels blend both fills
+    for axis in (0, 1):
+        for step in (-1, 1):
+            near |= np.roll(a.masks[0], step, axis)
+    assert np.array_equal(a.image[~near], b.image[~near])
+    assert not np.array_equal(a.image[a.masks[0]], b.image[b.masks[0]])
+
+
+def test_unknown_scene_or_pattern_is_a_clear_error():
+    with pytest.raises(DynASynError, match="Unknown example scene"):
+        example_scene("../../etc/passwd")
+    bad = world.Scene("room", [_standing(world.SceneObject("ball", "red", 9.0, 0.0, 0.0, pattern="plaid", color2="blue"))])
+    with pytest.raises(DynASynError, match="Unknown pattern 'plaid'"):
+        world.render(bad)
+
