@@ -90,14 +90,18 @@ def augment(x, y, model, image, masks, sam=None, settings=None, save=True):
     return nodes
 
 
-def train(x, y, model, image, masks, nouns, dataset, settings=None):
+def train(x, y, model, image, masks, nouns, dataset, settings=None, scene=None):
+    """Train (+ its loss curve) and the Scene Prompt that writes the new scene with the run's words: editing the
+    scene re-runs only that light node, never Train."""
     return [
         {"id": 40, "type": "DynASynTrain", "pos": [x, y], "size": [400, 1240],
          "links": {"model": [model, "MODEL"], "clip": [model, "CLIP"], "vae": [model, "VAE"], "image": image,
                    "masks": masks, "class_nouns": nouns, **({"dataset": dataset} if dataset else {})},
-         "widgets": {"class_nouns": NOUNS, "new_prompt": SCENE, **(settings or {})}},
+         "widgets": {"class_nouns": NOUNS, **(settings or {})}},
         {"id": 41, "type": "SaveImage", "pos": [x + 440, y], "links": {"images": [40, "loss_curve"]},
          "widgets": {"filename_prefix": "dynasyn/loss"}},
+        {"id": 42, "type": "DynASynScenePrompt", "pos": [x + 440, y + 340], "size": [320, 160],
+         "links": {"run": [40, "run"]}, "widgets": {"scene": scene or SCENE}},
     ]
 
 
@@ -109,9 +113,11 @@ Masks, see dynasyn_augment.json) and write the class nouns in Describe Subjects.
 2. Augment: Describe Subjects and Augment Prompts write K = 30 new scenes; Augment draws them (drafts, paste, inpaint, \
 Guided SDE Augmentation) and Save Dataset keeps them as a dataset folder.
 3. Train: about 800 steps (phase 1 tokens, phase 2 tokens + UNet + text encoder). Cancel keeps a resumable state.
-   new_prompt is the scene to draw: [1] = subject 1, [2] = subject 2.
-4. Sample: KSampler draws it with the trained MODEL/CLIP. The embeddings (models/embeddings/dynasyn_assetN) and a \
-checkpoint (models/checkpoints/dynasyn.safetensors) also work with stock nodes: see dynasyn_sample.json.
+   Scene Prompt writes the scene to draw: [1] = subject 1, [2] = subject 2 (editing it never retrains: the same
+   inputs load the finished run).
+4. Sample: KSampler draws it with the trained MODEL/CLIP. The embeddings (models/embeddings/dynasyn_ball, \
+dynasyn_box) and a checkpoint (models/checkpoints/dynasyn.safetensors) also work with stock nodes: see \
+dynasyn_sample.json; DynASyn Load Run reuses the finished run in any workflow.
 
 Models: {SD15['name']} in models/checkpoints; {SAM_B['name']} in models/sams (optional: disconnect 'sam' to use the attention maps).
 Memory: a 10 GB GPU fits training with optimizer = adafactor, gradient_checkpointing and fused_backward_step on (README).
@@ -137,14 +143,14 @@ TRAIN_NOTE = """DynASyn, training from a saved dataset folder.
 dynasyn_augment.json); for your own, LoadImage + one mask per subject, in subject order, and the class nouns in Train.
 2. Load Dataset: pick the dataset (a folder under user/__dynasyn/datasets, as written by dynasyn_augment.json: run that \
 one first).
-3. Train: new_prompt is the scene to draw ([1], [2]...). Defaults follow the paper \
+3. Train, then Scene Prompt: the scene to draw ([1], [2]...). Defaults follow the paper \
 (400 + 400 steps, lr 5e-4 then 2e-6, lambda 1 / 0.01 / 0.01 / 0.01).
-Outputs: models/embeddings/<run>_assetN.safetensors, models/checkpoints/<run>.safetensors, the loss curve, and samples."""
+Outputs: models/embeddings/<run>_<noun>.safetensors, models/checkpoints/<run>.safetensors, the loss curve, and samples."""
 
 SAMPLE_NOTE = """Sampling with a DynASyn result using only stock ComfyUI nodes.
 
-Load the exported checkpoint (models/checkpoints/dynasyn.safetensors) and write the subjects as embedding:<run>_assetN \
-in any prompt, e.g. "embedding:dynasyn_asset0 rolling next to embedding:dynasyn_asset1 on a sunny beach".
+Load the exported checkpoint (models/checkpoints/dynasyn.safetensors) and write the subjects as embedding:<run>_<noun> \
+in any prompt, e.g. "embedding:dynasyn_ball rolling next to embedding:dynasyn_box on a sunny beach".
 The embeddings live in models/embeddings; the checkpoint carries the trained UNet and text encoder."""
 
 # The Shapes World run: small enough for a CPU, nothing to download. The learning rates are 10x the paper's
@@ -152,7 +158,7 @@ The embeddings live in models/embeddings; the checkpoint carries the trained UNe
 # the subjects' tokens, these make the samples show the striped and checked subjects.
 SHAPES_AUGMENT = {"size": 64, "draft_steps": 10, "inpaint_steps": 8, "gsa_steps": 20, "guidance": 5.0, "draft_batch": 6}
 SHAPES_TRAIN = {"phase1_steps": 200, "phase2_steps": 100, "phase1_lr": 5e-3, "phase2_lr": 2e-5, "resolution": 64,
-                "preview_every": 20, "run_name": "shapes_world", "save_checkpoint": False}
+                "preview_every": 20, "run_name": "shapes_world", "save_as": "embeddings"}
 SHAPES_PROMPTS = 6
 SHAPES_SAMPLE = {"steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal"}
 SHAPES_SCENE = "[1] on top of [2] in the snow"
@@ -171,7 +177,7 @@ a checked blue box. DynASyn learns them from this ONE picture.
 {SHAPES_AUGMENT['inpaint_steps']}, GSA {SHAPES_AUGMENT['gsa_steps']} at 64 px; pseudo-masks from the attention maps.
 3. Train: {SHAPES_TRAIN['phase1_steps']} + {SHAPES_TRAIN['phase2_steps']} steps at 64 px, learning rates \
 {SHAPES_TRAIN['phase1_lr']:g} / {SHAPES_TRAIN['phase2_lr']:g} (10x the paper's, which are set for 400 + 400 steps of \
-SD 1.5 at 512 px). new_prompt = "{SHAPES_SCENE}".
+SD 1.5 at 512 px). Scene Prompt = "{SHAPES_SCENE}".
 4. Sample: {SHAPES_SAMPLE['steps']} euler steps, 4 pictures (a 128x128 EmptyLatentImage = the model's 16x16 latents = 64 px).
 
 Measured: {SHAPES_MEASURED}. On a CPU that other programs keep busy, set OMP_NUM_THREADS=1 before starting \
@@ -191,7 +197,7 @@ def workflows() -> dict[str, dict]:
     full = [note(2, [0, 0], FULL_NOTE), checkpoint(1, [500, -160]), *scene, sam,
             *describe_and_prompts(940, 0, img, masks, nouns), *augment(1300, 0, 1, img, masks, sam=[14, 0]),
             *train(2060, 0, 1, img, masks, [20, "class_nouns"], [31, "dataset"]),
-            *sample(2840, 0, model=[40, "MODEL"], clip=[40, "CLIP"], vae=[1, "VAE"], text_link=[40, "prompt"])]
+            *sample(2840, 0, model=[40, "MODEL"], clip=[40, "CLIP"], vae=[1, "VAE"], text_link=[42, "prompt"])]
     aug = [note(2, [0, 0], AUGMENT_NOTE), checkpoint(1, [500, -160]), *scene, sam,
            {"id": 15, "type": "DynASynSAMMasks", "pos": [860, 0], "size": [380, 620],
             "links": {"sam": [14, 0], "image": img},
@@ -202,19 +208,19 @@ def workflows() -> dict[str, dict]:
     trn = [note(2, [0, 0], TRAIN_NOTE), checkpoint(1, [500, -160]), *scene,
            {"id": 16, "type": "DynASynLoadDataset", "pos": [940, 0], "widgets": {"folder": "dynasyn_dataset"}},
            *train(1300, 0, 1, img, masks, nouns, [16, "dataset"]),
-           *sample(2000, 0, model=[40, "MODEL"], clip=[40, "CLIP"], vae=[1, "VAE"], text_link=[40, "prompt"])]
+           *sample(2000, 0, model=[40, "MODEL"], clip=[40, "CLIP"], vae=[1, "VAE"], text_link=[42, "prompt"])]
     samp = [note(2, [0, 0], SAMPLE_NOTE), checkpoint(1, [500, 0], name="dynasyn.safetensors", models=()),
             *sample(940, 0, model=[1, "MODEL"], clip=[1, "CLIP"], vae=[1, "VAE"],
-                    text="embedding:dynasyn_asset0 rolling next to embedding:dynasyn_asset1 on a sunny beach")]
+                    text="embedding:dynasyn_ball rolling next to embedding:dynasyn_box on a sunny beach")]
     shapes = [note(2, [0, 0], SHAPES_NOTE),
               {"id": 1, "type": "DynASynShapesWorldModel", "pos": [500, -160]}, *example_scene(500, 0, SHAPES_PAIR),
               *describe_and_prompts(940, 0, img, masks, nouns, count=SHAPES_PROMPTS),
               *augment(1300, 0, 1, img, masks, settings=SHAPES_AUGMENT, save=False),
               *train(1820, 0, 1, img, masks, [20, "class_nouns"], [30, "dataset"],
-                     settings={**SHAPES_TRAIN, "new_prompt": SHAPES_SCENE}),
-              *sample(2600, 0, model=[40, "MODEL"], clip=[40, "CLIP"], vae=[1, "VAE"], text_link=[40, "prompt"],
+                     settings=SHAPES_TRAIN, scene=SHAPES_SCENE),
+              *sample(2600, 0, model=[40, "MODEL"], clip=[40, "CLIP"], vae=[1, "VAE"], text_link=[42, "prompt"],
                       settings=SHAPES_SAMPLE, latent=(128, 128, 4), prefix="dynasyn/shapes_world", negative="")]
-    stages = {"Inputs": (1, 10, 14), "Augment": (20, 21, 30, 31, 32), "Train": (40, 41), "Sample": (50, 51, 52, 53, 54, 55)}
+    stages = {"Inputs": (1, 10, 14), "Augment": (20, 21, 30, 31, 32), "Train": (40, 41, 42), "Sample": (50, 51, 52, 53, 54, 55)}
     return {
         "dynasyn_full": {"nodes": full, "groups": groups(full, stages)},
         "dynasyn_augment": {"nodes": aug},

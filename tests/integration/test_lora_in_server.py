@@ -11,7 +11,7 @@ from tests.integration.test_train_in_server import train_graph, write_inputs
 from tests.support.comfy_server import execution_error
 
 pytestmark = pytest.mark.slow
-PROMPT = "a photo of embedding:it_lora_asset0 and embedding:it_lora_asset1"
+PROMPT = "a photo of embedding:it_lora_panda and embedding:it_lora_bowl"
 # 8-bit PNGs of the same seed: the fp16 factors move a pixel by at most a rounding step or two
 MAX_PIXEL_STEPS = 2
 
@@ -38,7 +38,7 @@ def image(server, entry, node):
 
 def test_trained_lora_loads_in_stock_lora_loader(server):
     write_inputs(server)
-    g = train_graph("it_lora", phase1=2, phase2=3, phase2_lr=3e-3, save_checkpoint=False)
+    g = train_graph("it_lora", phase1=2, phase2=3, phase2_lr=3e-3, save_as="embeddings")
     g = {k: v for k, v in g.items() if k in {"1", "2", "3", "4", "5", "6"}}
     g["20"] = {"class_type": "DynASynSaveLoRA", "inputs": {
         "base_model": ["1", 0], "trained_model": ["6", 0], "base_clip": ["1", 1], "trained_clip": ["6", 1],

@@ -10,7 +10,7 @@ module.exports = async (page, { runName }) => {
     { id: 2, type: "DynASynExampleScene", pos: [0, 200] },
     { id: 3, type: "DynASynTrain", pos: [400, 0],
       links: { model: [1, 0], clip: [1, 1], vae: [1, 2], image: [2, "image"], masks: [2, "masks"], class_nouns: [2, "class_nouns"] },
-      widgets: { phase1_steps: 1, phase2_steps: 0, resolution: 64, preview_every: 0, run_name: runName, save_checkpoint: false } },
+      widgets: { phase1_steps: 1, phase2_steps: 0, resolution: 64, preview_every: 0, run_name: runName, save_as: "embeddings" } },
     { id: 4, type: "SaveImage", pos: [800, 0], links: { images: [3, "loss_curve"] } },
     { id: 5, type: "CLIPTextEncode", pos: [0, 700], links: { clip: [1, 1] }, widgets: { text: "a ball" } },
     { id: 6, type: "EmptyLatentImage", pos: [0, 900], widgets: { width: 64, height: 64, batch_size: 1 } },
