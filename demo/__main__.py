@@ -1,6 +1,7 @@
 """The main job in one command: example_workflows/dynasyn_full.json, headless, through ComfyUI's HTTP API.
 
-    bash scripts/demo.sh                              # bundled picture, built-in tiny model (no download)
+    bash scripts/demo.sh                              # the Shapes World model learns the bundled pair (no download)
+    bash scripts/demo.sh --tiny                       # the SD pipeline in small on the built-in tiny random model
     bash scripts/demo.sh --checkpoint sd15.safetensors [--sam sam_vit_b_01ec64.pth]
     bash scripts/demo.sh --image me.png --masks m1.png m2.png --class-nouns "dog, ball" --checkpoint ...
 
@@ -24,6 +25,9 @@ from .server import ROOT, ComfyServer, execution_error
 from .workflow import WorkflowError, nodes_of, ui_to_api
 
 WORKFLOW = ROOT / "example_workflows" / "dynasyn_full.json"
+# Without a checkpoint or a picture: the pretrained Shapes World model learns the bundled striped ball and checked
+# box (subjects it never saw) and draws them in a new scene, in a few minutes on a CPU
+SHAPES_WORKFLOW = ROOT / "example_workflows" / "dynasyn_shapes_world.json"
 TINY_SAM = "tiny (random test-size SAM, for trying graphs)"
 # The built-in model is 64 px and random: small numbers keep the whole job to a few minutes on a CPU.
 TINY_SETTINGS = {
@@ -242,7 +246,7 @@ def collect(base: Path, out: Path, ckpt_input: str | None) -> dict[str, list[str
     for f in sorted((base / "models" / "checkpoints").glob("*.safetensors")):
         if f.name != ckpt_input and not f.is_symlink():
             copy(f, out / "checkpoint" / f.name, "checkpoint")
-    for f in sorted((output / "dynasyn").glob("sample_*.png")):
+    for f in sorted([*(output / "dynasyn").glob("sample_*.png"), *(output / "dynasyn").glob("shapes_world_*.png")]):
         copy(f, out / "samples" / f.name, "samples")
     losses = sorted((output / "dynasyn").glob("loss_*.png"))
     if losses:
@@ -298,7 +302,10 @@ def main(argv=None) -> int:
     ap.add_argument("--masks", nargs="+", help="one mask file per subject (white = subject), with --image")
     ap.add_argument("--class-nouns", help='what each subject is, e.g. "dog, ball", with --image')
     ap.add_argument("--out", help="output folder (default demo_output/<date-time>)")
-    ap.add_argument("--workflow", default=str(WORKFLOW), help="UI-format workflow to run (default the shipped dynasyn_full)")
+    ap.add_argument("--workflow", help="UI-format workflow to run (default: dynasyn_shapes_world without --checkpoint, "
+                                       "--image or --tiny; else the shipped dynasyn_full)")
+    ap.add_argument("--tiny", action="store_true", help="dynasyn_full on the built-in tiny random model: the whole SD "
+                                                        "pipeline in small (shows it runs, not quality)")
     ap.add_argument("--quick", action="store_true", help="a smoke run with a real --checkpoint: 1 prompt, 2 training steps, "
                                                           "2 sampling steps (checks the setup in minutes; not for results)")
     ap.add_argument("--timeout", type=float, default=7200, help="seconds to wait for the job")
@@ -308,7 +315,8 @@ def main(argv=None) -> int:
         if args.sam and not Path(args.sam).is_file():
             raise DemoError(f"--sam {args.sam}: no such file.")
         user = check_inputs(args)
-        workflow = json.loads(Path(args.workflow).read_text())
+        shapes = not (args.checkpoint or args.image or args.tiny or args.workflow)
+        workflow = json.loads(Path(args.workflow or (SHAPES_WORKFLOW if shapes else WORKFLOW)).read_text())
     except (DemoError, OSError, ValueError) as e:
         print(f"[demo] error: {e}", file=sys.stderr)
         return 2
@@ -318,7 +326,7 @@ def main(argv=None) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     base = out / ".comfyui"
-    print(f"[demo] model: {ckpt or 'built-in tiny random model (64 px; shows the pipeline, not quality)'}")
+    print(f"[demo] model: {ckpt or ('built-in Shapes World model (64 px, pretrained; learns a striped ball and a checked box)' if shapes else 'built-in tiny random model (64 px; shows the pipeline, not quality)')}")
     started = time.time()
     with ComfyServer(base) as server:
         setup_s = time.time() - started
@@ -340,7 +348,7 @@ def main(argv=None) -> int:
             sam_name = Path(args.sam).name
             os.symlink(Path(args.sam).resolve(), base / "models" / "sams" / sam_name)
         try:
-            prompt = build_prompt(workflow, server.get("/object_info"), tiny=ckpt is None, ckpt_name=ckpt and ckpt.name,
+            prompt = build_prompt(workflow, server.get("/object_info"), tiny=ckpt is None and not shapes, ckpt_name=ckpt and ckpt.name,
                                   sam_name=sam_name, nouns=nouns, mask_names=mask_names, image_name=image_name,
                                   quick=args.quick)
         except WorkflowError as e:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job in one command: sets up (same ComfyUI, pack and dependencies as the tests) and runs
 # example_workflows/dynasyn_full.json headless on the bundled picture. Options: python -m demo --help
-#   bash scripts/demo.sh                                   # built-in tiny model, no download
+#   bash scripts/demo.sh                                   # the Shapes World model learns the bundled pair, no download
+#   bash scripts/demo.sh --tiny                            # the SD workflow on a built-in tiny random model
 #   bash scripts/demo.sh --checkpoint /path/to/v1-5-pruned-emaonly.safetensors
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

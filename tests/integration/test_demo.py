@@ -22,7 +22,7 @@ def demo(*args, timeout=900):
 
 def test_demo_makes_every_promised_output(tmp_path):
     out = tmp_path / "run"
-    r = demo("--out", out)
+    r = demo("--tiny", "--out", out)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"everything is in {out}" in r.stdout
     augmented = sorted((out / "augmented").glob("*.png"))
@@ -76,7 +76,7 @@ def test_ctrl_c_cancels_cleanly_and_keeps_the_training_state(tmp_path):
     import time
 
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "demo", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "demo", "--tiny", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 600
