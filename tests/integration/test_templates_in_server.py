@@ -26,8 +26,8 @@ def test_shapes_world_template_runs_as_shipped(server):
     assert entry["status"]["status_str"] == "success", execution_error(entry) or server.log()[-3000:]
     print(f"dynasyn_shapes_world.json: {time.time() - started:.0f} s")
 
-    train = nodes_of(prompt, "DynASynTrain")[0]
-    scene_prompt = entry["outputs"][train]["text"][0]
+    scene = nodes_of(prompt, "DynASynScenePrompt")[0]  # the scene, written with the run's words after Train
+    scene_prompt = entry["outputs"][scene]["text"][0]
     names = scene_prompt.replace("embedding:", " ").split()
     embeddings = [n for n in names if n.startswith("shapes_world")]
     assert len(embeddings) == 2 and " on top of " in scene_prompt, scene_prompt
