@@ -12,7 +12,8 @@ module.exports = async (page, { steps, inSubgraph }) => {
       links: { model: [1, 0], clip: [1, 1], vae: [1, 2], image: [2, "image"], masks: [2, "masks"],
                class_nouns: [2, "class_nouns"] },
       widgets: { phase1_steps: steps[0], phase2_steps: steps[1], resolution: 64,
-                 preview_every: 2, run_name: "chart_" + Date.now(), save_as: "embeddings" } },
+                 preview_every: 2, run_name: "chart_" + Date.now(), save_as: "embeddings",
+                 force_retrain: true } },  // the same inputs would load the finished run: no events to draw
     { id: 7, type: "SaveImage", pos: [800, 0], links: { images: [6, 3] } },
   ] };
   const id = (await page.evaluate(buildGraph, spec))[6];
