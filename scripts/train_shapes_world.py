@@ -90,7 +90,7 @@ def train_vae(comps, imgs, args, work: Path, params=None, name="vae", steps=0, l
     ck = work / f"{name}.pt"
     start = 0
     if ck.exists():
-        st = torch.load(ck, weights_only=False)
+        st = torch.load(ck, weights_only=True)
         vae.load_state_dict(st["vae"])
         opt.load_state_dict(st["opt"])
         start = st["step"]
@@ -149,7 +149,7 @@ def train_unet(comps, latents, ids, args, work: Path):
     ck = work / "unet.pt"
     start = 0
     if ck.exists():
-        st = torch.load(ck, weights_only=False)
+        st = torch.load(ck, weights_only=True)
         unet.load_state_dict(st["unet"]); te.load_state_dict(st["te"])
         ema_u.load_state_dict(st["ema_u"]); ema_t.load_state_dict(st["ema_t"])
         opt.load_state_dict(st["opt"]); start = st["step"]
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     vae_done = train_vae(comps, imgs, args, work, steps=args.vae_steps, name="vae")
     folded = work / "vae_folded.pt"
     if folded.exists():
-        comps.vae.load_state_dict(torch.load(folded, weights_only=False))
+        comps.vae.load_state_dict(torch.load(folded, weights_only=True))
     else:
         with torch.no_grad():
             z = torch.cat([comps.vae.encode(to_tensor(imgs[i:i + 64])).latent_dist.mean for i in range(0, min(1024, len(imgs)), 64)])
