@@ -35,6 +35,7 @@ from dynasyn.prompts import PromptTemplate  # noqa: E402
 from dynasyn.shapes import identity as I  # noqa: E402
 from dynasyn.shapes import world  # noqa: E402
 from dynasyn.shapes.model import load_shapes_components, sample_images, to_uint8  # noqa: E402
+from dynasyn.shapes.segmenter import ShapesSegmenter  # noqa: E402
 from dynasyn.train import DynASynTrainer, TrainConfig  # noqa: E402
 
 TABLE1 = ("textual_inversion", "dreambooth", "break_a_scene", "dynasyn")
@@ -89,9 +90,20 @@ def run_augment(args, comps, scene: RefScene, image, masks):
     descriptions = [f"a {s.color} {s.cls}" for s in scene.subjects]  # what the base model can draw
     cfg = AugmentConfig(size=world.SIZE, draft_steps=args.draft_steps, inpaint_steps=args.inpaint_steps,
                         guidance_scale=5.0, seed=scene.seed, draft_batch=len(AUG_TEMPLATES), min_mask_pixels=16,
-                        inpaint_dilation=2, gsa=GSAConfig(steps=args.gsa_steps, guidance_scale=5.0))
-    report = augment(comps, image, masks, nouns, descriptions, [PromptTemplate(t) for t in AUG_TEMPLATES], cfg)
+                        inpaint_dilation=2, gsa=GSAConfig(steps=args.gsa_steps, guidance_scale=5.0,
+                                                                          strength=args.gsa_strength))
+    sam = ShapesSegmenter() if args.segmenter == "shapes" else None
+    report = augment(comps, image, masks, nouns, descriptions, [PromptTemplate(t) for t in AUG_TEMPLATES], cfg, sam=sam)
     return report
+
+
+def pair_quality(scene: RefScene, pairs) -> dict[str, float]:
+    """What L_AUG is taught by: the share of pseudo-masked subjects whose two colours survived GSA, and the share
+    of each pseudo-mask lying on its subject (``identity.pair_quality``)."""
+    q = [x for p in pairs for x in I.pair_quality(p.image.numpy(), p.masks.numpy(), p.subjects, list(scene.subjects))]
+    if not q:
+        return {"colors": float("nan"), "on_subject": float("nan")}
+    return {"colors": float(np.mean([x["colors"] for x in q])), "on_subject": float(np.mean([x["on_subject"] for x in q]))}
 
 
 def train_mode(args, mode: str, scene: RefScene, image, masks, pairs, class_dir: Path):
@@ -124,6 +136,17 @@ def evaluate(args, comps, scene: RefScene, words: list[str]) -> dict[str, dict[s
     return {g: {k: float(np.mean(v)) for k, v in d.items()} for g, d in out.items()}, imgs
 
 
+def _save_pairs(path: Path, reference: np.ndarray, pairs) -> None:
+    """The reference, then each augmented picture over its pseudo-masks (the pictures L_AUG trains on)."""
+    from PIL import Image
+
+    top = [reference] + [(p.image.numpy() * 255).round().astype(np.uint8) for p in pairs]
+    bottom = [np.zeros_like(reference)] + [np.repeat((p.masks.amax(0).numpy()[..., None] * 255).astype(np.uint8), 3, 2)
+                                           for p in pairs]
+    grid = np.concatenate([np.concatenate(top, 1), np.concatenate(bottom, 1)], 0)
+    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenes", type=int, default=len(SCENES))
@@ -140,6 +163,11 @@ def main(argv=None) -> int:
     ap.add_argument("--draft-steps", type=int, default=20)
     ap.add_argument("--inpaint-steps", type=int, default=20)
     ap.add_argument("--gsa-steps", type=int, default=30)
+    ap.add_argument("--gsa-strength", type=float, default=0.7, help="GSA's start, t = strength x 1000 (paper: 0.7)")
+    ap.add_argument("--segmenter", choices=("shapes", "attention"), default="shapes",
+                    help="pseudo-masks of drafts and GSA outputs: the world's exact segmenter (SAM's role) or the "
+                         "thresholded 16x16 attention alone")
+    ap.add_argument("--augment-only", action="store_true", help="make and score the augmented pairs, train nothing")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "fidelity"))
@@ -151,20 +179,26 @@ def main(argv=None) -> int:
     print(f"fidelity bench: {args.scenes} scenes x {len(args.modes)} modes; phase 1/2 steps {args.phase1_steps}/"
           f"{args.phase2_steps}, lr {args.phase1_lr}/{args.phase2_lr}; {args.seeds} seeds per prompt", flush=True)
     results: dict[str, list[dict]] = {m: [] for m in ["untrained", *args.modes]}
-    n_pairs = []
+    n_pairs, quality = [], []
     for scene in SCENES[:args.scenes]:
         ref, image, masks = reference(scene)
         base = load_shapes_components()
         # the untrained baseline: the base model asked for each subject's look in words
         words = [f"a {s.color} and {s.color2} {s.pattern} {s.cls}" for s in scene.subjects]
-        results["untrained"].append(evaluate(args, base, scene, words)[0])
+        if not args.augment_only:
+            results["untrained"].append(evaluate(args, base, scene, words)[0])
         pairs = []
-        if any(m in ("dynasyn", "dynasyn_act") for m in args.modes):
+        if args.augment_only or any(m in ("dynasyn", "dynasyn_act") for m in args.modes):
             t0 = time.time()
             report = run_augment(args, base, scene, image, masks)
             pairs = report.pairs
+            quality.append(pair_quality(scene, pairs))
             print(f"  scene {scene.seed}: {len(pairs)} augmented pairs ({len(report.skipped)} skipped) in "
-                  f"{time.time() - t0:.0f} s", flush=True)
+                  f"{time.time() - t0:.0f} s; subjects keeping both colours {quality[-1]['colors']:.2f}, "
+                  f"pseudo-mask on its subject {quality[-1]['on_subject']:.2f}", flush=True)
+            _save_pairs(out_dir / f"scene{scene.seed}_pairs.png", ref.image, pairs)
+        if args.augment_only:
+            continue
         n_pairs.append(len(pairs))
         for mode in args.modes:
             t0 = time.time()
@@ -180,6 +214,12 @@ def main(argv=None) -> int:
             print(f"  scene {scene.seed} {mode:18s} " + "  ".join(
                 f"{g}: col {v['colors']:.2f} id {v['identity']:.2f} pat {v['pattern']:.2f} text {v['text']:.2f} leak {v['leakage']:.3f}" for g, v in scores.items())
                 + f"  ({time.time() - t0:.0f} s)", flush=True)
+
+    if args.augment_only:
+        print(f"\naug_colors={np.nanmean([q['colors'] for q in quality]):.3f} "
+              f"aug_on_subject={np.nanmean([q['on_subject'] for q in quality]):.3f} "
+              f"minutes={(time.time() - started) / 60:.3f}")
+        return 0
 
     def mean(mode, group, key):
         vals = [r[group][key] for r in results[mode] if group in r]
@@ -203,6 +243,9 @@ def main(argv=None) -> int:
         line[f"{key}_text"] = np.mean([mean(m, g, "text") for g in ("action", "interaction")])
         line[f"leakage_{key}"] = np.mean([mean(m, g, "leakage") for g in groups])
     line["aug_pairs"] = float(np.mean(n_pairs))
+    if quality:
+        line["aug_colors"] = float(np.nanmean([q["colors"] for q in quality]))
+        line["aug_on_subject"] = float(np.nanmean([q["on_subject"] for q in quality]))
     line["minutes"] = (time.time() - started) / 60
     print("\n" + " ".join(f"{k}={v:.3f}" for k, v in line.items()))
     return 0

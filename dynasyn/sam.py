@@ -108,13 +108,30 @@ def _to_uint8(image: torch.Tensor) -> np.ndarray:
 def segment(sam, image: torch.Tensor, prompts: Sequence[SubjectPrompt], *, clip_to_box: bool = True) -> torch.Tensor:
     """One mask per subject prompt: [S, H, W] float in {0, 1}. The image embedding is computed once.
 
-    ``clip_to_box`` keeps only the part of a mask inside its prompt box (SAM sometimes spills onto
-    neighbours, which would make a pseudo-mask cover two subjects).
+    ``sam`` is a SAM model, or any segmenter with ``segment_prompts(image, prompts) -> [S, H, W]`` (the
+    Shapes World's exact one, ``dynasyn.shapes.segmenter``). ``clip_to_box`` keeps only the part of a mask
+    inside its prompt box (SAM sometimes spills onto neighbours, which would make a pseudo-mask cover two
+    subjects).
     """
-    from segment_anything import SamPredictor
-
     if not prompts:
         raise DynASynError("No SAM prompts: give a box or points for each subject.")
+    if hasattr(sam, "segment_prompts"):
+        out = sam.segment_prompts(image, prompts).float()
+    else:
+        out = _sam_predict(sam, image, prompts)
+    if clip_to_box:
+        for i, p in enumerate(prompts):
+            if p.box is not None:
+                x0, y0, x1, y1 = (int(round(v)) for v in p.box)
+                keep = torch.zeros_like(out[i])
+                keep[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = 1
+                out[i] = out[i] * keep
+    return out
+
+
+def _sam_predict(sam, image: torch.Tensor, prompts: Sequence[SubjectPrompt]) -> torch.Tensor:
+    from segment_anything import SamPredictor
+
     pixels = _to_uint8(image)
     h, w = pixels.shape[:2]
     predictor = SamPredictor(sam)
@@ -125,11 +142,5 @@ def segment(sam, image: torch.Tensor, prompts: Sequence[SubjectPrompt], *, clip_
         labels = np.asarray(p.labels or [1] * len(p.points), dtype=np.int64) if p.points else None
         box = np.asarray(p.box, dtype=np.float32) if p.box is not None else None
         masks, _, _ = predictor.predict(point_coords=coords, point_labels=labels, box=box, multimask_output=False)
-        m = torch.from_numpy(masks[0]).float()
-        if clip_to_box and box is not None:
-            x0, y0, x1, y1 = (int(round(v)) for v in box)
-            keep = torch.zeros_like(m)
-            keep[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = 1
-            m = m * keep
-        out[i] = m
+        out[i] = torch.from_numpy(masks[0]).float()
     return out

@@ -71,24 +71,11 @@ class SubjectFound:
         return self.identity(subject) and self.interleave >= MIN_INTERLEAVE
 
 
-def _as_uint8(img: np.ndarray) -> np.ndarray:
-    img = np.asarray(img)
-    if img.ndim != 3 or img.shape[2] != 3:
-        raise DynASynError(f"Pictures are HxWx3, got shape {img.shape}.")
-    if img.dtype != np.uint8:
-        img = (np.clip(img.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
-    if img.shape[:2] != (world.SIZE, world.SIZE):
-        from PIL import Image
-
-        img = np.asarray(Image.fromarray(img).resize((world.SIZE, world.SIZE), Image.BILINEAR))
-    return img
-
-
 def find_subjects(img: np.ndarray, subjects: list[NovelSubject]) -> list[SubjectFound | None]:
     """Each subject's region in ``img`` (None where its colours cover too little)."""
     from scipy import ndimage
 
-    img = _as_uint8(img)
+    img = scorer.world_pixels(img)
     labels = scorer.color_labels(img)  # by hue: robust to the blur of generated pictures
     _, s, v = scorer._hsv(img)
     shadow = (s < 0.25) & (v < 0.42) & (labels < 0)
@@ -201,3 +188,24 @@ def sample_novel_scene(seed: int) -> tuple[world.Scene, list[NovelSubject], Eval
     else:
         prompt = EvalPrompt((0, 1), relation=str(rng.choice(world.RELATIONS)))
     return novel_scene(subjects, prompt, seed), subjects, prompt
+
+
+def pair_quality(image, masks, subject_ids: list[int], subjects: list[NovelSubject]) -> list[dict]:
+    """How well an augmented pair teaches its subjects (L_AUG's training data): for each pseudo-mask
+    ``masks[k]`` (HxW, of subject ``subject_ids[k]``), ``colors``: the subject's two colours are still in one
+    region of ``image`` (GSA kept its look), ``on_subject``: the share of the pseudo-mask on that region
+    (1.0: the mask lies on the subject; 0.0: on something else, or the subject is gone)."""
+    from scipy import ndimage
+
+    pixels = scorer.world_pixels(image)
+    found = find_subjects(pixels, subjects)
+    out = []
+    for m, i in zip(masks, subject_ids):
+        m = np.asarray(m, dtype=np.float32)
+        if m.shape != pixels.shape[:2]:
+            m = ndimage.zoom(m, (pixels.shape[0] / m.shape[0], pixels.shape[1] / m.shape[1]), order=0)
+        m = m > 0.5
+        f = found[i]
+        on = float((m & f.region).sum() / max(1, m.sum())) if f is not None else 0.0
+        out.append({"colors": bool(f is not None and f.colors()), "on_subject": round(on, 4)})
+    return out

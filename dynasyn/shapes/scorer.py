@@ -128,10 +128,8 @@ def _pose(cls: str, f: dict, bottom: float, left: float, right: float, shadow: n
     return ""
 
 
-def detect(img: np.ndarray) -> list[Detection]:
-    """The objects in an HxWx3 uint8 picture (resized to the world's 64 px if needed)."""
-    from scipy import ndimage
-
+def world_pixels(img) -> np.ndarray:
+    """An RGB picture (HxWx3 uint8, or floats in [0, 1]) as the world's 64 px uint8 pixels."""
     img = np.asarray(img)
     if img.ndim != 3 or img.shape[2] != 3:
         raise DynASynError(f"The scorer reads RGB pictures (HxWx3), got shape {img.shape}.")
@@ -141,6 +139,14 @@ def detect(img: np.ndarray) -> list[Detection]:
         from PIL import Image
 
         img = np.asarray(Image.fromarray(img).resize((world.SIZE, world.SIZE), Image.BILINEAR))
+    return img
+
+
+def detect(img: np.ndarray) -> list[Detection]:
+    """The objects in an HxWx3 uint8 picture (resized to the world's 64 px if needed)."""
+    from scipy import ndimage
+
+    img = world_pixels(img)
     labels = color_labels(img)
     h, s, v = _hsv(img)
     shadow = (s < 0.25) & (v < 0.42)
