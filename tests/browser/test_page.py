@@ -8,14 +8,17 @@ from PIL import Image
 from demo import example
 from demo.__main__ import substitute
 from demo.server import ROOT, execution_error
-from demo.workflow import ui_to_api
+from demo.workflow import nodes_of, ui_to_api
 from tests.browser.conftest import SENTINEL_KEY
 from tests.support.openai_server import FakeOpenAI
 from tests.support.page import run_page
 
 pytestmark = pytest.mark.slow
-WORKFLOWS = ["dynasyn_full", "dynasyn_augment", "dynasyn_train", "dynasyn_sample", "dynasyn_shapes_world"]  # full first:
-# it makes what the others use. dynasyn_shapes_world runs on its own model; tests/integration runs it through the API.
+# dynasyn_train first: it runs on a server where no other workflow wrote anything yet; dynasyn_full before
+# dynasyn_sample, which loads the checkpoint it writes. dynasyn_shapes_world runs on its own model (tests/integration).
+WORKFLOWS = ["dynasyn_train", "dynasyn_full", "dynasyn_augment", "dynasyn_sample", "dynasyn_shapes_world"]
+# nodes that read what another workflow or an upload left: no shipped workflow may need one to run
+READS_SAVED = {"DynASynLoadDataset", "DynASynLoadRun", "DynASynContinueTraining", "LoadImage", "LoadImageMask"}
 MODEL_INPUTS = {"ckpt_name", "sam_name"}  # model files: the only validation errors a shipped workflow may have
 
 
@@ -55,11 +58,20 @@ def test_workflow_loads_converts_and_completes_on_the_small_model(server, name):
     assert {k: v["inputs"] for k, v in page["prompt"].items()} == {k: v["inputs"] for k, v in mine.items()}
     if name == "dynasyn_sample":  # only stock ComfyUI nodes
         assert all(v["class_type"] in _stock(server) for v in page["prompt"].values())
+    assert not {v["class_type"] for v in page["prompt"].values()} & READS_SAVED
     if name == "dynasyn_shapes_world":  # nothing to substitute: the pack's own model (run in tests/integration)
         return
+    if name == "dynasyn_train":  # first on this server: no dataset exists; the muted Load Dataset stays out
+        assert not list((server.base / "user" / "__dynasyn").glob("datasets/*/dataset.json"))
+        assert [n["mode"] for n in workflow["nodes"] if n["type"] == "DynASynLoadDataset"] == [2]
     prompt = substitute(page["prompt"], tiny=True)
     entry = server.run(prompt, timeout=900)
     assert entry["status"]["status_str"] == "success", execution_error(entry) or server.log()[-3000:]
+    if name == "dynasyn_train":  # Train learned from the pair the stage nodes made in the graph
+        pair = nodes_of(prompt, "DynASynMakePair")[0]
+        assert "dataset" not in prompt[pair]["inputs"]
+        assert entry["outputs"][pair]["text"][0].startswith("1 pair(s) added (1 in the dataset)")
+        assert nodes_of(prompt, "DynASynTrain")[0] in entry["outputs"]
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
