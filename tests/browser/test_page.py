@@ -273,3 +273,18 @@ def test_model_list_route_refuses_what_the_llm_calls_refuse(server):
         assert status == 200 and body == {"models": ["m"], "offered": True}
         assert [r["path"] for r in foreign.model_requests] == ["/v1/models"]
         assert "authorization" not in foreign.model_requests[0]["headers"] and SENTINEL_KEY not in repr(foreign.model_requests)
+
+
+def test_editing_the_scene_prompt_in_the_page_does_not_retrain(server):
+    """Queue, edit the Scene Prompt's scene, Queue again: the second run draws the new scene, while Train is
+    reported cached and sends no training step."""
+    scenes = ["[1] rolling next to [2] on a beach", "[2] on top of [1] in the snow"]
+    res = run_page(server, "scene_edit_requeue", {"runName": "scene_edit", "scenes": scenes})
+    assert res["pageErrors"] == [] and ours(res["consoleErrors"]) == []
+    first, second = res["value"]["runs"]
+    train = res["value"]["train"]
+    assert first["status"] == second["status"] == "success", res["value"]
+    assert first["steps"] == [1, 2, 3] and train not in first["cached"]  # force_retrain: it trained once
+    assert second["steps"] == [] and train in second["cached"]  # not executed again
+    assert first["prompt"].endswith("on a beach") and second["prompt"].endswith("in the snow")
+    assert second["prompt"].startswith("embedding:scene_edit_")
