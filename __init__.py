@@ -82,4 +82,19 @@ NODE_DISPLAY_NAME_MAPPINGS = {k: v for k, v in NODE_DISPLAY_NAME_MAPPINGS.items(
 
 WEB_DIRECTORY = "./web"
 
+
+def _register_routes() -> None:
+    """The page's LLM model list (nodes/routes.py); without it only that list is missing."""
+    try:
+        from .nodes.routes import register_routes
+
+        register_routes()
+    except Exception:  # noqa: BLE001
+        import logging
+
+        logging.getLogger("DynASyn").exception("[DynASyn] the LLM model list route could not be added")
+
+
+_register_routes()
+
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -34,6 +34,8 @@ TINY_SETTINGS = {
     "DynASynAugmentPrompts": {"count": 4},
     "DynASynAugment": {"size": 64, "draft_steps": 4, "inpaint_steps": 4, "gsa_steps": 10, "draft_batch": 2, "guidance": 5.0},
     "DynASynTrain": {"phase1_steps": 30, "phase2_steps": 20, "resolution": 64, "preview_every": 10},
+    "DynASynDrafts": {"size": 64, "steps": 4, "guidance": 5.0},  # the stage nodes (dynasyn_train.json)
+    "DynASynGSA": {"steps": 10},
     # EmptyLatentImage assumes the usual 8x VAE: 256 px gives the tiny model's 32x32 latents (64 px images)
     "EmptyLatentImage": {"width": 256, "height": 256},
     "KSampler": {"steps": 10, "sampler_name": "euler", "scheduler": "normal"},

@@ -256,6 +256,19 @@ def list_models(base_url: str, api_key: str | None, timeout: float = 10.0) -> li
     return names or None
 
 
+MAX_OFFERED_MODELS = 500
+MAX_MODEL_NAME = 200
+
+
+def offered_models(base_url: str, timeout: float = 10.0) -> list[str] | None:
+    """The model names ``base_url`` offers, for a model picker in the page (anyone reaching ComfyUI's port may ask,
+    with any URL): the URL is checked as for ``chat`` (refused: ``LLMError``), the key goes only to a host the
+    operator named, and what comes back is only names (at most ``MAX_OFFERED_MODELS``, each cut to
+    ``MAX_MODEL_NAME`` characters), never the reply itself. None when the endpoint offers no list."""
+    names = list_models(base_url, resolve_api_key(base_url), timeout)
+    return [n[:MAX_MODEL_NAME] for n in names[:MAX_OFFERED_MODELS]] if names else None
+
+
 def _unknown_model(base_url: str, model: str, api_key: str | None, timeout: float) -> str:
     names = list_models(base_url, api_key, min(10.0, timeout))
     if not names:

@@ -26,6 +26,7 @@ SD15 = {"name": "v1-5-pruned-emaonly.safetensors", "directory": "checkpoints",
 SAM_B = {"name": "sam_vit_b_01ec64.pth", "directory": "sams",
          "url": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"}
 NOTE_COLOR = ["#432", "#653"]
+MUTED = 2  # LiteGraph's "never" mode (Ctrl+M): the page leaves the node and its links out of the prompt
 SCENE = "[1] rolling next to [2] on a sunny beach"
 # what a linked class_nouns widget shows once its link is removed: the Example Scene's own nouns
 NOUNS = draw_scene(BALL_AND_BOX).class_nouns
@@ -90,6 +91,36 @@ def augment(x, y, model, image, masks, sam=None, settings=None, save=True):
     return nodes
 
 
+def stages_chain(x, y, model, image, masks, nouns):
+    """Augmentation one stage per node (ids 60-69): Drafts -> Compose -> stock inpaint (VAEEncode +
+    SetLatentNoiseMask + KSampler) -> GSA -> Make Pair, plus a muted Load Dataset whose pairs Make Pair adds when
+    unmuted. One prompt, so the drafts' text is exactly that prompt's conditioning."""
+    m, c, v = [model, "MODEL"], [model, "CLIP"], [model, "VAE"]
+    return [
+        {"id": 60, "type": "DynASynDrafts", "pos": [x, y], "links": {"model": m, "clip": c, "vae": v, "prompts": [21, "prompts"]}},
+        {"id": 61, "type": "DynASynCompose", "pos": [x, y + 520],
+         "links": {"reference": image, "masks": masks, "drafts": [60, "drafts"], "pseudo_masks": [60, "pseudo_masks"]}},
+        {"id": 62, "type": "CLIPTextEncode", "pos": [x + 380, y], "links": {"clip": c, "text": [60, "text"]}},
+        {"id": 63, "type": "CLIPTextEncode", "pos": [x + 380, y + 160], "links": {"clip": c},
+         "widgets": {"text": "blurry, low quality, deformed"}},
+        {"id": 64, "type": "VAEEncode", "pos": [x + 380, y + 400], "links": {"pixels": [61, "composed"], "vae": v}},
+        {"id": 65, "type": "SetLatentNoiseMask", "pos": [x + 380, y + 520],
+         "links": {"samples": [64, 0], "mask": [61, "inpaint_mask"]}},
+        {"id": 66, "type": "KSampler", "pos": [x + 700, y],
+         "links": {"model": m, "positive": [62, 0], "negative": [63, 0], "latent_image": [65, 0]},
+         "widgets": {"seed": 0, "steps": 25, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        {"id": 67, "type": "VAEDecode", "pos": [x + 700, y + 500], "links": {"samples": [66, 0], "vae": v}},
+        {"id": 68, "type": "DynASynGSA", "pos": [x + 960, y],
+         "links": {"model": m, "positive": [62, 0], "negative": [63, 0], "vae": v, "image": [67, 0]}},
+        {"id": 16, "type": "DynASynLoadDataset", "pos": [x + 960, y + 440], "mode": MUTED, "title": "DynASyn Load Dataset (muted)",
+         "widgets": {"folder": "dynasyn_dataset"}},
+        {"id": 69, "type": "DynASynMakePair", "pos": [x + 960, y + 620], "size": [300, 300],
+         "links": {"image": [68, "image"], "prompt": [60, "templates"], "class_nouns": nouns, "masks": [61, "subject_masks"],
+                   "dataset": [16, "dataset"]},
+         "widgets": {"class_nouns": NOUNS}},
+    ]
+
+
 def train(x, y, model, image, masks, nouns, dataset, settings=None, scene=None):
     """Train (+ its loss curve) and the Scene Prompt that writes the new scene with the run's words: editing the
     scene re-runs only that light node, never Train."""
@@ -137,15 +168,23 @@ dynasyn_train.json.
 
 Models: {SD15['name']} in models/checkpoints, {SAM_B['name']} in models/sams."""
 
-TRAIN_NOTE = """DynASyn, training from a saved dataset folder.
+TRAIN_NOTE = f"""DynASyn, training on augmented pictures made with any ComfyUI sampler (the stage nodes).
 
-1. DynASyn Example Scene: the picture, masks and class nouns the dataset was made from (the bundled one, as in \
-dynasyn_augment.json); for your own, LoadImage + one mask per subject, in subject order, and the class nouns in Train.
-2. Load Dataset: pick the dataset (a folder under user/__dynasyn/datasets, as written by dynasyn_augment.json: run that \
-one first).
-3. Train, then Scene Prompt: the scene to draw ([1], [2]...). Defaults follow the paper \
-(400 + 400 steps, lr 5e-4 then 2e-6, lambda 1 / 0.01 / 0.01 / 0.01).
-Outputs: models/embeddings/<run>_<noun>.safetensors, models/checkpoints/<run>.safetensors, the loss curve, and samples."""
+1. DynASyn Example Scene: the picture, masks and class nouns (for your own: LoadImage + one mask per subject, in \
+subject order, and the class nouns in Describe Subjects).
+2. Augment, one stage per node, so you can swap any of them (another inpaint model, a ControlNet...):
+   Augment Prompts writes scenes; DynASyn Drafts draws prompt 'first' and finds where each subject landed; DynASyn \
+Compose pastes the real subjects there; VAEEncode + SetLatentNoiseMask + KSampler inpaint the gaps; DynASyn Guided \
+SDE Augmentation blends them (t = 700); DynASyn Make Pair turns the picture into a training pair.
+   One pair per chain: for more, copy the chain from Drafts to Make Pair with first = 2, 3... and link each Make \
+Pair's dataset into the next one's 'dataset'.
+3. DynASyn Load Dataset is muted (Ctrl+M unmutes it): unmuted, the pairs of a dataset saved by dynasyn_augment.json \
+(user/__dynasyn/datasets) are added to these.
+4. Train, then Scene Prompt: the scene to draw ([1], [2]...). Defaults follow the paper (400 + 400 steps, lr 5e-4 \
+then 2e-6, lambda 1 / 0.01 / 0.01 / 0.01).
+Outputs: models/embeddings/<run>_<noun>.safetensors, models/checkpoints/<run>.safetensors, the loss curve, and samples.
+
+Models: {SD15['name']} in models/checkpoints."""
 
 SAMPLE_NOTE = """Sampling with a DynASyn result using only stock ComfyUI nodes.
 
@@ -187,8 +226,8 @@ ComfyUI: competing for the cores, torch's threads can make it ten times slower."
 def workflows() -> dict[str, dict]:
     """name -> {"nodes": [...], "groups": [...]}: what scripts/build_workflows.py asks the page to build.
 
-    Node ids are roles (1 model, 2 note, 10 scene, 14 SAM, 20-21 describe/prompts, 30-33 augment, 40-41 train,
-    50-55 sample); a group lists the ids it frames. To add a node, add its spec to the list (and to a group)."""
+    Node ids are roles (1 model, 2 note, 10 scene, 14 SAM, 16 Load Dataset, 20-21 describe/prompts, 30-33 augment,
+    40-42 train, 50-55 sample, 60-69 the augmentation stage nodes); a group lists the ids it frames. To add a node, add its spec to the list (and to a group)."""
     # columns: note | inputs | describe + prompts | augment | its savers | train | loss | sample (groups need gaps)
     scene = example_scene(500, 0)
     img, masks, nouns = [10, "image"], [10, "masks"], [10, "class_nouns"]
@@ -206,9 +245,10 @@ def workflows() -> dict[str, dict]:
            *augment(1640, 0, 1, img, [15, "masks"], sam=[14, 0]),
            {"id": 33, "type": "PreviewImage", "pos": [2060, 560], "links": {"images": [30, "drafts"]}}]
     trn = [note(2, [0, 0], TRAIN_NOTE), checkpoint(1, [500, -160]), *scene,
-           {"id": 16, "type": "DynASynLoadDataset", "pos": [940, 0], "widgets": {"folder": "dynasyn_dataset"}},
-           *train(1300, 0, 1, img, masks, nouns, [16, "dataset"]),
-           *sample(2000, 0, model=[40, "MODEL"], clip=[40, "CLIP"], vae=[1, "VAE"], text_link=[42, "prompt"])]
+           *describe_and_prompts(940, 0, img, masks, nouns),
+           *stages_chain(1300, 0, 1, img, masks, [20, "class_nouns"]),
+           *train(2700, 0, 1, img, masks, [20, "class_nouns"], [69, "dataset"]),
+           *sample(3480, 0, model=[40, "MODEL"], clip=[40, "CLIP"], vae=[1, "VAE"], text_link=[42, "prompt"])]
     samp = [note(2, [0, 0], SAMPLE_NOTE), checkpoint(1, [500, 0], name="dynasyn.safetensors", models=()),
             *sample(940, 0, model=[1, "MODEL"], clip=[1, "CLIP"], vae=[1, "VAE"],
                     text="embedding:dynasyn_ball rolling next to embedding:dynasyn_box on a sunny beach")]
@@ -220,11 +260,12 @@ def workflows() -> dict[str, dict]:
                      settings=SHAPES_TRAIN, scene=SHAPES_SCENE),
               *sample(2600, 0, model=[40, "MODEL"], clip=[40, "CLIP"], vae=[1, "VAE"], text_link=[42, "prompt"],
                       settings=SHAPES_SAMPLE, latent=(128, 128, 4), prefix="dynasyn/shapes_world", negative="")]
-    stages = {"Inputs": (1, 10, 14), "Augment": (20, 21, 30, 31, 32), "Train": (40, 41, 42), "Sample": (50, 51, 52, 53, 54, 55)}
+    stages = {"Inputs": (1, 10, 14), "Augment": (16, 20, 21, 30, 31, 32, *range(60, 70)), "Train": (40, 41, 42),
+              "Sample": (50, 51, 52, 53, 54, 55)}
     return {
         "dynasyn_full": {"nodes": full, "groups": groups(full, stages)},
         "dynasyn_augment": {"nodes": aug},
-        "dynasyn_train": {"nodes": trn},
+        "dynasyn_train": {"nodes": trn, "groups": groups(trn, stages)},
         "dynasyn_sample": {"nodes": samp},
         "dynasyn_shapes_world": {"nodes": shapes, "groups": groups(shapes, stages)},
     }

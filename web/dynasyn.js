@@ -5,6 +5,7 @@
 //    prompts; hovering an image shows its pseudo-masks.
 //  - DynASyn SAM Masks: a box / point picker on the input image, written into the node's
 //    subject_prompts widget, so the workflow saves and reloads it.
+//  - LLM Settings / Describe / Prompts: a button listing the models the endpoint offers, to pick one.
 //  - Seeds: workflows saved when the pack's seeds still had a "control after generate" value load aligned.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -312,6 +313,43 @@ function addSamPicker(node) {
   draw();
 }
 
+// ---------------------------------------------------------------- LLM model list
+// LLM Settings (and Describe / Prompts): a button that asks the server which models the endpoint offers
+// (/dynasyn/llm_models: the pack's route applies the LLM calls' URL and key rules) and lets you pick one.
+const hasEndpointAndModel = (nodeData) =>
+  ["endpoint", "model"].every((n) => nodeData.input?.required?.[n]?.[0] === "STRING");
+
+async function fetchModels(endpoint) {
+  const r = await api.fetchApi("/dynasyn/llm_models", {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ endpoint }),
+  });
+  const body = await r.json().catch(() => ({}));
+  if (!r.ok) throw new Error(body.error || `HTTP ${r.status}`);
+  if (!body.models?.length) throw new Error(`${endpoint} offers no model list: type the model name.`);
+  return body.models;
+}
+
+function addModelPicker(node) {
+  const button = node.addWidget("button", "list the server's models", null, async () => {
+    const endpoint = node.widgets.find((w) => w.name === "endpoint")?.value;
+    const model = node.widgets.find((w) => w.name === "model");
+    node.dynasynModels = { pending: true };
+    try {
+      const models = await fetchModels(endpoint);
+      node.dynasynModels = { models };
+      const [clientX, clientY] = app.canvas?.last_mouse_position ?? [200, 200];
+      new LiteGraph.ContextMenu(models, {
+        title: "models at the endpoint", event: new MouseEvent("click", { clientX, clientY }),
+        callback: (picked) => { model.value = picked; model.callback?.(picked); node.setDirtyCanvas(true, true); },
+      });
+    } catch (e) {
+      node.dynasynModels = { error: String(e.message || e) };
+      app.extensionManager?.toast?.add({ severity: "warn", summary: "DynASyn", detail: node.dynasynModels.error, life: 8000 });
+    }
+  }, { serialize: false });
+  button.serialize = false;  // never in widgets_values nor in the prompt
+}
+
 // ---------------------------------------------------------------- seeds
 // The pack's seeds say control_after_generate: false (a node that trains or generates for minutes must not get
 // a new seed, and retrain, on every Queue), so the frontend gives them no "control after generate" widget.
@@ -348,11 +386,13 @@ if (!app.extensions?.some?.((e) => e.name === "DynASyn.ui")) app.registerExtensi
       };
     }
     const trains = name === "DynASynTrain" || name === "DynASynContinueTraining";  // both send dynasyn.train events
-    if (!trains && name !== "DynASynSAMMasks" && !GALLERY_NODES.has(name)) return;
+    const picksModels = name.startsWith("DynASyn") && hasEndpointAndModel(nodeData);
+    if (!trains && !picksModels && name !== "DynASynSAMMasks" && !GALLERY_NODES.has(name)) return;
     const created = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const r = created?.apply(this, arguments);
-      if (trains) addLossChart(this);
+      if (picksModels) addModelPicker(this);
+      else if (trains) addLossChart(this);
       else if (name === "DynASynSAMMasks") addSamPicker(this);
       else addGallery(this);
       return r;

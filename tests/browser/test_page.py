@@ -8,13 +8,17 @@ from PIL import Image
 from demo import example
 from demo.__main__ import substitute
 from demo.server import ROOT, execution_error
-from demo.workflow import ui_to_api
+from demo.workflow import nodes_of, ui_to_api
 from tests.browser.conftest import SENTINEL_KEY
+from tests.support.openai_server import FakeOpenAI
 from tests.support.page import run_page
 
 pytestmark = pytest.mark.slow
-WORKFLOWS = ["dynasyn_full", "dynasyn_augment", "dynasyn_train", "dynasyn_sample", "dynasyn_shapes_world"]  # full first:
-# it makes what the others use. dynasyn_shapes_world runs on its own model; tests/integration runs it through the API.
+# dynasyn_train first: it runs on a server where no other workflow wrote anything yet; dynasyn_full before
+# dynasyn_sample, which loads the checkpoint it writes. dynasyn_shapes_world runs on its own model (tests/integration).
+WORKFLOWS = ["dynasyn_train", "dynasyn_full", "dynasyn_augment", "dynasyn_sample", "dynasyn_shapes_world"]
+# nodes that read what another workflow or an upload left: no shipped workflow may need one to run
+READS_SAVED = {"DynASynLoadDataset", "DynASynLoadRun", "DynASynContinueTraining", "LoadImage", "LoadImageMask"}
 MODEL_INPUTS = {"ckpt_name", "sam_name"}  # model files: the only validation errors a shipped workflow may have
 
 
@@ -54,11 +58,20 @@ def test_workflow_loads_converts_and_completes_on_the_small_model(server, name):
     assert {k: v["inputs"] for k, v in page["prompt"].items()} == {k: v["inputs"] for k, v in mine.items()}
     if name == "dynasyn_sample":  # only stock ComfyUI nodes
         assert all(v["class_type"] in _stock(server) for v in page["prompt"].values())
+    assert not {v["class_type"] for v in page["prompt"].values()} & READS_SAVED
     if name == "dynasyn_shapes_world":  # nothing to substitute: the pack's own model (run in tests/integration)
         return
+    if name == "dynasyn_train":  # first on this server: no dataset exists; the muted Load Dataset stays out
+        assert not list((server.base / "user" / "__dynasyn").glob("datasets/*/dataset.json"))
+        assert [n["mode"] for n in workflow["nodes"] if n["type"] == "DynASynLoadDataset"] == [2]
     prompt = substitute(page["prompt"], tiny=True)
     entry = server.run(prompt, timeout=900)
     assert entry["status"]["status_str"] == "success", execution_error(entry) or server.log()[-3000:]
+    if name == "dynasyn_train":  # Train learned from the pair the stage nodes made in the graph
+        pair = nodes_of(prompt, "DynASynMakePair")[0]
+        assert "dataset" not in prompt[pair]["inputs"]
+        assert entry["outputs"][pair]["text"][0].startswith("1 pair(s) added (1 in the dataset)")
+        assert nodes_of(prompt, "DynASynTrain")[0] in entry["outputs"]
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
@@ -210,3 +223,68 @@ def test_seeds_of_a_new_train_node_never_randomize(server):
     assert len({v["before"]["ksampler"], *(a["ksampler"] for a in v["after"])}) == 3  # randomized twice
     assert v["reloaded"]["seed"] == 0 and v["reloaded"]["resolution"] == 64 and v["reloaded"]["run_name"] == "seedcheck"
     assert v["reloadedPrompt"]["resolution"] == 64 and v["reloadedPrompt"]["phase1_steps"] == 1
+
+
+def test_llm_settings_lists_the_servers_models_under_the_llm_rules(server, fake_llm):
+    """The model picker asks the pack's route, which lists what the endpoint offers with the LLM calls' rules: the
+    key goes to the host the operator named (DYNASYN_API_HOSTS), never to another listener (127.0.0.2); a metadata
+    address is refused and never called; the picked name lands in the model widget, the button is never saved."""
+    fake_llm.models = ["qwen2.5vl:7b", "llava:13b"]
+    try:
+        with FakeOpenAI(host="127.0.0.2") as foreign:
+            foreign.models = ["foreign-llava"]
+            endpoints = [fake_llm.base_url, foreign.base_url, "http://169.254.169.254/v1", "http://127.0.0.1:9/v1"]
+            res = run_page(server, "model_picker", {"endpoints": endpoints, "picks": ["llava:13b", "foreign-llava", "", ""]})
+            foreign_requests = list(foreign.model_requests)
+    finally:
+        fake_llm.models = None
+    assert res["pageErrors"] == [] and ours(res["consoleErrors"]) == []
+    named, other, metadata, silent = res["value"]["results"]
+    assert named["models"] == ["llava:13b", "qwen2.5vl:7b"] and named["menu"] == named["models"]
+    assert named["model"] == "llava:13b"
+    assert fake_llm.model_requests[-1]["headers"]["authorization"] == f"Bearer {SENTINEL_KEY}"  # a host the operator named
+    assert other["models"] == ["foreign-llava"] and other["model"] == "foreign-llava"
+    assert len(foreign_requests) == 1 and "authorization" not in foreign_requests[0]["headers"]
+    assert SENTINEL_KEY not in repr(foreign_requests)
+    assert "link-local / metadata" in metadata["error"] and metadata["model"] == "typed-by-hand"
+    assert "offers no model list" in silent["error"] and silent["model"] == "typed-by-hand"
+    saved = res["value"]["saved"]
+    assert saved["widgets"][:2] == ["http://127.0.0.1:9/v1", "typed-by-hand"] and len(saved["widgets"]) == 4
+    assert sorted(saved["inputs"]) == ["endpoint", "model", "timeout", "unload_after"]
+
+
+def test_model_list_route_refuses_what_the_llm_calls_refuse(server):
+    """Anyone reaching the port can call the route: every URL the LLM calls refuse is refused before any request,
+    bad bodies get a 400, and an endpoint the operator did not name gets no key."""
+    with FakeOpenAI(host="127.0.0.2") as foreign:
+        foreign.models = ["m"]
+        port = foreign.httpd.server_address[1]
+        refused = ["http://169.254.169.254/latest/meta-data", "http://[::ffff:169.254.169.254]/v1",
+                   "http://0xa9.254.169.254/v1", f"http://user:pw@127.0.0.2:{port}/v1",
+                   f"http://127.0.0.2:{port}/v1?redirect=1", f"http://127.0.0.2:{port}/v1#x", "file:///etc/passwd"]
+        for url in refused:
+            status, body = server.post("/dynasyn/llm_models", {"endpoint": url})
+            assert status == 400 and body["error"] and "models" not in body, (url, body)
+        for bad in ({}, {"endpoint": 5}, {"endpoint": " "}, {"endpoint": "http://127.0.0.2/" + "v" * 3000}, [foreign.base_url]):
+            status, body = server.post("/dynasyn/llm_models", bad)
+            assert status == 400 and "endpoint" in body["error"], (bad, body)
+        assert foreign.model_requests == []  # nothing refused was ever sent
+        status, body = server.post("/dynasyn/llm_models", {"endpoint": foreign.base_url})
+        assert status == 200 and body == {"models": ["m"], "offered": True}
+        assert [r["path"] for r in foreign.model_requests] == ["/v1/models"]
+        assert "authorization" not in foreign.model_requests[0]["headers"] and SENTINEL_KEY not in repr(foreign.model_requests)
+
+
+def test_editing_the_scene_prompt_in_the_page_does_not_retrain(server):
+    """Queue, edit the Scene Prompt's scene, Queue again: the second run draws the new scene, while Train is
+    reported cached and sends no training step."""
+    scenes = ["[1] rolling next to [2] on a beach", "[2] on top of [1] in the snow"]
+    res = run_page(server, "scene_edit_requeue", {"runName": "scene_edit", "scenes": scenes})
+    assert res["pageErrors"] == [] and ours(res["consoleErrors"]) == []
+    first, second = res["value"]["runs"]
+    train = res["value"]["train"]
+    assert first["status"] == second["status"] == "success", res["value"]
+    assert first["steps"] == [1, 2, 3] and train not in first["cached"]  # force_retrain: it trained once
+    assert second["steps"] == [] and train in second["cached"]  # not executed again
+    assert first["prompt"].endswith("on a beach") and second["prompt"].endswith("in the snow")
+    assert second["prompt"].startswith("embedding:scene_edit_")

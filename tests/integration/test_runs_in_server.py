@@ -1,11 +1,17 @@
 """Runs in the real server (tiny model): editing the Scene Prompt never re-executes Train, the same inputs load the
 finished run instead of training, Load Run reproduces Train's samples bit-for-bit, Continue Training adds N steps,
-and the run combo takes no path."""
+the run combo takes no path, and sample_every's pictures reach the page over the websocket while Train trains."""
 
+import io
 import json
+import struct
+import threading
+import time
 import uuid
 
+import numpy as np
 import pytest
+from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
 from tests.integration.test_train_in_server import Listener, train_graph, write_inputs
@@ -122,3 +128,85 @@ def test_continue_training_adds_n_steps(server):
     assert len(entry["outputs"]["3"]["images"]) == 2  # samples at step 6 and at the last step
     assert len(listener.frames) >= 2  # the samples reached the page as progress previews
     assert any(r.startswith("it_more/") and r != label for r in listed_runs(server))  # the continued run is listed
+
+
+class Timeline:
+    """Everything one websocket client receives, in arrival order: ("json", message) or ("frame", (metadata, PIL
+    image)). It announces the page's feature flag, so previews come as the page gets them (with their node id)."""
+
+    def __init__(self, server):
+        import websocket
+
+        self.client_id = uuid.uuid4().hex
+        self.ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={self.client_id}", timeout=5)
+        self.ws.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
+        self.items, self.stop = [], False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not any(k == "json" and m.get("type") == "feature_flags" for k, m in self.items):
+            assert time.time() < deadline, "the server never answered the feature flags"
+            time.sleep(0.05)
+
+    def _run(self):
+        import websocket
+
+        while not self.stop:
+            try:
+                msg = self.ws.recv()
+            except websocket.WebSocketTimeoutException:
+                continue
+            except Exception:  # noqa: BLE001 - closed
+                return
+            if isinstance(msg, str) and msg:
+                self.items.append(("json", json.loads(msg)))
+            elif isinstance(msg, bytes):
+                self.items.append(("frame", _preview(msg)))
+
+    def close(self):
+        self.stop = True
+        self.ws.close()
+        self.thread.join(timeout=10)
+
+
+PREVIEW_IMAGE_WITH_METADATA = 4  # ComfyUI's BinaryEventTypes
+
+
+def _preview(frame: bytes):
+    """(metadata, image) of a binary preview frame: event type, metadata length, metadata JSON, PNG/JPEG bytes."""
+    event, length = struct.unpack(">II", frame[:8])
+    if event != PREVIEW_IMAGE_WITH_METADATA:
+        return {"event": event}, None
+    return json.loads(frame[8:8 + length]), Image.open(io.BytesIO(frame[8 + length:])).convert("RGB")
+
+
+def test_sample_every_previews_arrive_over_the_websocket_while_training(server):
+    """sample_every (no loss-curve previews): each sample reaches the page as a binary preview frame of the Train
+    node right after its step's event and before the next step's, so while training, not at the end; and each
+    frame is the picture the node outputs for that step (as the server scales previews to 512 px)."""
+    write_inputs(server)
+    g = train_graph("it_watch", phase1=3, phase2=3, seed=25, preview_every=0, sample_every=2, force_retrain=True)
+    g["15"] = {"class_type": "SaveImage", "inputs": {"images": ["6", 5], "filename_prefix": "dynasyn_it/it_watch"}}
+    timeline = Timeline(server)
+    try:
+        entry = server.run(g, client_id=timeline.client_id)
+    finally:
+        timeline.close()
+    assert entry["status"]["status_str"] == "success", execution_error(entry) or server.log()[-3000:]
+    items = timeline.items
+    step_at = {m["data"]["step"]: i for i, (k, m) in enumerate(items)
+               if k == "json" and m["type"] == "dynasyn.train" and m["data"]["node"] == "6"}
+    assert sorted(step_at) == [1, 2, 3, 4, 5, 6]
+    frames = [(i, image) for i, (k, v) in enumerate(items) if k == "frame" for meta, image in [v]
+              if meta.get("node_id") == "6" and meta.get("image_type") == "image/png"]
+    assert len(frames) == 3, [v[0] for k, v in items if k == "frame"]  # steps 2, 4 and 6
+    executed = next(i for i, (k, m) in enumerate(items) if k == "json" and m["type"] == "executed" and m["data"]["node"] == "6")
+    for (i, _), step in zip(frames, (2, 4, 6)):
+        assert step_at[step] < i < step_at.get(step + 1, executed), (step, i, step_at)
+    saved = entry["outputs"]["15"]["images"]
+    assert len(saved) == 3
+    for (_, preview), s in zip(frames, saved):
+        picture = Image.open(server.base / "output" / s["subfolder"] / s["filename"]).convert("RGB")
+        assert picture.size == (64, 64) and preview.size == (512, 512)
+        scaled = ImageOps.contain(picture, (512, 512), Image.Resampling.BILINEAR)  # what the server does to previews
+        assert np.abs(np.asarray(preview, dtype=int) - np.asarray(scaled, dtype=int)).max() <= 1

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dynasyn.describe import describe_subjects
-from dynasyn.llm import LLMError, chat, list_models, resolve_api_key
+from dynasyn.llm import MAX_MODEL_NAME, MAX_OFFERED_MODELS, LLMError, chat, list_models, offered_models, resolve_api_key
 from dynasyn.prompts import llm_prompts
 from tests.support.openai_server import FakeOpenAI
 
@@ -131,3 +131,39 @@ def test_model_listing_refuses_the_urls_chat_refuses(server):
             list_models(url, None)
     assert list_models("http://127.0.0.1:9/v1", None, timeout=2.0) is None  # nothing listens: no list, no error
 
+
+
+def test_the_pages_model_list_follows_the_llm_rules(monkeypatch, tmp_path):
+    """offered_models (what the page's model picker shows, for any URL anyone sends): the key only to the host the
+    operator named, none to a listener on 127.0.0.2; with DYNASYN_ENDPOINT_HOSTS that listener gets nothing at all;
+    only names come back, bounded."""
+    for var in LLM_ENV:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DYNASYN_API_KEY", SECRET)
+    with FakeOpenAI() as named, FakeOpenAI(host="127.0.0.2") as foreign:
+        named_host = f"127.0.0.1:{named.httpd.server_address[1]}"
+        monkeypatch.setenv("DYNASYN_API_HOSTS", named_host)
+        named.models = ["qwen2.5vl", "llava"]
+        foreign.models = ["a" * 1000] + [f"m{i:04d}" for i in range(2 * MAX_OFFERED_MODELS)]
+        assert offered_models(named.base_url) == ["llava", "qwen2.5vl"]
+        assert named.model_requests[-1]["headers"]["authorization"] == f"Bearer {SECRET}"
+        names = offered_models(foreign.base_url)
+        assert len(names) == MAX_OFFERED_MODELS and names[:2] == ["a" * MAX_MODEL_NAME, "m0000"]
+        for r in foreign.model_requests:
+            assert "authorization" not in r["headers"] and SECRET not in repr(r)
+        foreign.models = None
+        assert offered_models(foreign.base_url) is None  # no list on offer (404)
+        seen = len(foreign.model_requests)
+        monkeypatch.setenv("DYNASYN_ENDPOINT_HOSTS", named_host)
+        with pytest.raises(LLMError, match="not one the operator allowed"):
+            offered_models(foreign.base_url)
+        for url in ("http://169.254.169.254/v1", f"http://a:b@{named_host}/v1", f"http://{named_host}/v1?x=1"):
+            with pytest.raises(LLMError):
+                offered_models(url)
+        assert len(foreign.model_requests) == seen and len(named.model_requests) == 1
+        # a host the operator named but no key configured: a clear error, nothing sent
+        monkeypatch.delenv("DYNASYN_API_KEY")
+        monkeypatch.setattr("dynasyn.llm.DEFAULT_KEY_FILE", tmp_path / "no_key_file")
+        with pytest.raises(LLMError, match="No API key"):
+            offered_models(named.base_url)
+        assert len(named.model_requests) == 1

@@ -11,6 +11,7 @@ module.exports.buildGraph = (spec) => {
     if (!node) throw new Error("unknown node type " + n.type);
     node.pos = n.pos;
     if (n.title) node.title = n.title;
+    if (n.mode != null) node.mode = n.mode;  // 2 = muted (Ctrl+M), 4 = bypassed
     if (n.color) { node.color = n.color[0]; node.bgcolor = n.color[1]; }
     app.graph.add(node);
     for (const [name, v] of Object.entries(n.widgets || {})) {
