@@ -267,3 +267,28 @@ def preflight(size: ModelSize, cfg, preset: str, free_bytes: int | None, **kw):
                "No memory preset fits this card: close other programs using the GPU, lower the resolution, or train "
                "on a larger card.") + " The figures are estimates.")
     return chosen, est, (f"memory preset {preset_used or 'custom'}: estimated peak {est.gib:.1f} GiB of {free:.1f} GiB free")
+
+
+CARD_GIB = (8, 12, 16, 24)
+CARD_RESERVE_GIB = 0.5  # what the driver, the display and ComfyUI itself keep on a card
+
+
+def vram_table(families=(("SD 1.5", "sd15"), ("SD 2.1 (-base, 512 px)", "sd21"))) -> str:
+    """The README's table of estimated peaks per memory preset and card (``python -m dynasyn.memory``)."""
+    from .train import TrainConfig
+
+    head = ("| model | memory preset | est. GiB, reference only | est. GiB, + augmented pairs | "
+            + " | ".join(f"{c} GB card" for c in CARD_GIB) + " |")
+    rows = [head, "|" + "---|" * (4 + len(CARD_GIB))]
+    for label, fam in families:
+        for preset in PRESETS:
+            cfg = apply_preset(TrainConfig(mixed_precision="bf16"), preset)
+            ref, aug = (estimate(FAMILIES[fam], cfg, with_aug=a).gib for a in (False, True))
+            fits = ["yes" if aug <= c - CARD_RESERVE_GIB else "ref. only" if ref <= c - CARD_RESERVE_GIB else "no"
+                    for c in CARD_GIB]
+            rows.append(f"| {label} | {preset} | {ref:.1f} | {aug:.1f} | " + " | ".join(fits) + " |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(vram_table())

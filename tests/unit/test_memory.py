@@ -122,3 +122,12 @@ def test_preflight_picks_the_largest_preset_that_fits_and_refuses_up_front():
         preflight(size, cfg, "16 GB", 11 * GIB)
     custom, _, _ = preflight(size, cfg, "custom", None)  # no free-memory figure (CPU): the switches as set
     assert custom == cfg
+
+
+def test_readme_vram_table_is_the_estimators():
+    from pathlib import Path
+
+    from dynasyn.memory import vram_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert vram_table() in readme, "regenerate the README's table with: python -m dynasyn.memory"
