@@ -3,12 +3,11 @@
     python bench/train_memory.py [--configs A,B,...] [--resolution 512] [--tiny]
 
 Each configuration runs in a fresh process (so nothing freed earlier is counted or reused). The
-process builds the model and the trainer (VAE encoding of the reference happens here), resets
-its peak-RSS counter (/proc/self/clear_refs), computes the frozen model's L_ICA targets as
-training does (``precompute_targets``: then the frozen copy is freed), runs phase-2 setup + one
-full step (forward, backward, optimizer step), and reports VmHWM: the peak resident memory of
-the whole run, the larger of the precomputation's (weights + frozen copy) and the step's
-(weights, gradients, optimizer state and activations). ``--tiny``: the tiny random model at
+process builds the model, then measures the peak resident memory (VmHWM, reset through
+/proc/self/clear_refs before each part) of each part of a run: the trainer's construction (VAE
+encoding of the reference, the frozen copy made), the frozen model's L_ICA targets as training
+computes them (``precompute_targets``: then the frozen copy is freed), and phase-2 setup + one full
+step (forward, backward, optimizer step). The peak of the whole run is the largest of the three. ``--tiny``: the tiny random model at
 64 px, to check the code path in seconds (its figures mean nothing).
 Last line: best_full_gib=<peak of the best configuration that trains UNet + text encoder + tokens
 with L_ICA (its targets from the frozen model)>.
@@ -64,10 +63,13 @@ def one(name: str, resolution: int, tiny: bool = False) -> dict:
     cfg = TrainConfig(phase1_steps=0, phase2_steps=1, phase2_lr=1e-7, resolution=resolution,
                       **{"prior_preservation": False, **overrides})
     comps = tiny_components(seed=0) if tiny else sd21_base_components()
+    model_gib = status_gib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     trainer = DynASynTrainer(comps, image, masks, nouns, cfg, device="cpu", log=lambda *_: None)
+    init_peak = status_gib("VmHWM")
     torch.set_grad_enabled(True)
     before = status_gib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    Path("/proc/self/clear_refs").write_text("5")
     t0 = time.perf_counter()
     trainer.precompute_targets()  # as train() does: every step's targets, then the frozen copy freed
     targets_peak, targets_s = status_gib("VmHWM"), time.perf_counter() - t0
@@ -76,7 +78,8 @@ def one(name: str, resolution: int, tiny: bool = False) -> dict:
     trainer._setup_phase(2)
     trainer.training_step()
     step_peak = status_gib("VmHWM")
-    return {"name": name, "before_gib": before, "peak_gib": max(targets_peak, step_peak), "targets_peak_gib": targets_peak,
+    return {"name": name, "model_gib": model_gib, "init_peak_gib": init_peak, "before_gib": before,
+            "peak_gib": max(init_peak, targets_peak, step_peak), "targets_peak_gib": targets_peak,
             "step_peak_gib": step_peak, "targets_s": targets_s, "step_s": time.perf_counter() - t0}
 
 
@@ -102,7 +105,8 @@ def main() -> None:
         if line:
             results[name] = json.loads(line[7:])
             r = results[name]
-            print(f"{name}: peak {r['peak_gib']:.2f} GiB (model + trainer before {r['before_gib']:.2f} GiB; L_ICA targets "
+            print(f"{name}: peak {r['peak_gib']:.2f} GiB (model {r['model_gib']:.2f} GiB; trainer made {r['init_peak_gib']:.2f} GiB, "
+                  f"then {r['before_gib']:.2f} GiB; L_ICA targets "
                   f"{r['targets_peak_gib']:.2f} GiB, {r['targets_s']:.0f} s; step {r['step_peak_gib']:.2f} GiB, "
                   f"{r['step_s']:.0f} s)", flush=True)
         else:
@@ -112,14 +116,16 @@ def main() -> None:
     from common import machine
 
     model = "tiny random model (code path only)" if args.tiny else "SD 2.1-base architecture, random weights"
-    print(f"\n{model}, {args.resolution} px, batch 1, L_ICA targets then one phase-2 step; {machine()}; "
+    print(f"\n{model}, {args.resolution} px, batch 1, trainer made, L_ICA targets, then one phase-2 step; {machine()}; "
           f"total {time.time() - started:.0f} s")
-    print(f"{'':2} {'configuration':<52} {'text enc.':>9} {'L_ICA':>7} {'peak GiB':>9}")
+    print(f"{'':2} {'configuration':<52} {'text enc.':>9} {'L_ICA':>7} {'made':>6} {'targets':>8} {'step':>6} {'peak GiB':>9}")
     for name in sorted(results):
         desc, _, te, frozen = CONFIGS[name]
         r = results[name]
+        parts = " ".join(f"{r[k]:>{w}.2f}" for k, w in (("init_peak_gib", 6), ("targets_peak_gib", 8), ("step_peak_gib", 6))) \
+            if "peak_gib" in r else f"{'':>6} {'':>8} {'':>6}"
         peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else r["error"]
-        print(f"{name:2} {desc:<52} {'yes' if te else 'no':>9} {'yes' if frozen else 'no':>7} {peak:>9}")
+        print(f"{name:2} {desc:<52} {'yes' if te else 'no':>9} {'yes' if frozen else 'no':>7} {parts} {peak:>9}")
     full = [r["peak_gib"] for n, r in results.items() if "peak_gib" in r and CONFIGS[n][2] and CONFIGS[n][3]]
     best = min(full) if full else float("nan")
     print(f"\nbest configuration training UNet + text encoder + tokens with L_ICA: {best:.2f} GiB (goal ≤ 8)")

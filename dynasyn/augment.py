@@ -74,9 +74,10 @@ class Renderer(Protocol):
 
     def inpaint(self, image: torch.Tensor, mask: torch.Tensor, prompt: str, seed: int) -> tuple[torch.Tensor, int]: ...
 
-    def gsa(self, image: torch.Tensor, prompt: str, seed: int, phrases: Sequence[str] | None = None
-            ) -> tuple[torch.Tensor, dict]:
-        """With ``phrases``, info["attention"] is each phrase's cross-attention [S, r, r] averaged over the pass."""
+    def gsa(self, image: torch.Tensor, prompt: str, seed: int, phrases: Sequence[str] | None = None,
+            before: Sequence[str] | None = None) -> tuple[torch.Tensor, dict]:
+        """With ``phrases``, info["attention"] is each phrase's cross-attention [S, r, r] averaged over the pass;
+        ``before``: the prompt's text before each phrase (``Draft.before``), where its search starts."""
 
 
 class DiffusersRenderer:
@@ -98,7 +99,7 @@ class DiffusersRenderer:
             strength=1.0, steps=self.cfg.inpaint_steps, sampler="ddim", guidance_scale=self.cfg.guidance_scale, seed=seed), device=self.device)
         return out, info["unet_evaluations"]
 
-    def gsa(self, image, prompt, seed, phrases=None):
+    def gsa(self, image, prompt, seed, phrases=None, before=None):
         cfg = GSAConfig(**{**self.cfg.gsa.__dict__, "seed": seed})
         if phrases is None:
             return guided_sde_augment(self.comps, image, prompt, cfg, device=self.device)
@@ -109,7 +110,7 @@ class DiffusersRenderer:
             out, info = guided_sde_augment(self.comps, image, prompt, cfg, device=self.device, attention=store)
         finally:
             remove_attention_capture(unet)
-        info["attention"] = token_maps(store.mean(), token_positions(self.comps.tokenizer, prompt, phrases))
+        info["attention"] = token_maps(store.mean(), token_positions(self.comps.tokenizer, prompt, phrases, before))
         return out, info
 
 
@@ -211,7 +212,8 @@ def _compose_and_gsa(renderer: Renderer, draft: Draft, pseudo: torch.Tensor, ref
         image, evals = renderer.inpaint(image, composed.inpaint_mask, draft.prompt, seed)
         evaluations += evals
     # without SAM the GSA pass's own cross-attention re-segments its output
-    image, info = renderer.gsa(image, draft.prompt, seed, **({} if sam is not None else {"phrases": draft.phrases}))
+    image, info = renderer.gsa(image, draft.prompt, seed,
+                               **({} if sam is not None else {"phrases": draft.phrases, "before": draft.before or None}))
     evaluations += info["unet_evaluations"]
     return make_pair(image, draft.template, class_nouns, composed.masks, cfg, sam=sam, attention=info.get("attention"),
                      meta={"seed": seed, "prompt": draft.prompt, "start_timestep": info["start_timestep"],

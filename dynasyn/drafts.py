@@ -49,6 +49,15 @@ class Draft:
     prompt: str                         # rendered with the descriptions
     attention: torch.Tensor             # [S, r, r] per subject, in template order of subjects
     phrases: list[str] = field(default_factory=list)  # each subject's description, in the same order
+    before: list[str] = field(default_factory=list)   # the prompt's text before each of them (template markers)
+
+
+def draft_positions(tokenizer, template: PromptTemplate, descriptions: Sequence[str]) -> list[list[int]]:
+    """Token positions of each subject's description in the draft prompt, in template order, found from the
+    template's markers: a description that also names a prop earlier in the prompt ("a ball next to a box, the
+    [1] jumping") is read where its marker stands, never at the prop."""
+    return token_positions(tokenizer, template.render(descriptions), [descriptions[i] for i in template.subjects],
+                           template.before_markers(descriptions))
 
 
 def render_draft(comps: SDComponents, template: PromptTemplate, descriptions: Sequence[str], cfg: GSAConfig,
@@ -61,9 +70,8 @@ def render_draft(comps: SDComponents, template: PromptTemplate, descriptions: Se
         image, _ = denoise(comps, None, prompt, cfg, size=size, device=device, attention=store, callback=callback)
     finally:
         remove_attention_capture(comps.unet)
-    order = template.subjects
-    positions = token_positions(comps.tokenizer, prompt, [descriptions[i] for i in order])
-    return Draft(image, template, prompt, token_maps(store.mean(), positions), [descriptions[i] for i in order])
+    return Draft(image, template, prompt, token_maps(store.mean(), draft_positions(comps.tokenizer, template, descriptions)),
+                 [descriptions[i] for i in template.subjects], template.before_markers(descriptions))
 
 
 def attention_prompt(attn: torch.Tensor, size: tuple[int, int], threshold: float = 0.5) -> tuple[SubjectPrompt, torch.Tensor]:

@@ -1,6 +1,12 @@
 """Training memory: an estimate of the peak a configuration needs, and presets that fit a card.
 
-    peak ≈ overhead + weights + frozen copy + optimizer state + max(activations + grads/2, grads) + step temporaries
+A run has two peaks; the estimate is the larger. With ``precompute_targets`` (the default) the frozen
+model's L_ICA / L_AUG targets of every step are computed before training, then the frozen copy is freed:
+
+    target precomputation ≈ overhead + weights + frozen copy + one no-grad pass
+    training              ≈ overhead + weights + optimizer state + max(activations + grads/2, grads) + step temporaries
+
+(without precomputation the frozen copy stays through training and is counted in its peak).
 
 Every term is counted from the models' tensor shapes (exact), except the activations, which are per-pixel
 figures measured on the real SD architectures (saved-for-backward tensors of one UNet forward at 256 px,
@@ -28,6 +34,9 @@ ACT_PER_LATENT_PX = {False: 0.441 * GIB / 32 ** 2, True: 0.0722 * GIB / 32 ** 2}
 AMP_ACT_FACTOR = {False: 1.21, True: 0.5}
 AMP_WEIGHT_COPY = {False: 2.0, True: 0.32}
 AUG_ACT_FACTOR = 1.6  # L_AUG's attention-only pass keeps its graph to the last 16x16 layer (most of the UNet)
+# The frozen model's no-grad pass while its targets are precomputed: 0.17 GiB at 64x64 latents, as measured
+# (bench/train_memory.py E and F: targets peak less the trainer's resident memory before it)
+NOGRAD_ACT_PER_LATENT_PX = 0.17 * GIB / 64 ** 2
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
@@ -89,20 +98,37 @@ FAMILIES = {
 
 @dataclass(frozen=True)
 class Estimate:
-    parts: dict          # name -> bytes
-    total: int
+    parts: dict          # name -> bytes, of the training peak
+    total: int           # the run's peak: the larger of the training and the target-precomputation peaks
+    precompute: dict | None = None  # name -> bytes of the target precomputation (frozen copy present), if any
 
     @property
     def gib(self) -> float:
         return self.total / GIB
 
+    @property
+    def training(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def precompute_total(self) -> int:
+        return sum(self.precompute.values()) if self.precompute else 0
+
     def describe(self) -> str:
-        return ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.parts.items() if v) + f" = {self.gib:.1f} GiB"
+        def line(parts):
+            return ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items() if v)
+        text = f"training: {line(self.parts)} = {self.training / GIB:.1f} GiB"
+        if self.precompute:
+            text += (f"; before it, the frozen model's targets: {line(self.precompute)} = "
+                     f"{self.precompute_total / GIB:.1f} GiB")
+        return text
 
 
 def estimate(size: ModelSize, cfg, device_type: str = "cuda", with_frozen: bool | None = None, with_aug: bool = False,
              precision: str | None = None, phase: int = 2) -> Estimate:
-    """Peak bytes of training step ``phase`` for TrainConfig ``cfg`` (steady state: optimizer state allocated).
+    """Peak bytes of a run of TrainConfig ``cfg`` up to training step ``phase`` (steady state: optimizer state
+    allocated): the larger of the training step's and, with ``cfg.precompute_targets``, the target
+    precomputation's (the frozen copy then leaves before training; without it, it stays in the training peak).
 
     ``precision``: the resolved autocast precision (default: ``cfg.mixed_precision``, ``auto`` read as bf16 on
     CUDA and none elsewhere); ``with_frozen``: default from the mode (L_ICA, or L_AUG with pairs).
@@ -145,10 +171,15 @@ def estimate(size: ModelSize, cfg, device_type: str = "cuda", with_frozen: bool 
         temp = 4 * size.largest * 3
     peak_act = max(act + grads / 2, grads)
     overhead = OVERHEAD_GIB.get(device_type, OVERHEAD_GIB["cpu"]) * GIB
-    parts = {"weights": weights, "frozen": frozen, "optimizer": state, "activations+grads": peak_act, "temporaries": temp,
-             "overhead": overhead}
+    precomputed = bool(frozen) and getattr(cfg, "precompute_targets", True)
+    parts = {"weights": weights, "frozen": 0 if precomputed else frozen, "optimizer": state,
+             "activations+grads": peak_act, "temporaries": temp, "overhead": overhead}
     parts = {k: int(v) for k, v in parts.items()}
-    return Estimate(parts, sum(parts.values()))
+    pre = None
+    if precomputed:  # counted with the trained model's weights on the device (as a library caller may have them)
+        pre = {k: int(v) for k, v in {"weights": weights, "frozen": frozen,
+                                       "activations": NOGRAD_ACT_PER_LATENT_PX * latent_px, "overhead": overhead}.items()}
+    return Estimate(parts, max(sum(parts.values()), sum(pre.values()) if pre else 0), pre)
 
 
 # Memory presets: settings of the existing switches, largest first.
@@ -211,9 +242,19 @@ def preflight(size: ModelSize, cfg, preset: str, free_bytes: int | None, **kw):
     if est.total > free_bytes:
         smaller = [dict(resolution=r) for r in (448, 384) if r < cfg.resolution]
         hints = [f"memory_preset '{n}' ({estimate(size, apply_preset(cfg, n), **kw).gib:.1f} GiB)" for n in fits]
-        if est.parts["frozen"] and est.total - est.parts["frozen"] <= free_bytes:
+        if est.parts["frozen"]:  # the frozen copy kept through training
+            pre = estimate(size, replace(chosen, precompute_targets=True), **kw)
+            if pre.total <= free_bytes:
+                hints.append(f"precompute_targets on (the frozen copy freed before training: {pre.gib:.1f} GiB)")
+        if est.precompute and est.precompute_total > free_bytes and chosen.frozen_dtype not in ("fp16", "bf16"):
+            half = estimate(size, replace(chosen, frozen_dtype="fp16"), **kw)
+            if half.total <= free_bytes:
+                hints.append(f"frozen_dtype fp16 (the frozen copy that computes the targets before training: "
+                             f"{half.gib:.1f} GiB)")
+        without = estimate(size, chosen, **{**kw, "with_frozen": False})
+        if without.total < est.total and without.total <= free_bytes:
             hints.append("a mode without the frozen base model (break_a_scene, dynasyn_md, dynasyn_act without a "
-                         f"dataset: {(est.total - est.parts['frozen']) / GIB:.1f} GiB)")
+                         f"dataset: {without.gib:.1f} GiB)")
         for change in smaller:
             low = replace(chosen, **change)
             if estimate(size, low, **kw).total <= free_bytes:
@@ -226,3 +267,28 @@ def preflight(size: ModelSize, cfg, preset: str, free_bytes: int | None, **kw):
                "No memory preset fits this card: close other programs using the GPU, lower the resolution, or train "
                "on a larger card.") + " The figures are estimates.")
     return chosen, est, (f"memory preset {preset_used or 'custom'}: estimated peak {est.gib:.1f} GiB of {free:.1f} GiB free")
+
+
+CARD_GIB = (8, 12, 16, 24)
+CARD_RESERVE_GIB = 0.5  # what the driver, the display and ComfyUI itself keep on a card
+
+
+def vram_table(families=(("SD 1.5", "sd15"), ("SD 2.1 (-base, 512 px)", "sd21"))) -> str:
+    """The README's table of estimated peaks per memory preset and card (``python -m dynasyn.memory``)."""
+    from .train import TrainConfig
+
+    head = ("| model | memory preset | est. GiB, reference only | est. GiB, + augmented pairs | "
+            + " | ".join(f"{c} GB card" for c in CARD_GIB) + " |")
+    rows = [head, "|" + "---|" * (4 + len(CARD_GIB))]
+    for label, fam in families:
+        for preset in PRESETS:
+            cfg = apply_preset(TrainConfig(mixed_precision="bf16"), preset)
+            ref, aug = (estimate(FAMILIES[fam], cfg, with_aug=a).gib for a in (False, True))
+            fits = ["yes" if aug <= c - CARD_RESERVE_GIB else "ref. only" if ref <= c - CARD_RESERVE_GIB else "no"
+                    for c in CARD_GIB]
+            rows.append(f"| {label} | {preset} | {ref:.1f} | {aug:.1f} | " + " | ".join(fits) + " |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(vram_table())

@@ -27,6 +27,11 @@ class PromptTemplate:
     def render(self, names: Sequence[str]) -> str:
         return MARKER.sub(lambda m: names[int(m.group(1)) - 1], self.text)
 
+    def before_markers(self, names: Sequence[str]) -> list[str]:
+        """The rendered text before each marker, in marker order: where each subject's words begin, so a word
+        that also names a prop earlier in the prompt is not taken for the subject."""
+        return [PromptTemplate(self.text[:m.start()]).render(names) for m in MARKER.finditer(self.text)]
+
     @property
     def subjects(self) -> list[int]:
         """Subject indices (0-based) in the order they appear."""

@@ -99,19 +99,25 @@ def _find(seq: list[int], sub: list[int], start: int) -> int:
     return -1
 
 
-def token_positions(tokenizer, prompt: str, words: Sequence[str]) -> list[list[int]]:
-    """Positions of each of ``words`` (in order) in the tokenized ``prompt`` (start token at 0)."""
+def token_positions(tokenizer, prompt: str, words: Sequence[str], before: Sequence[str] | None = None) -> list[list[int]]:
+    """Positions of each of ``words`` (in order) in the tokenized ``prompt`` (start token at 0). ``before``: the
+    text of ``prompt`` before each word (``PromptTemplate.before_markers``); each is searched from there on."""
     ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
-    return phrase_positions(ids, [word_ids(tokenizer, w) for w in words], words, prompt, tokenizer.model_max_length)
+    starts = None if before is None else [1 + len(word_ids(tokenizer, b)) for b in before]
+    return phrase_positions(ids, [word_ids(tokenizer, w) for w in words], words, prompt, tokenizer.model_max_length,
+                            starts)
 
 
 def phrase_positions(ids: Sequence[int], phrases: Sequence[Sequence[int]], words: Sequence[str], prompt: str,
-                     max_length: int = 77) -> list[list[int]]:
-    """Positions of each token sequence in ``phrases`` in ``ids``, searched in order (any tokenizer)."""
+                     max_length: int = 77, starts: Sequence[int] | None = None) -> list[list[int]]:
+    """Positions of each token sequence in ``phrases`` in ``ids``, searched in order (any tokenizer); with
+    ``starts``, phrase k is searched from index ``starts[k]`` on (where the text before it ends)."""
     ids = list(ids)
     out, cursor = [], 0
-    for w, sub in zip(words, phrases):
+    for k, (w, sub) in enumerate(zip(words, phrases)):
         sub = list(sub)
+        if starts is not None:
+            cursor = max(cursor, starts[k])
         at = _find(ids, sub, cursor) if sub else -1
         if at < 0:
             raise DynASynError(f"{w!r} is not in the prompt {prompt!r} (or the prompt is longer than "

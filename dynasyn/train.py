@@ -277,6 +277,24 @@ def truncate_after(unet, layer: str) -> None:
     unet.conv_norm_out, unet.conv_act, unet.conv_out = None, None, torch.nn.Identity()
 
 
+def frozen_copy(model, device, dtype: torch.dtype, after: str | None = None):
+    """A frozen copy of ``model`` (a UNet truncated ``after`` a layer: ``truncate_after``), its tensors made
+    directly in ``dtype`` on ``device``: the full-precision, untruncated copy that ``deepcopy`` then ``.to``
+    would make first (the model's size again, on whichever device holds it) never exists."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    copy_ = copy.deepcopy(model, memo={id(t): t for t in tensors})  # the modules copied, their tensors still shared
+    if after is not None:
+        truncate_after(copy_, after)
+    for module in copy_.modules():
+        for name, p in module._parameters.items():
+            if p is not None:  # a tensor of its own (copy=True: never the live, trained one's storage)
+                module._parameters[name] = torch.nn.Parameter(p.detach().to(device, dtype, copy=True), requires_grad=False)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = b.detach().to(device, dtype if b.is_floating_point() else b.dtype, copy=True)
+    return copy_.eval()
+
+
 def _fast_cpu_bf16() -> bool:
     """CPUs without native bf16 (no AVX512-BF16 / AMX) run bf16 UNets several times slower than fp32."""
     try:
@@ -430,13 +448,11 @@ class DynASynTrainer:
         if self.frozen is not None or not ("ica" in self.cfg.losses or self.use_aug):
             return
         dtype = self._frozen_dtype()
-        unet = copy.deepcopy(self.c.unet)
-        truncate_after(unet, last_layer(self.capture))
-        unet = unet.to(self.device, dtype).eval().requires_grad_(False)
+        unet = frozen_copy(self.c.unet, self.device, dtype, after=last_layer(self.capture))
         prompts = self._class_prompts()
         te = None
         if prompts is None:
-            te = copy.deepcopy(self.c.text_encoder).to(self.device, dtype).eval().requires_grad_(False)
+            te = frozen_copy(self.c.text_encoder, self.device, dtype)
         else:
             te_live = self.c.text_encoder.to(self.device)
             with torch.no_grad():  # the live encoder still holds the base weights here (also when resuming)

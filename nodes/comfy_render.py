@@ -155,14 +155,21 @@ def _ids(clip, text: str) -> list[int]:
     return [int(t[0]) for chunk in chunks for t in chunk]
 
 
-def description_positions(clip, prompt: str, phrases: Sequence[str]) -> list[list[int]]:
-    """Token positions of each phrase in ``prompt`` as ComfyUI's own tokenizer writes it."""
-    end = _ids(clip, "")[1]  # [start, end, pad...]
-    subs = []
-    for p in phrases:
-        ids = _ids(clip, p)
-        subs.append(ids[1:ids.index(end, 1)])
-    return phrase_positions(_ids(clip, prompt), subs, phrases, prompt)
+def description_positions(clip, prompt: str, phrases: Sequence[str], before: Sequence[str] | None = None) -> list[list[int]]:
+    """Token positions of each phrase in ``prompt`` as ComfyUI's own tokenizer writes it; ``before``: the text of
+    ``prompt`` before each phrase (``PromptTemplate.before_markers``), where its search starts (not at a prop)."""
+    empty = _ids(clip, "")  # [start, end, pad...]
+    end, pad = empty[1], empty[-1]
+
+    def words(text: str) -> list[int]:  # the text's ids as they start the prompt's: chunk starts kept, end and padding cut
+        ids = _ids(clip, text)
+        while len(ids) > 1 and ids[-1] in (end, pad):
+            ids.pop()
+        return ids
+
+    subs = [words(p)[1:] for p in phrases]
+    starts = None if before is None else [len(words(b)) for b in before]  # where each phrase can begin
+    return phrase_positions(_ids(clip, prompt), subs, phrases, prompt, starts=starts)
 
 
 def _to_bchw_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -222,9 +229,9 @@ class ComfyRenderer:
         maps = capture.maps(h, w)
         out = []
         for i, (template, prompt) in enumerate(zip(templates, prompts)):
-            positions = description_positions(self.clip, prompt, [descriptions[s] for s in template.subjects])
-            out.append(Draft(images[i], template, prompt, token_maps(maps[i], positions),
-                             [descriptions[s] for s in template.subjects]))
+            phrases, before = [descriptions[s] for s in template.subjects], template.before_markers(descriptions)
+            positions = description_positions(self.clip, prompt, phrases, before)
+            out.append(Draft(images[i], template, prompt, token_maps(maps[i], positions), phrases, before))
         return out
 
     def inpaint(self, image, mask, prompt, seed):
@@ -242,7 +249,7 @@ class ComfyRenderer:
         keep = (mask < 0.5)[..., None]
         return torch.where(keep, image.float().cpu(), out), self.cfg.inpaint_steps
 
-    def gsa(self, image, prompt, seed, phrases=None):
+    def gsa(self, image, prompt, seed, phrases=None, before=None):
         g = self.cfg.gsa
         capture = NativeAttentionCapture() if phrases is not None else None
         model = self.model if capture is None else with_attention_capture(self.model, capture)
@@ -252,7 +259,7 @@ class ComfyRenderer:
         info = {"start_timestep": start_t, "unet_evaluations": steps}
         if capture is not None:  # each phrase's cross-attention over the pass: re-segments the output without SAM
             maps = capture.maps(image.shape[0] // self.factor, image.shape[1] // self.factor)[0]
-            info["attention"] = token_maps(maps, description_positions(self.clip, prompt, phrases))
+            info["attention"] = token_maps(maps, description_positions(self.clip, prompt, phrases, before))
         return images[0], info
 
     def planned_evaluations(self, prompts: int) -> int:

@@ -5,9 +5,11 @@
 Prints one ``RESULT <name> {json}`` line per check (``"ok": true/false``, or ``"skipped": why``):
 
 - ``env``                      torch / CUDA / card, the precision ``auto`` picks
-- ``library_step.<fam>.<preset>``  one DynASyn step (L_MD + L_M2A + L_ICA + L_AUG) per memory preset: step time,
-                               peak memory allocated / reserved next to the estimator's figure, host syncs per step
-                               (CUDA's sync debug mode), losses finite
+- ``library_step.<fam>.<preset>``  DynASyn steps (L_MD + L_M2A + L_ICA + L_AUG) per memory preset, as the Train
+                               node runs them: the frozen model's targets precomputed first (its time and peak
+                               reported apart), the frozen copy freed, then the steps: step time, peak memory
+                               allocated / reserved next to the estimator's figures, host syncs per step (CUDA's
+                               sync debug mode), losses finite
 - ``grads.<fam>.<precision>``  one step's UNet + text-encoder gradients under bf16 / fp16 autocast vs fp32
 - ``train_node.<fam>``         the Train node in-process in ComfyUI, then a KSampler on its MODEL; the input
                                model unchanged; GPU memory released once the node has returned
@@ -150,6 +152,18 @@ def library_step(family: str, preset: str, args) -> None:
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     trainer = DynASynTrainer(comps, image, masks, nouns, cfg, augmented=[pair], device=DEV, log=lambda *_: None)
+    made_peak = torch.cuda.max_memory_allocated(DEV) / GIB if CUDA else None
+    assert cfg.precompute_targets  # as the node trains: every step's frozen-model targets, then the copy freed
+    sync()
+    t0 = time.perf_counter()
+    trainer.precompute_targets()
+    sync()
+    precompute_s = time.perf_counter() - t0
+    precompute_peak = torch.cuda.max_memory_allocated(DEV) / GIB if CUDA else None
+    if trainer.frozen is not None or len(trainer.targets) != args.steps + 1:
+        raise RuntimeError("the targets were not precomputed for every step, or the frozen copy was kept")
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
     trainer._setup_phase(2)
     times, syncs, losses = [], [], []
     for _ in range(args.steps + 1):  # the first step allocates the optimizer state and warms the kernels
@@ -165,9 +179,14 @@ def library_step(family: str, preset: str, args) -> None:
     peak = torch.cuda.max_memory_allocated(DEV) / GIB if CUDA else None
     reserved = torch.cuda.max_memory_reserved(DEV) / GIB if CUDA else None
     result(name, ok=all(map(lambda v: v == v and abs(v) < float("inf"), losses)), preset=preset, family=family,
-           resolution=res, precision=trainer.precision, step_s=statistics.median(times[1:]), first_step_s=times[0],
-           syncs_per_step=syncs[1:], peak_allocated_gib=peak, peak_reserved_gib=reserved, estimate_gib=est.gib,
-           estimate_parts_gib={k: round(v / GIB, 3) for k, v in est.parts.items()}, losses=losses)
+           resolution=res, precision=trainer.precision, precompute_s=precompute_s,
+           precompute_per_step_s=precompute_s / (args.steps + 1), step_s=statistics.median(times[1:]),
+           first_step_s=times[0], syncs_per_step=syncs[1:], trainer_made_peak_allocated_gib=made_peak,
+           precompute_peak_allocated_gib=precompute_peak, peak_allocated_gib=peak, peak_reserved_gib=reserved,
+           estimate_gib=est.gib, estimate_training_gib=est.training / GIB,
+           estimate_precompute_gib=est.precompute_total / GIB,
+           estimate_parts_gib={k: round(v / GIB, 3) for k, v in est.parts.items()},
+           estimate_precompute_parts_gib={k: round(v / GIB, 3) for k, v in (est.precompute or {}).items()}, losses=losses)
     if not CUDA:
         result(name + ".cuda_memory_and_syncs", skipped="no CUDA device: peak VRAM and sync counts need one")
 

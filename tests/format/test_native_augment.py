@@ -63,6 +63,19 @@ def test_description_positions_follow_comfy_tokenization(tiny, prompt, phrases):
         _mod("nodes.comfy_render").description_positions(clip, prompt, ["dragon"])
 
 
+@pytest.mark.parametrize("template, names", [
+    ("a toy cat beside a box, [1] chasing [2]", ["cat", "dog"]),
+    ("a ball next to a box, the [1] jumping", ["ball"]),
+])
+def test_description_positions_start_at_the_marker_not_at_a_prop(tiny, template, names):
+    comps, _, clip, _ = tiny
+    t = _mod("dynasyn.prompts").PromptTemplate(template)
+    prompt, phrases = t.render(names), [names[i] for i in t.subjects]
+    got = _mod("nodes.comfy_render").description_positions(clip, prompt, phrases, t.before_markers(names))
+    assert got == _mod("dynasyn.drafts").draft_positions(comps.tokenizer, t, names)
+    assert got != _mod("nodes.comfy_render").description_positions(clip, prompt, phrases)  # by word alone: the prop
+
+
 @pytest.fixture(scope="module")
 def renderer(tiny):
     comps, model, clip, vae = tiny

@@ -113,3 +113,41 @@ def test_trainer_l_aug_uses_the_template_prompts_and_positions(monkeypatch):
     dog = tok("dog", add_special_tokens=False).input_ids
     dogs = [k for k, i in enumerate(ids) if [i] == dog]
     assert positions == [[1], [dogs[1]]]  # "cat" first, then the second "dog" (not the toy)
+
+
+@pytest.mark.parametrize("template, descriptions", [
+    # the subject's word also names a prop earlier in the prompt: the marker says which one is the subject
+    ("a ball next to a box, the [1] jumping", ["ball"]),
+    ("a toy cat beside a box, [1] chasing [2]", ["cat", "dog"]),
+    ("a red ball and a cup, [1] chasing [2]", ["cup", "red ball"]),
+])
+def test_draft_words_come_from_the_template_markers(template, descriptions):
+    from dynasyn.drafts import draft_positions
+    from dynasyn.prompts import PromptTemplate
+
+    tok, t = tiny_components(seed=0).tokenizer, PromptTemplate(template)
+    prompt = t.render(descriptions)
+    positions = draft_positions(tok, t, descriptions)
+    ids = tok(prompt).input_ids
+    assert [tok.decode([ids[p] for p in ps]).strip() for ps in positions] == [descriptions[i] for i in t.subjects]
+    props = len(tok(prompt.split(",")[0], add_special_tokens=False).input_ids)  # tokens before the comma: the props
+    assert all(p > props + 1 for ps in positions for p in ps)  # past the start token, the props and the comma
+
+
+def test_render_draft_reads_the_subjects_maps_not_the_props(monkeypatch):
+    """The draft's attention per subject is taken at the marker's words (a spy on the map lookup)."""
+    from dynasyn import drafts
+    from dynasyn.gsa import GSAConfig
+    from dynasyn.prompts import PromptTemplate
+
+    comps = tiny_components(seed=0)
+    seen = []
+    real = drafts.token_maps
+    monkeypatch.setattr(drafts, "token_maps", lambda maps, positions: seen.append(positions) or real(maps, positions))
+    template = PromptTemplate("a toy cat beside a box, [1] chasing [2]")
+    draft = drafts.render_draft(comps, template, ["cat", "dog"], GSAConfig(steps=2, sampler="ddim", seed=0), (64, 64))
+    ids = comps.tokenizer(draft.prompt).input_ids
+    cat = comps.tokenizer("cat", add_special_tokens=False).input_ids
+    cats = [k for k in range(len(ids)) if ids[k:k + len(cat)] == cat]
+    assert len(cats) == 2 and seen[-1][0] == list(range(cats[1], cats[1] + len(cat)))  # subject 1 = the second "cat"
+    assert draft.attention.shape[0] == 2 and draft.before == ["a toy cat beside a box, ", "a toy cat beside a box, cat chasing "]

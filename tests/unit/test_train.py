@@ -83,6 +83,34 @@ def test_frozen_model_trimmed_and_precomputed_gives_the_full_models_class_maps()
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_copy_is_the_truncated_model_in_its_dtype_with_tensors_of_its_own(dtype):
+    """``frozen_copy`` equals deepcopy + truncate + ``.to(dtype)`` (what it replaces, without the full-size
+    transient), shares no storage with the live UNet, and leaves the live UNet whole."""
+    import copy
+
+    from dynasyn.attention import capture_layers, last_layer
+    from dynasyn.train import frozen_copy, truncate_after
+
+    unet = tiny_components(seed=0).unet
+    layer = last_layer(capture_layers(unet, 32))
+    live = {k: v.clone() for k, v in unet.state_dict().items()}
+    ref = copy.deepcopy(unet)
+    truncate_after(ref, layer)
+    ref = ref.to("cpu", dtype)
+    got = frozen_copy(unet, "cpu", dtype, after=layer)
+    assert got.state_dict().keys() == ref.state_dict().keys() and len(got.up_blocks) < len(unet.up_blocks)
+    assert all(torch.equal(v, got.state_dict()[k]) and v.dtype == got.state_dict()[k].dtype
+               for k, v in ref.state_dict().items())
+    assert not got.training and not any(p.requires_grad for p in got.parameters())
+    live_ptrs = {t.data_ptr() for t in list(unet.parameters()) + list(unet.buffers())}
+    assert not live_ptrs & {t.data_ptr() for t in list(got.parameters()) + list(got.buffers())}
+    assert unet.state_dict().keys() == live.keys() and all(torch.equal(v, live[k]) for k, v in unet.state_dict().items())
+    with torch.no_grad():
+        next(unet.parameters()).add_(1.0)  # training the live UNet leaves the copy as it was
+    assert torch.equal(next(got.parameters()), next(ref.parameters()))
+
+
 def test_augmentation_loss_has_no_reconstruction_term(monkeypatch):
     """L_AUG must not call the masked diffusion loss on augmented images."""
     import dynasyn.train as train_mod
