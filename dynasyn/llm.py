@@ -5,7 +5,8 @@ The API key never travels through a node input: it comes from ``DYNASYN_API_KEY`
 (``DYNASYN_API_HOSTS`` / ``DYNASYN_API_BASE``; by default only api.openai.com), over https. Any
 other endpoint a workflow names (a local Ollama / LM Studio included) gets no key at all. The
 operator may also restrict which hosts may be called at all (``DYNASYN_ENDPOINT_HOSTS``); cloud
-metadata / link-local addresses are always refused. Reply bodies never reach node errors (they are
+metadata / link-local addresses are always refused, names checked again when connecting (dynasyn.egress:
+no redirects, capped replies, an overall deadline). Reply bodies never reach node errors (they are
 stored in /history for every client): they are logged at debug level. Replies are cached on disk
 keyed by endpoint, model, request and seed, so a re-run neither calls nor bills again.
 """
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .egress import forbidden_address, guarded_client, refusal
 from .errors import DynASynError
 
 KEY_ENV_VARS = ("DYNASYN_API_KEY", "OPENAI_API_KEY")
@@ -46,6 +48,17 @@ class LLMCancelled(LLMError):
 RETRIES = 3            # extra attempts after a 429 / 5xx reply
 RETRY_BASE_S = 1.0     # backoff: 1, 2, 4 ... seconds (or the server's Retry-After), capped
 RETRY_MAX_S = 20.0
+
+
+def _shown(path: Path) -> str:
+    """``path`` for a message anyone may read (the route answers it, /history keeps node errors): the home folder
+    as ``~``, so the server's user name and layout stay private."""
+    try:
+        return "~/" + Path(path).expanduser().relative_to(Path.home()).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
 def _host_port(url: str) -> tuple[str, int | None]:
     p = urlparse(url if "//" in url else f"//{url}")
     try:
@@ -111,13 +124,13 @@ def validate_base_url(base_url: str) -> str:
                        "https://api.openai.com/v1.")
     if p.username or p.password or "@" in p.netloc:
         raise LLMError("Do not put credentials in the endpoint URL (it is saved with the workflow); "
-                       f"set {KEY_ENV_VARS[0]} or write the key to {DEFAULT_KEY_FILE} instead.")
+                       f"set {KEY_ENV_VARS[0]} or write the key to {_shown(DEFAULT_KEY_FILE)} instead.")
     if "?" in url or "#" in url or p.params:
         raise LLMError("The endpoint URL may not have a query string ('?...'), a fragment ('#...') or ';' parameters: "
                        "give the base URL only, e.g. https://api.openai.com/v1.")
     host = p.hostname.lower()
     ip = _literal_ip(host)
-    if ip is not None and (ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved):
+    if ip is not None and forbidden_address(ip):  # names are checked again when connecting (dynasyn.egress)
         raise LLMError(f"The endpoint host {host} is a link-local / metadata / reserved address; it is never called.")
     allowed = _host_list(ENDPOINT_HOSTS_ENV)
     if allowed is not None and not _listed(url, allowed + key_hosts()):
@@ -148,7 +161,7 @@ def resolve_api_key(base_url: str, key_file: str | os.PathLike | None = None) ->
         if key:
             return key
     raise LLMError(f"No API key for {url}: set the environment variable {KEY_ENV_VARS[0]} before starting ComfyUI, "
-                   f"or write the key to {path} (never into a node, where it would be saved with the workflow).")
+                   f"or write the key to {_shown(path)} (never into a node, where it would be saved with the workflow).")
 
 
 class ReplyCache:
@@ -229,11 +242,15 @@ def request_key(base_url: str, model: str, seed: int, cache_key: dict) -> str:
     return ReplyCache.key(endpoint=base_url, model=model, seed=seed, **cache_key)
 
 
-def _client(base_url: str, api_key: str | None, timeout: float):
-    """An openai client; without ``api_key`` its requests carry no Authorization header at all."""
+def _client(base_url: str, api_key: str | None, timeout: float, deadline: float | None = None):
+    """An openai client; without ``api_key`` its requests carry no Authorization header at all. Its HTTP client
+    (``dynasyn.egress``) checks the address it connects to, follows no redirect, caps the reply and ends by
+    ``deadline`` (default ``timeout`` from now)."""
     import openai
 
-    client = openai.OpenAI(base_url=base_url, api_key=api_key or "no-key", timeout=timeout, max_retries=0)
+    http = guarded_client(time.monotonic() + timeout if deadline is None else deadline)
+    client = openai.OpenAI(base_url=base_url, api_key=api_key or "no-key", timeout=timeout, max_retries=0,
+                           http_client=http)
     return client, ({} if api_key else {"extra_headers": {"Authorization": openai.Omit()}})
 
 
@@ -250,9 +267,13 @@ def list_models(base_url: str, api_key: str | None, timeout: float = 10.0) -> li
     try:
         page = client.models.list(timeout=timeout, **extra)
         names = sorted({str(m.id) for m in page.data if getattr(m, "id", None)})
-    except (openai.APIError, AttributeError, TypeError, ValueError) as e:
+    except (openai.APIError, AttributeError, TypeError, ValueError, RecursionError, DynASynError) as e:
+        if (refused := refusal(e)) is not None:
+            raise LLMError(str(refused)) from None
         log.debug("[DynASyn] %s offers no model list: %.500s", base_url, _body(e))
         return None
+    finally:
+        client.close()
     return names or None
 
 
@@ -296,32 +317,39 @@ def chat(base_url: str, model: str, messages: list, *, seed: int, api_key: str |
     parse = parse or (lambda text: text)
     if cache is not None and (hit := cache.get(key)) is not None:
         return parse(hit)
-    client, extra = _client(base_url, api_key, timeout)
+    deadline = time.monotonic() + timeout if deadline is None else deadline
+    client, extra = _client(base_url, api_key, timeout, deadline)
     if json_mode:
         extra["response_format"] = {"type": "json_object"}
     if unload:
         extra["extra_body"] = {"keep_alive": 0}
     try:
-        resp = _create(client, base_url, timeout, time.monotonic() + timeout if deadline is None else deadline, should_stop,
+        resp = _create(client, base_url, timeout, deadline, should_stop,
                        model=model, messages=messages, seed=seed, temperature=0.7, max_tokens=max_tokens, **extra)
+    except (openai.APIConnectionError, DynASynError) as e:
+        if (refused := refusal(e)) is not None:  # a forbidden address or an oversized reply: say which
+            raise LLMError(str(refused)) from None
+        if isinstance(e, DynASynError):
+            raise
+        if isinstance(e, openai.APITimeoutError):
+            raise LLMError(f"{base_url} did not answer within {timeout:.0f} s; raise the timeout or use a smaller model.") from e
+        raise LLMError(f"Cannot reach {base_url}: is the server running (Ollama: `ollama serve`) and the URL right? "
+                       "Or switch the node to offline mode.") from e
     except openai.AuthenticationError as e:
         if not api_key:
             raise LLMError(f"{base_url} wants an API key (401), and none was sent: the key goes only to hosts the "
                            f"operator lists in {KEY_HOSTS_ENV} (default api.openai.com).") from None
         raise LLMError(f"{base_url} rejected the API key (401). Check {KEY_ENV_VARS[0]} or the key file.") from e
-    except openai.APITimeoutError as e:
-        raise LLMError(f"{base_url} did not answer within {timeout:.0f} s; raise the timeout or use a smaller model.") from e
-    except openai.APIConnectionError as e:
-        raise LLMError(f"Cannot reach {base_url}: is the server running (Ollama: `ollama serve`) and the URL right? "
-                       "Or switch the node to offline mode.") from e
     except openai.NotFoundError:
         raise LLMError(_unknown_model(base_url, model, api_key, timeout)) from None
     except openai.APIStatusError as e:  # the body stays in the log (debug): node errors are shown to every client
         log.debug("[DynASyn] %s answered HTTP %s: %.2000s", base_url, e.status_code, _body(e))
         raise LLMError(f"{base_url} answered HTTP {e.status_code} (the reply is in ComfyUI's debug log).") from None
-    except openai.APIError as e:  # e.g. a body that is not a chat completion
+    except (openai.APIError, RecursionError) as e:  # e.g. a body that is not a chat completion
         log.debug("[DynASyn] %s sent an unusable reply: %.2000s", base_url, _body(e))
         raise LLMError(f"{base_url} sent a reply that is not a chat completion (details in ComfyUI's debug log).") from None
+    finally:
+        client.close()
     try:
         text = resp.choices[0].message.content
     except (AttributeError, IndexError, TypeError):

@@ -8,6 +8,7 @@ only to hosts the operator named) and answers only model names, never the endpoi
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 from aiohttp import web
@@ -18,6 +19,7 @@ log = logging.getLogger("DynASyn")
 
 MODELS_ROUTE = "/dynasyn/llm_models"
 MAX_ENDPOINT_CHARS = 2000
+MAX_BODY_BYTES = 8192  # ComfyUI lets a request carry 100 MB; parsing that would stall its event loop
 LIST_TIMEOUT_S = 10.0
 _listing = asyncio.Semaphore(4)  # a burst of requests never ties up more than 4 of the server's worker threads
 
@@ -26,9 +28,15 @@ async def llm_models(request: web.Request) -> web.Response:
     """POST {"endpoint": URL} -> {"models": [names], "offered": bool}, or 400 {"error": what to do}."""
     from ..dynasyn.llm import offered_models
 
+    raw = b""
+    while len(raw) <= MAX_BODY_BYTES and (chunk := await request.content.read(MAX_BODY_BYTES + 1 - len(raw))):
+        raw += chunk
+    if len(raw) > MAX_BODY_BYTES:
+        return web.json_response({"error": f"The request is larger than {MAX_BODY_BYTES} bytes: send only "
+                                           '{"endpoint": URL}.'}, status=413)
     try:
-        body = await request.json()
-    except ValueError:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: deeply nested JSON
         body = None
     endpoint = body.get("endpoint") if isinstance(body, dict) else None
     if not isinstance(endpoint, str) or not endpoint.strip() or len(endpoint) > MAX_ENDPOINT_CHARS:

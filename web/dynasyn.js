@@ -319,6 +319,9 @@ function addSamPicker(node) {
 const hasEndpointAndModel = (nodeData) =>
   ["endpoint", "model"].every((n) => nodeData.input?.required?.[n]?.[0] === "STRING");
 
+const HTML_ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
+const escapeHtml = (text) => String(text).replace(/[&<>"']/g, (c) => HTML_ESCAPES[c]);
+
 async function fetchModels(endpoint) {
   const r = await api.fetchApi("/dynasyn/llm_models", {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ endpoint }),
@@ -338,9 +341,15 @@ function addModelPicker(node) {
       const models = await fetchModels(endpoint);
       node.dynasynModels = { models };
       const [clientX, clientY] = app.canvas?.last_mouse_position ?? [200, 200];
-      new LiteGraph.ContextMenu(models, {
+      // The menu puts each entry's title into innerHTML, and the names come from whatever server the endpoint
+      // names (a shared workflow's): escaped, a name like <img onerror=…> is shown as text, never run.
+      const entries = models.map((name) => ({ content: name, title: escapeHtml(name), name }));
+      new LiteGraph.ContextMenu(entries, {
         title: "models at the endpoint", event: new MouseEvent("click", { clientX, clientY }),
-        callback: (picked) => { model.value = picked; model.callback?.(picked); node.setDirtyCanvas(true, true); },
+        callback: (picked) => {
+          if (typeof picked?.name !== "string") return;
+          model.value = picked.name; model.callback?.(picked.name); node.setDirtyCanvas(true, true);
+        },
       });
     } catch (e) {
       node.dynasynModels = { error: String(e.message || e) };

@@ -228,13 +228,16 @@ def test_seeds_of_a_new_train_node_never_randomize(server):
 def test_llm_settings_lists_the_servers_models_under_the_llm_rules(server, fake_llm):
     """The model picker asks the pack's route, which lists what the endpoint offers with the LLM calls' rules: the
     key goes to the host the operator named (DYNASYN_API_HOSTS), never to another listener (127.0.0.2); a metadata
-    address is refused and never called; the picked name lands in the model widget, the button is never saved."""
+    address is refused and never called; the picked name lands in the model widget, the button is never saved.
+    The names come from any server a shared workflow names: one that is HTML (the menu sets innerHTML) is shown
+    and picked as text, never run."""
     fake_llm.models = ["qwen2.5vl:7b", "llava:13b"]
+    xss = '<img src=x onerror="window.__dynasynXss=(window.__dynasynXss||0)+1">'
     try:
         with FakeOpenAI(host="127.0.0.2") as foreign:
-            foreign.models = ["foreign-llava"]
+            foreign.models = ["foreign-llava", xss]
             endpoints = [fake_llm.base_url, foreign.base_url, "http://169.254.169.254/v1", "http://127.0.0.1:9/v1"]
-            res = run_page(server, "model_picker", {"endpoints": endpoints, "picks": ["llava:13b", "foreign-llava", "", ""]})
+            res = run_page(server, "model_picker", {"endpoints": endpoints, "picks": ["llava:13b", xss, "", ""]})
             foreign_requests = list(foreign.model_requests)
     finally:
         fake_llm.models = None
@@ -243,7 +246,8 @@ def test_llm_settings_lists_the_servers_models_under_the_llm_rules(server, fake_
     assert named["models"] == ["llava:13b", "qwen2.5vl:7b"] and named["menu"] == named["models"]
     assert named["model"] == "llava:13b"
     assert fake_llm.model_requests[-1]["headers"]["authorization"] == f"Bearer {SENTINEL_KEY}"  # a host the operator named
-    assert other["models"] == ["foreign-llava"] and other["model"] == "foreign-llava"
+    assert other["models"] == [xss, "foreign-llava"] and other["menu"] == other["models"] and other["model"] == xss
+    assert res["value"]["xss"] is None  # the onerror handler never ran
     assert len(foreign_requests) == 1 and "authorization" not in foreign_requests[0]["headers"]
     assert SENTINEL_KEY not in repr(foreign_requests)
     assert "link-local / metadata" in metadata["error"] and metadata["model"] == "typed-by-hand"

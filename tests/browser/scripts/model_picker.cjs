@@ -30,5 +30,6 @@ module.exports = async (page, { endpoints, picks }) => {
     const { output } = await window.app.graphToPrompt();
     return { widgets: node.widgets_values, inputs: Object.keys(output[String(id)].inputs) };
   }, ids[1]);
-  return { results, saved };
+  const xss = await page.evaluate(() => window.__dynasynXss ?? null);  // set only if a model name ran as HTML
+  return { results, saved, xss };
 };
