@@ -4,10 +4,13 @@ Stages (each checkpointed into --work-dir, so an interrupted run resumes where i
   1. VAE: the 3-level AutoencoderKL on rendered scenes (MSE + L1 + a tiny KL).
   2. Fold the latent statistics into the VAE so latents x 0.18215 have unit std (SD's convention).
   3. UNet + CLIP text encoder on the frozen encoder's latents of the training scenes (epsilon,
-     min-SNR weighting, 10 % empty captions for classifier-free guidance, EMA weights).
+     min-SNR weighting, 10 % empty captions for classifier-free guidance, EMA weights). From step
+     --patterned-from on, --unet-patterned scenes join them whose objects wear two-colour patterns in the
+     colour pairs the novel subjects do not use (world.NOVEL_COLOR_PAIRS): the model learns what a pattern
+     is, so GSA keeps a subject's pattern, while every novel subject stays a look it never saw.
   4. Decoder fine-tuning on the same frozen latents (sharper reconstructions), plus --decoder-patterned scenes of
-     two-colour patterned objects (the novel subjects of the benchmark and the demo): the UNet never sees them,
-     but the decoder must be able to draw them once a subject is learned.
+     two-colour patterned objects in any colours (like the novel subjects of the benchmark and the demo): the
+     UNet never sees those colour pairs, but the decoder must be able to draw them once a subject is learned.
   5. Evaluation on held-out scenes/captions with the scorer; writes the fp16 weights + manifest.
 
 Usage: python scripts/train_shapes_world.py [--vae-steps N] [--unet-steps N] ...
@@ -39,16 +42,18 @@ from dynasyn.shapes import world  # noqa: E402
 TRAIN_SEED0 = 0
 EVAL_SEED0 = 50_000_000  # held-out scenes / captions: disjoint seed range
 PATTERNED_SEED0 = 30_000_000  # the decoder's patterned scenes (the benchmark's subjects are hand-picked)
+KNOWN_PATTERN_SEED0 = 40_000_000  # the UNet's scenes with known patterns (colour pairs outside NOVEL_COLOR_PAIRS)
+KNOWN_PATTERN_P = 0.7  # each object's chance of wearing a pattern in those scenes
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def render_set(n: int, seed0: int):
+def render_set(n: int, seed0: int, patterned: float = 0.0):
     imgs, caps = np.empty((n, 64, 64, 3), np.uint8), []
     for i in range(n):
-        s = world.sample_scene(seed0 + i)
+        s = world.sample_scene(seed0 + i, patterned=patterned)
         imgs[i] = s.image
         caps.append(s.caption)
     return imgs, caps
@@ -138,7 +143,8 @@ def encode_all(vae, imgs, batch=64) -> torch.Tensor:
     return torch.cat(out)
 
 
-def train_unet(comps, latents, ids, args, work: Path):
+def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = None):
+    """``n_before``: steps before --patterned-from draw only from the first n_before scenes (the plain ones)."""
     unet, te, sched = comps.unet, comps.text_encoder, comps.noise_scheduler
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
@@ -163,7 +169,8 @@ def train_unet(comps, latents, ids, args, work: Path):
         for gr in opt.param_groups:
             gr["lr"] = lr
         g = step_rng(args.seed, 3, step)
-        idx = g.integers(0, len(latents), args.batch)
+        pool = len(latents) if n_before is None or step >= args.patterned_from else n_before
+        idx = g.integers(0, pool, args.batch)
         x0 = latents[idx]
         tok = ids[idx].clone()
         drop = torch.from_numpy(g.random(args.batch) < args.uncond_p)
@@ -219,6 +226,10 @@ def main(argv=None) -> int:
     ap.add_argument("--decoder-steps", type=int, default=600)
     ap.add_argument("--decoder-patterned", type=int, default=4000,
                     help="patterned-subject scenes added to the decoder's fine-tuning set")
+    ap.add_argument("--unet-patterned", type=int, default=0,
+                    help="scenes whose objects wear known two-colour patterns, added to the UNet's training set "
+                         "from step --patterned-from on (the novel subjects' colour pairs are never among them)")
+    ap.add_argument("--patterned-from", type=int, default=0, help="the UNet step where those scenes join")
     ap.add_argument("--unet-steps", type=int, default=2600)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -275,7 +286,14 @@ def main(argv=None) -> int:
     latents = encode_all(comps.vae, imgs)
     log(f"latent std {latents.std().item():.3f} (x scaling)")
 
-    unet_done = train_unet(comps, latents, ids, args, work)
+    unet_latents, unet_ids, n_plain = latents, ids, None
+    if args.unet_patterned:
+        log(f"rendering {args.unet_patterned} scenes with known patterns (from UNet step {args.patterned_from})")
+        pimgs, pcaps = render_set(args.unet_patterned, KNOWN_PATTERN_SEED0, patterned=KNOWN_PATTERN_P)
+        pids = comps.tokenizer(pcaps, padding="max_length", max_length=77, truncation=True,
+                               return_tensors="pt").input_ids
+        unet_latents, unet_ids, n_plain = torch.cat([latents, encode_all(comps.vae, pimgs)]), torch.cat([ids, pids]), len(latents)
+    unet_done = train_unet(comps, unet_latents, unet_ids, args, work, n_before=n_plain)
     dec_imgs, dec_latents = imgs, latents
     if args.decoder_patterned and args.decoder_steps:
         from dynasyn.shapes.identity import sample_novel_scene
@@ -297,6 +315,7 @@ def main(argv=None) -> int:
         "training_time_s": round(train_s), "command": "python scripts/train_shapes_world.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in (("vae_steps", vae_done), ("unet_steps", unet_done),
                                                         ("decoder_steps", dec_done), ("decoder_patterned", args.decoder_patterned),
+                                                        ("unet_patterned", args.unet_patterned), ("patterned_from", args.patterned_from),
                                                         ("scenes", args.scenes))),
         "date": time.strftime("%Y-%m-%d"),
     }

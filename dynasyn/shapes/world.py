@@ -41,6 +41,13 @@ BACKGROUNDS = {
 # plain ones). Bands are wide (about 3.6 across an object): the world's 4x VAE keeps them, finer ones blur away.
 PATTERNS = ("plain", "striped", "checked", "dotted")
 PATTERN_BANDS = 3.6
+# Colour pairs that no object of the pretrained world wears, in either order and in any pattern: the benchmark's
+# and the demo's subjects wear these, so each is a look the world model never saw. Patterned objects in the other
+# six pairs teach the model that an object can wear two colours in stripes, checks or dots (without that, its
+# denoiser wipes a pattern out as noise and GSA's augmented pairs lose every subject's look).
+NOVEL_COLOR_PAIRS = frozenset(frozenset(p) for p in (
+    ("red", "yellow"), ("blue", "green"), ("orange", "purple"), ("green", "red"), ("blue", "yellow"),
+    ("blue", "orange"), ("green", "purple"), ("green", "yellow"), ("purple", "red")))
 BG_PHRASE = {"room": "in the room", "beach": "on the beach", "snow": "in the snow", "grass": "on the grass"}
 RELATIONS = ("left of", "right of", "next to", "on top of", "under")
 # Poses and the classes whose pose is visible (a rotated ball or ring looks the same).
@@ -284,8 +291,10 @@ def arrange_pair(a: SceneObject, b: SceneObject, relation: str, rng: np.random.G
 
 def sample_scene(seed: int, n_objects: int | None = None, *, classes=CLASSES, colors=tuple(COLORS),
                  backgrounds=tuple(BACKGROUNDS), relations=RELATIONS, poses=tuple(POSES),
-                 p_background_word: float = 0.7) -> Scene:
-    """A random scene (1-3 objects, distinct colours) with its caption, rendered; a pure function of ``seed``."""
+                 p_background_word: float = 0.7, patterned: float = 0.0) -> Scene:
+    """A random scene (1-3 objects, distinct colours) with its caption, rendered; a pure function of ``seed``.
+    ``patterned``: each object's chance of wearing a known two-colour pattern (a colour pair outside
+    NOVEL_COLOR_PAIRS); the plain scenes of a seed are the same whatever its value."""
     rng = np.random.default_rng(seed)
     if n_objects is None:
         n_objects = int(rng.choice([1, 2, 3], p=[0.45, 0.5, 0.05]))
@@ -320,7 +329,26 @@ def sample_scene(seed: int, n_objects: int | None = None, *, classes=CLASSES, co
             o.cx = x + float(rng.uniform(-1.5, 1.5))
     scene = Scene(background=bg, objects=objs, relation=relation)
     scene.caption = caption_for(scene, with_background=bool(rng.random() < p_background_word))
+    if patterned > 0:  # its own random stream, so the plain scene above does not change
+        _add_known_patterns(objs, np.random.default_rng([seed, 23]), patterned)
+        scene.caption = caption_for(scene, with_background=BG_PHRASE[bg] in scene.caption)
     return render(scene, seed)
+
+
+def known_partners(color: str) -> list[str]:
+    """The colours that ``color`` is worn with by the pretrained world's patterned objects."""
+    return [c for c in COLORS if c != color and frozenset((color, c)) not in NOVEL_COLOR_PAIRS]
+
+
+def _add_known_patterns(objs: list[SceneObject], rng: np.random.Generator, p: float) -> None:
+    used = {o.color for o in objs}
+    for o in objs:
+        partners = [c for c in known_partners(o.color) if c not in used]
+        if not partners or rng.random() >= p:
+            continue
+        o.color2 = str(rng.choice(partners))
+        used.add(o.color2)
+        o.pattern = str(rng.choice([q for q in PATTERNS[1:] if not (o.cls == "star" and q == "dotted")]))
 
 
 def scene_from_caption(caption: str, seed: int = 0) -> Scene:

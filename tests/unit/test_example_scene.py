@@ -48,8 +48,9 @@ def test_shapes_pair_wears_patterns_the_pretraining_scenes_never_have():
         assert min(shares) > 0.25, (s, shares)  # two colours: a pattern
     found = identity.find_subjects(ex.image, subjects)
     assert all(f is not None and f.pattern(s) for f, s in zip(found, subjects))
-    # the pretrained model's scenes are always plain (the patterns are new to it)
+    # the world's plain scenes stay plain, and the demo subjects' colour pairs are ones its patterned objects never wear
     assert all(o.pattern == "plain" for s in range(200) for o in world.sample_scene(s).objects)
+    assert all(frozenset((c, c2)) in world.NOVEL_COLOR_PAIRS for _, c, c2, _ in SHAPES_SUBJECTS)
     # the world parses the caption as a red ball left of a blue box (patterns are extra words)
     spec = world.parse_caption(ex.caption)
     assert [(o["cls"], o["color"]) for o in spec["objects"]] == [("ball", "red"), ("box", "blue")]

@@ -92,3 +92,41 @@ def test_bad_input_gives_clear_errors():
         scorer.detect(np.zeros((64, 64)))
     with pytest.raises(DynASynError, match="1-3 objects"):
         world.sample_scene(0, n_objects=5)
+
+
+def test_known_patterns_never_wear_a_novel_subjects_colour_pair():
+    """The world model learns what a pattern is from the pairs outside NOVEL_COLOR_PAIRS; the benchmark's and
+    the demo's subjects wear only novel pairs, so each stays a look it never saw."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from dynasyn.example_scene import SHAPES_SUBJECTS
+
+    spec = importlib.util.spec_from_file_location("fidelity", Path(__file__).parents[2] / "bench" / "fidelity.py")
+    fidelity = sys.modules["fidelity"] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
+    try:
+        spec.loader.exec_module(fidelity)
+    finally:
+        del sys.modules["fidelity"]
+    novel = [frozenset(s.colors) for sc in fidelity.SCENES for s in sc.subjects]
+    novel += [frozenset((c, c2)) for _, c, c2, _ in SHAPES_SUBJECTS]
+    assert set(novel) <= world.NOVEL_COLOR_PAIRS
+    for c in world.COLORS:
+        assert world.known_partners(c), c  # every colour is seen patterned with some other colour
+    patterned = 0
+    for seed in range(300):
+        plain, pat = world.sample_scene(seed), world.sample_scene(seed, patterned=0.7)
+        # the same scene (so the plain training set does not move), only its objects' looks differ
+        assert [(o.cls, o.color, o.cx, o.cy, o.pose) for o in plain.objects] == \
+               [(o.cls, o.color, o.cx, o.cy, o.pose) for o in pat.objects]
+        for o in pat.objects:
+            if o.pattern != "plain":
+                patterned += 1
+                assert frozenset((o.color, o.color2)) not in world.NOVEL_COLOR_PAIRS
+                assert f"{o.color} and {o.color2} {o.pattern} {o.cls}" in pat.caption
+        assert len({c for o in pat.objects for c in (o.color, o.color2) if c}) == \
+               len(pat.objects) + sum(o.pattern != "plain" for o in pat.objects)  # colours stay distinct
+        spec = world.parse_caption(pat.caption)
+        assert [(o["cls"], o["color"]) for o in spec["objects"]] == [(o.cls, o.color) for o in pat.objects]
+    assert patterned > 200
