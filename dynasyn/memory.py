@@ -18,12 +18,16 @@ GPU figures are estimates until measured on a GPU (``scripts/gpu_check.sh``).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, replace
 
 GIB = 2 ** 30
-# what a process holds besides the tensors: measured on the CPU (libraries; bench/train_memory.py B and C), assumed
-# on CUDA (context ~0.5 GiB + caching-allocator slack) until measured there
-OVERHEAD_GIB = {"cpu": 1.5, "cuda": 1.0}
+# what a process holds besides the tensors: measured on the CPU (libraries and glibc's heap holes; bench/
+# train_memory.py B and C), 0.8 GiB there when freed blocks go back to the OS (fused_backward_step on the CPU:
+# devices.release_freed_host_memory; E and F), assumed on CUDA (context ~0.5 GiB + caching-allocator slack) until
+# measured there
+OVERHEAD_GIB = {"cpu": 1.5, "cpu_released": 0.8, "cuda": 1.0}
 
 # Saved-for-backward bytes of one fp32 UNet forward with its graph, per latent pixel (SD 1.5 and SD 2.1 measure
 # the same: 0.441 GiB at 32x32 latents without checkpointing, 0.072 GiB with diffusers' block checkpointing).
@@ -54,16 +58,14 @@ class ModelSize:
 
 
 def _adafactor_elements(params) -> int:
+    from .optim import factor_dims  # the optimizer's own rule: the two largest dimensions are factored
+
     n = 0
     for p in params:
         shape = tuple(p.shape)
-        if len(shape) >= 2:  # transformers' Adafactor: row = shape[:-1], column = shape[:-2] + shape[-1:]
-            rows, cols = 1, 1
-            for d in shape[:-1]:
-                rows *= d
-            for d in shape[:-2] + shape[-1:]:
-                cols *= d
-            n += rows + cols
+        if len(shape) >= 2:  # row statistics: every dimension but the last; column: every one but the second-last
+            dims = [shape[d] for d in factor_dims(shape)]
+            n += math.prod(dims[:-1]) + math.prod(dims[:-2] + dims[-1:])
         else:
             n += p.numel()
     return n
@@ -90,9 +92,9 @@ def model_size(unet, text_encoder, vae, frozen_until: str = "up_blocks.1") -> Mo
 # meta device and checks these numbers.
 FAMILIES = {
     "sd15": ModelSize(unet=859_520_964, text_encoder=123_060_480, vae=83_653_863, token_table=37_945_344,
-                      frozen_unet=769_285_120, adafactor_unet=457_589_700, adafactor_te=338_253, largest=37_945_344),
+                      frozen_unet=769_285_120, adafactor_unet=1_870_732, adafactor_te=338_253, largest=37_945_344),
     "sd21": ModelSize(unet=865_910_724, text_encoder=340_387_840, vae=83_653_863, token_table=50_593_792,
-                      frozen_unet=774_200_320, adafactor_unet=408_086_212, adafactor_te=783_693, largest=50_593_792),
+                      frozen_unet=774_200_320, adafactor_unet=1_878_924, adafactor_te=783_693, largest=50_593_792),
 }
 
 
@@ -170,7 +172,8 @@ def estimate(size: ModelSize, cfg, device_type: str = "cuda", with_frozen: bool 
         # CUDA's default foreach AdamW holds a second copy of the weights; the trainer uses fused AdamW on CUDA
         temp = 4 * size.largest * 3
     peak_act = max(act + grads / 2, grads)
-    overhead = OVERHEAD_GIB.get(device_type, OVERHEAD_GIB["cpu"]) * GIB
+    released = device_type == "cpu" and cfg.fused_backward_step
+    overhead = OVERHEAD_GIB["cpu_released" if released else device_type if device_type in OVERHEAD_GIB else "cpu"] * GIB
     precomputed = bool(frozen) and getattr(cfg, "precompute_targets", True)
     parts = {"weights": weights, "frozen": 0 if precomputed else frozen, "optimizer": state,
              "activations+grads": peak_act, "temporaries": temp, "overhead": overhead}
