@@ -73,6 +73,7 @@ def one(name: str, resolution: int, tiny: bool = False) -> dict:
     t0 = time.perf_counter()
     trainer.precompute_targets()  # as train() does: every step's targets, then the frozen copy freed
     targets_peak, targets_s = status_gib("VmHWM"), time.perf_counter() - t0
+    after_targets = status_gib("VmRSS")  # the frozen copy freed: what the step starts from
     Path("/proc/self/clear_refs").write_text("5")
     t0 = time.perf_counter()
     trainer._setup_phase(2)
@@ -80,6 +81,7 @@ def one(name: str, resolution: int, tiny: bool = False) -> dict:
     step_peak = status_gib("VmHWM")
     return {"name": name, "model_gib": model_gib, "init_peak_gib": init_peak, "before_gib": before,
             "peak_gib": max(init_peak, targets_peak, step_peak), "targets_peak_gib": targets_peak,
+            "after_targets_gib": after_targets,
             "step_peak_gib": step_peak, "targets_s": targets_s, "step_s": time.perf_counter() - t0}
 
 
@@ -107,7 +109,7 @@ def main() -> None:
             r = results[name]
             print(f"{name}: peak {r['peak_gib']:.2f} GiB (model {r['model_gib']:.2f} GiB; trainer made {r['init_peak_gib']:.2f} GiB, "
                   f"then {r['before_gib']:.2f} GiB; L_ICA targets "
-                  f"{r['targets_peak_gib']:.2f} GiB, {r['targets_s']:.0f} s; step {r['step_peak_gib']:.2f} GiB, "
+                  f"{r['targets_peak_gib']:.2f} GiB, {r['targets_s']:.0f} s, then {r['after_targets_gib']:.2f} GiB; step {r['step_peak_gib']:.2f} GiB, "
                   f"{r['step_s']:.0f} s)", flush=True)
         else:
             why = "killed: out of memory" if proc.returncode in (-9, 137) else f"failed (rc {proc.returncode})"

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from .attention import (AttentionStore, capture_layers, install_attention_capture, last_layer, map_side, remove_attention_capture,
                         run_until_last_capture, token_maps)
 from .devices import (PRECISIONS, cuda_capability, enable_gradient_checkpointing, is_out_of_memory, noise_generator,
-                      resolve_mixed_precision)
+                      release_freed_host_memory, resolve_mixed_precision)
 from .distributed import Distributed
 from .dataset import AugmentedPair, augmented_prompt_pair
 from .errors import DynASynError
@@ -316,6 +316,9 @@ class DynASynTrainer:
         masks = [torch.as_tensor(m).float() for m in masks]
         validate_subjects(tuple(image.shape[:2]), masks, class_nouns)
         self.device = self.dist.device(device)
+        if self.device.type == "cpu" and config.fused_backward_step and release_freed_host_memory():
+            # the low-memory setting on the CPU: freed per-tensor temporaries go back to the OS, not heap holes
+            self.log("[DynASyn] fused_backward_step on the CPU: freed blocks over 128 KiB go back to the OS.")
         tokens = placeholder_tokens(len(masks))
         self.subjects = [Subject(m, n.strip(), t) for m, n, t in zip(masks, class_nouns, tokens)]
         self.token_ids = add_placeholder_tokens(comps.tokenizer, comps.text_encoder, tokens, [s.class_noun for s in self.subjects])
