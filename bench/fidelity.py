@@ -34,7 +34,7 @@ from dynasyn.gsa import GSAConfig  # noqa: E402
 from dynasyn.prompts import PromptTemplate  # noqa: E402
 from dynasyn.shapes import identity as I  # noqa: E402
 from dynasyn.shapes import world  # noqa: E402
-from dynasyn.shapes.model import load_shapes_components, sample_images, to_uint8  # noqa: E402
+from dynasyn.shapes.model import WEIGHTS_FILE, load_shapes_components, sample_images, to_uint8  # noqa: E402
 from dynasyn.shapes.segmenter import ShapesSegmenter  # noqa: E402
 from dynasyn.train import DynASynTrainer, TrainConfig  # noqa: E402
 
@@ -87,7 +87,10 @@ def reference(scene: RefScene):
 
 def run_augment(args, comps, scene: RefScene, image, masks):
     nouns = [s.cls for s in scene.subjects]
-    descriptions = [f"a {s.color} {s.cls}" for s in scene.subjects]  # what the base model can draw
+    # each subject's look in the world's words, as the paper's describer (a VLM) gives it: the world model knows
+    # two-colour patterns (in other colour pairs), so it can be asked for one; "plain" asks only for the main colour
+    descriptions = [f"a {s.color} and {s.color2} {s.pattern} {s.cls}" if args.describe == "pattern" else
+                    f"a {s.color} {s.cls}" for s in scene.subjects]
     cfg = AugmentConfig(size=world.SIZE, draft_steps=args.draft_steps, inpaint_steps=args.inpaint_steps,
                         guidance_scale=5.0, seed=scene.seed, draft_batch=len(AUG_TEMPLATES), min_mask_pixels=16,
                         inpaint_dilation=2, gsa=GSAConfig(steps=args.gsa_steps, guidance_scale=5.0,
@@ -107,7 +110,7 @@ def pair_quality(scene: RefScene, pairs) -> dict[str, float]:
 
 
 def train_mode(args, mode: str, scene: RefScene, image, masks, pairs, class_dir: Path):
-    comps = load_shapes_components()
+    comps = load_shapes_components(args.weights)
     nouns = [s.cls for s in scene.subjects]
     cfg = TrainConfig(mode=mode, phase1_steps=args.phase1_steps, phase2_steps=args.phase2_steps,
                       phase1_lr=args.phase1_lr, phase2_lr=args.phase2_lr, seed=args.seed, resolution=world.SIZE,
@@ -167,7 +170,11 @@ def main(argv=None) -> int:
     ap.add_argument("--segmenter", choices=("shapes", "attention"), default="shapes",
                     help="pseudo-masks of drafts and GSA outputs: the world's exact segmenter (SAM's role) or the "
                          "thresholded 16x16 attention alone")
+    ap.add_argument("--describe", choices=("pattern", "plain"), default="pattern",
+                    help="the subjects' descriptions in the augmentation prompts: colours and pattern, or the main "
+                         "colour only (what a world model that never saw a pattern can draw)")
     ap.add_argument("--augment-only", action="store_true", help="make and score the augmented pairs, train nothing")
+    ap.add_argument("--weights", default=str(WEIGHTS_FILE), help="Shapes World weights (default: the committed ones)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "fidelity"))
@@ -182,7 +189,7 @@ def main(argv=None) -> int:
     n_pairs, quality = [], []
     for scene in SCENES[:args.scenes]:
         ref, image, masks = reference(scene)
-        base = load_shapes_components()
+        base = load_shapes_components(args.weights)
         # the untrained baseline: the base model asked for each subject's look in words
         words = [f"a {s.color} and {s.color2} {s.pattern} {s.cls}" for s in scene.subjects]
         if not args.augment_only:
