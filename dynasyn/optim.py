@@ -65,52 +65,67 @@ def factor_dims(shape: Sequence[int]) -> tuple[int, ...]:
 
 def factored_adafactor(params: Sequence[torch.Tensor], lr: float, weight_decay: float = 0.0):
     """transformers' Adafactor (fixed learning rate, no first moment), factoring each tensor's two largest
-    dimensions (``factor_dims``). It steps views of the trained tensors with their two largest dimensions
-    last; the views share the tensors' storage, so the updates land in the tensors themselves."""
+    dimensions (``factor_dims``)."""
+    return _factored_adafactor_class()(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                                       weight_decay=weight_decay)
+
+
+_FACTORED_ADAFACTOR = None
+
+
+def _factored_adafactor_class():
+    global _FACTORED_ADAFACTOR
+    if _FACTORED_ADAFACTOR is not None:
+        return _FACTORED_ADAFACTOR
     from transformers.optimization import Adafactor
 
     class FactoredAdafactor(Adafactor):
-        def __init__(self, params):
-            self.trained = list(params)
-            self.views = [p.detach().permute(factor_dims(p.shape)) for p in self.trained]
-            super().__init__(self.views, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
-                             weight_decay=weight_decay)
+        """Holds the trained tensors (so GradScaler, clipping and zero_grad see their gradients, and the state is
+        keyed by them); only inside ``step`` does transformers' update run on views of them with the two
+        largest dimensions last. The views share the tensors' storage: the updates land in the tensors."""
 
         @torch.no_grad()
         def step(self, closure=None):
-            for p, v in zip(self.trained, self.views):
-                v.grad = None if p.grad is None else p.grad.permute(factor_dims(p.shape))
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            kept, pairs = [], []
+            for group in self.param_groups:
+                kept.append(group["params"])
+                views = []
+                for p in group["params"]:
+                    v = p.detach().permute(factor_dims(p.shape))
+                    v.grad = None if p.grad is None else p.grad.permute(factor_dims(p.shape))
+                    if p in self.state:
+                        self.state[v] = self.state.pop(p)
+                    views.append(v)
+                    pairs.append((p, v))
+                group["params"] = views
             try:
-                return super().step(closure)
+                super().step()
             finally:
-                for v in self.views:
+                for group, params in zip(self.param_groups, kept):
+                    group["params"] = params
+                for p, v in pairs:
                     v.grad = None
-
-        def zero_grad(self, set_to_none: bool = True):
-            for p in self.trained:  # the trained tensors hold the gradients; the views get theirs only in step()
-                if p.grad is not None:
-                    if set_to_none:
-                        p.grad = None
-                    else:
-                        p.grad.detach_().zero_()
+                    if v in self.state:
+                        self.state[p] = self.state.pop(v)
+            return loss
 
         def load_state_dict(self, state_dict):
-            for i, v in enumerate(self.views):  # an old run's statistics would fail deep inside the step
-                st = state_dict.get("state", {}).get(i, {})
-                row = st.get("exp_avg_sq_row")
-                if row is not None and tuple(row.shape) != tuple(v.shape[:-1]):
+            params = [p for g in self.param_groups for p in g["params"]]
+            for i, p in enumerate(params):  # an older layout's statistics would fail deep inside the step
+                row = state_dict.get("state", {}).get(i, {}).get("exp_avg_sq_row")
+                want = tuple(p.permute(factor_dims(p.shape)).shape[:-1])
+                if row is not None and tuple(row.shape) != want:
                     raise DynASynError("This run's Adafactor state was saved by an older version (statistics of "
-                                       f"shape {tuple(row.shape)}, now {tuple(v.shape[:-1])}); resume it with "
-                                       "optimizer adamw, or start the training again.")
+                                       f"shape {tuple(row.shape)}, now {want}); it cannot be resumed: turn resume "
+                                       "off or choose another run_name to train again.")
             super().load_state_dict(state_dict)
 
-    return FactoredAdafactor(params)
-
-
-def _state_key(opt, p: torch.Tensor) -> torch.Tensor:
-    """The tensor ``opt`` keys ``p``'s state by (the factored Adafactor steps a view of ``p``)."""
-    views = getattr(opt, "views", None)
-    return views[[q is p for q in opt.trained].index(True)] if views is not None else p
+    _FACTORED_ADAFACTOR = FactoredAdafactor
+    return FactoredAdafactor
 
 
 def _takes_found_inf(opt) -> bool:
@@ -157,13 +172,12 @@ class FusedBackwardOptimizer:
             finally:
                 del opt.found_inf
             return
-        key = _state_key(opt, p)
-        state = opt.state.get(key, {})
+        state = opt.state.get(p, {})
         before = {k: v.clone() for k, v in state.items() if torch.is_tensor(v)}
         old = p.detach().clone()
         opt.step()
         torch.where(skip, old, p, out=p)  # elementwise in place: no third copy of the largest tensor
-        for k, v in opt.state[key].items():
+        for k, v in opt.state[p].items():
             if torch.is_tensor(v) and v.device == p.device:  # state made by this first step goes back to zero
                 v.copy_(torch.where(skip, before[k] if k in before else torch.zeros_like(v), v))
 

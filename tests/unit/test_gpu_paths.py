@@ -89,10 +89,11 @@ def unet_weights(t):
     return {k: v.clone() for k, v in t.c.unet.state_dict().items()}
 
 
-def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale(optimizer):
     """fp16 trains with torch.amp.GradScaler: an overflow skips that step (weights untouched, scale halved)
-    and training goes on, instead of stopping the run."""
-    t = cpu_trainer(mixed_precision="fp16", phase2_lr=1e-3)
+    and training goes on, instead of stopping the run (Adafactor too: the scaler finds its gradients)."""
+    t = cpu_trainer(mixed_precision="fp16", phase2_lr=1e-3, optimizer=optimizer)
     t._setup_phase(2)
     assert isinstance(t.scaler, torch.amp.GradScaler)
     t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100)  # any real gradient overflows in fp16
