@@ -40,8 +40,9 @@ def clean_env(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
-class RawServer:
-    """A listener whose GET handler the test writes (``handle(handler)``); records every request's path and headers."""
+class RawServer(FakeOpenAI):
+    """A listener whose GET handler the test writes (``handle(handler)``); records every request's path and headers.
+    Starting and stopping it is FakeOpenAI's."""
 
     def __init__(self, handle, host="127.0.0.1"):
         self.requests = []
@@ -62,17 +63,9 @@ class RawServer:
                 self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 self.do_GET()
 
+        self.host = host
         self.httpd = ThreadingHTTPServer((host, 0), Handler)
-        self.base_url = f"http://{host}:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def _reply(handler, body: bytes, headers=(), status=200):
