@@ -10,7 +10,7 @@ CLIP-I analogue), pattern (identity
 with the colours interleaved as the pattern), text (the relation / pose holds; the CLIP-T analogue) and
 leakage (one subject's colours inside the other).
 
-    .venv/bin/python bench/fidelity.py                 # the whole table (5 scenes x 7 modes)
+    .venv/bin/python bench/fidelity.py                 # the whole table (5 scenes x 7 modes, 2 cells at a time)
     .venv/bin/python bench/fidelity.py --scenes 1 --modes break_a_scene dynasyn --seeds 2   # a quick look
 
 Ends with one line of name=value pairs. Steps are scaled to the 64 px model (see --phase1-steps etc.).
@@ -19,8 +19,11 @@ Ends with one line of name=value pairs. Steps are scaled to the 64 px model (see
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,7 +117,7 @@ def train_mode(args, mode: str, scene: RefScene, image, masks, pairs, class_dir:
     nouns = [s.cls for s in scene.subjects]
     cfg = TrainConfig(mode=mode, phase1_steps=args.phase1_steps, phase2_steps=args.phase2_steps,
                       phase1_lr=args.phase1_lr, phase2_lr=args.phase2_lr, seed=args.seed, resolution=world.SIZE,
-                      template="{}", class_prompt=f"a {nouns[0]} next to a {nouns[1]}",
+                      template="{}", class_prompt=class_prompt(scene),
                       num_class_images=args.class_images, class_image_steps=20, class_guidance_scale=5.0,
                       lambda_ica=args.lambda_ica, lambda_aug=args.lambda_aug, lambda_m2a=args.lambda_m2a)
     use_pairs = pairs if "aug" in cfg.losses else []
@@ -123,6 +126,32 @@ def train_mode(args, mode: str, scene: RefScene, image, masks, pairs, class_dir:
     trainer.train()
     trainer.release()
     return comps
+
+
+def draw_class_images(args, scene: RefScene, image, masks, class_dir: Path) -> None:
+    """The prior-preservation pictures Break-a-Scene and DreamBooth share, drawn once per scene with the base model
+    through the trainer's own code (its cache settings, so each cell's copy is read, not drawn again)."""
+    cfg = TrainConfig(mode="break_a_scene", seed=args.seed, resolution=world.SIZE, template="{}",
+                      class_prompt=class_prompt(scene), num_class_images=args.class_images, class_image_steps=20,
+                      class_guidance_scale=5.0)
+    trainer = DynASynTrainer(load_shapes_components(args.weights), image.clone(), [m.clone() for m in masks],
+                             [s.cls for s in scene.subjects], cfg, device="cpu", log=lambda m: None,
+                             class_image_dir=class_dir)
+    trainer._prepare_class_images()
+    trainer.release()
+
+
+def class_prompt(scene: RefScene) -> str:
+    return f"a {scene.subjects[0].cls} next to a {scene.subjects[1].cls}"
+
+
+def train_and_evaluate(args, mode: str, scene: RefScene, image, masks, pairs, class_dir: Path):
+    """One cell of the table (a worker process's task with --jobs > 1): train ``mode`` on ``scene``, sample, score."""
+    torch.set_num_threads(max(1, args.threads // args.jobs))
+    t0 = time.time()
+    comps = train_mode(args, mode, scene, image, masks, pairs, class_dir)
+    scores, imgs = evaluate(args, comps, scene, ["<asset0>", "<asset1>"])
+    return scores, imgs, time.time() - t0
 
 
 def evaluate(args, comps, scene: RefScene, words: list[str]) -> dict[str, dict[str, float]]:
@@ -176,7 +205,8 @@ def main(argv=None) -> int:
     ap.add_argument("--augment-only", action="store_true", help="make and score the augmented pairs, train nothing")
     ap.add_argument("--weights", default=str(WEIGHTS_FILE), help="Shapes World weights (default: the committed ones)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads in all")
+    ap.add_argument("--jobs", type=int, default=2, help="cells trained at once, in worker processes sharing --threads")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "fidelity"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -187,6 +217,10 @@ def main(argv=None) -> int:
           f"{args.phase2_steps}, lr {args.phase1_lr}/{args.phase2_lr}; {args.seeds} seeds per prompt", flush=True)
     results: dict[str, list[dict]] = {m: [] for m in ["untrained", *args.modes]}
     n_pairs, quality = [], []
+    # the cells run in --jobs worker processes (one thread each by default: on a small model two single-threaded
+    # trainings get more done than one on two threads), while this process augments the next scene
+    pool = ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) if args.jobs > 1 else None
+    cells = []
     for scene in SCENES[:args.scenes]:
         ref, image, masks = reference(scene)
         base = load_shapes_components(args.weights)
@@ -207,20 +241,31 @@ def main(argv=None) -> int:
         if args.augment_only:
             continue
         n_pairs.append(len(pairs))
+        shared = out_dir / f"class_images_{scene.seed}"
+        if any(TrainConfig(mode=m).use_prior for m in args.modes):
+            draw_class_images(args, scene, image, masks, shared)
         for mode in args.modes:
-            t0 = time.time()
-            comps = train_mode(args, mode, scene, image, masks, pairs, out_dir / f"class_images_{scene.seed}")
-            scores, imgs = evaluate(args, comps, scene, ["<asset0>", "<asset1>"])
-            results[mode].append(scores)
-            if mode in ("break_a_scene", "dynasyn"):
-                from PIL import Image
+            # a copy of the class images per cell: two workers never write the same files, even if one had to redraw
+            cell_dir = out_dir / f"class_images_{scene.seed}_{mode}"
+            if shared.is_dir():
+                shutil.rmtree(cell_dir, ignore_errors=True)
+                shutil.copytree(shared, cell_dir)
+            task = (args, mode, scene, image, masks, pairs, cell_dir)
+            cells.append((scene, ref, mode, pool.submit(train_and_evaluate, *task) if pool else task))
+    for scene, ref, mode, cell in cells:
+        scores, imgs, seconds = cell.result() if pool else train_and_evaluate(*cell)
+        results[mode].append(scores)
+        if mode in ("break_a_scene", "dynasyn"):
+            from PIL import Image
 
-                grid = np.concatenate([ref.image, *imgs[::args.seeds]], 1)
-                Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(
-                    out_dir / f"scene{scene.seed}_{mode}.png")
-            print(f"  scene {scene.seed} {mode:18s} " + "  ".join(
-                f"{g}: col {v['colors']:.2f} id {v['identity']:.2f} pat {v['pattern']:.2f} text {v['text']:.2f} leak {v['leakage']:.3f}" for g, v in scores.items())
-                + f"  ({time.time() - t0:.0f} s)", flush=True)
+            grid = np.concatenate([ref.image, *imgs[::args.seeds]], 1)
+            Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(
+                out_dir / f"scene{scene.seed}_{mode}.png")
+        print(f"  scene {scene.seed} {mode:18s} " + "  ".join(
+            f"{g}: col {v['colors']:.2f} id {v['identity']:.2f} pat {v['pattern']:.2f} text {v['text']:.2f} leak {v['leakage']:.3f}" for g, v in scores.items())
+            + f"  ({seconds:.0f} s)", flush=True)
+    if pool:
+        pool.shutdown()
 
     if args.augment_only:
         print(f"\naug_colors={np.nanmean([q['colors'] for q in quality]):.3f} "

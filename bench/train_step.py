@@ -1,6 +1,6 @@
 """Step time of the DynASyn trainer on the real SD 2.1-base architecture (random weights) at 512 px.
 
-    python bench/train_step.py [--rounds 3] [--resolution 512] [--frozen-dtype auto] [--tiny]
+    python bench/train_step.py [--rounds 3] [--resolution 512] [--frozen-dtype auto] [--tiny] [--only capture]
 
 One trainer in phase 2 (tokens + UNet + text encoder trained); per round every variant runs one
 step, in turn, so machine noise hits them alike; medians are compared. A step's time is its whole-run
@@ -97,6 +97,8 @@ def main() -> None:
     ap.add_argument("--frozen-dtype", default="auto")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tiny", action="store_true", help="the tiny random model at 64 px: checks the code path only")
+    ap.add_argument("--only", choices=("capture",), help="capture: only the two L_MD variants, for more rounds of "
+                                                         "capture_overhead in the same time (other ratios not printed)")
     args = ap.parse_args()
     if args.tiny:
         args.resolution = 64
@@ -136,6 +138,8 @@ def main() -> None:
     variants = {"break_a_scene": step("break_a_scene"), "dynasyn": step("dynasyn"),
                 "dynasyn+aug": step("dynasyn", aug=True), "md capture-on": step("dreambooth"),
                 "md capture-off": step("dreambooth", capture=False)}  # dreambooth = L_MD only (one subject)
+    if args.only == "capture":
+        variants = {k: v for k, v in variants.items() if k.startswith("md ")}
     for name, run in variants.items():  # warm-up: first-call allocations and kernel selection
         print(f"warm-up {name}: {timed(run):.1f}s", flush=True)
     times = {k: [] for k in variants}
@@ -144,6 +148,14 @@ def main() -> None:
             times[name].append(timed(run))
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items()), flush=True)
     med = {k: median(v) for k, v in times.items()}
+    if args.only == "capture":
+        ratios = [on / off for on, off in zip(times["md capture-on"], times["md capture-off"])]
+        capture = med["md capture-on"] / med["md capture-off"]
+        print(f"\ncapture-on ÷ capture-off, {args.resolution} px, {machine()}: medians {med['md capture-on']:.2f} / "
+              f"{med['md capture-off']:.2f} s = {capture:.3f} (goal ≤ 1.03); per round "
+              + ", ".join(f"{r:.3f}" for r in ratios) + f"; total {time.time() - started:.0f} s")
+        print(f"capture_overhead={capture:.3f} capture_overhead_min={min(ratios):.3f} capture_overhead_max={max(ratios):.3f}")
+        return
     spread = {k: (min(v) / med["break_a_scene"], max(v) / med["break_a_scene"]) for k, v in times.items()}
     flops = flop_model(comps, args.resolution // comps.vae_scale_factor)
     model = "tiny random model (code path only)" if args.tiny else "SD 2.1-base architecture, random weights"
