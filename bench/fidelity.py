@@ -209,6 +209,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="cells trained at once, in worker processes sharing --threads")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "fidelity"))
     args = ap.parse_args(argv)
+    args.modes = list(dict.fromkeys(args.modes))  # a mode named twice is one cell per scene
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -221,51 +222,53 @@ def main(argv=None) -> int:
     # trainings get more done than one on two threads), while this process augments the next scene
     pool = ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) if args.jobs > 1 else None
     cells = []
-    for scene in SCENES[:args.scenes]:
-        ref, image, masks = reference(scene)
-        base = load_shapes_components(args.weights)
-        # the untrained baseline: the base model asked for each subject's look in words
-        words = [f"a {s.color} and {s.color2} {s.pattern} {s.cls}" for s in scene.subjects]
-        if not args.augment_only:
-            results["untrained"].append(evaluate(args, base, scene, words)[0])
-        pairs = []
-        if args.augment_only or any(m in ("dynasyn", "dynasyn_act") for m in args.modes):
-            t0 = time.time()
-            report = run_augment(args, base, scene, image, masks)
-            pairs = report.pairs
-            quality.append(pair_quality(scene, pairs))
-            print(f"  scene {scene.seed}: {len(pairs)} augmented pairs ({len(report.skipped)} skipped) in "
-                  f"{time.time() - t0:.0f} s; subjects keeping both colours {quality[-1]['colors']:.2f}, "
-                  f"pseudo-mask on its subject {quality[-1]['on_subject']:.2f}", flush=True)
-            _save_pairs(out_dir / f"scene{scene.seed}_pairs.png", ref.image, pairs)
-        if args.augment_only:
-            continue
-        n_pairs.append(len(pairs))
-        shared = out_dir / f"class_images_{scene.seed}"
-        if any(TrainConfig(mode=m).use_prior for m in args.modes):
-            draw_class_images(args, scene, image, masks, shared)
-        for mode in args.modes:
-            # a copy of the class images per cell: two workers never write the same files, even if one had to redraw
-            cell_dir = out_dir / f"class_images_{scene.seed}_{mode}"
-            if shared.is_dir():
-                shutil.rmtree(cell_dir, ignore_errors=True)
-                shutil.copytree(shared, cell_dir)
-            task = (args, mode, scene, image, masks, pairs, cell_dir)
-            cells.append((scene, ref, mode, pool.submit(train_and_evaluate, *task) if pool else task))
-    for scene, ref, mode, cell in cells:
-        scores, imgs, seconds = cell.result() if pool else train_and_evaluate(*cell)
-        results[mode].append(scores)
-        if mode in ("break_a_scene", "dynasyn"):
-            from PIL import Image
+    try:
+        for scene in SCENES[:args.scenes]:
+            ref, image, masks = reference(scene)
+            base = load_shapes_components(args.weights)
+            # the untrained baseline: the base model asked for each subject's look in words
+            words = [f"a {s.color} and {s.color2} {s.pattern} {s.cls}" for s in scene.subjects]
+            if not args.augment_only:
+                results["untrained"].append(evaluate(args, base, scene, words)[0])
+            pairs = []
+            if args.augment_only or any(m in ("dynasyn", "dynasyn_act") for m in args.modes):
+                t0 = time.time()
+                report = run_augment(args, base, scene, image, masks)
+                pairs = report.pairs
+                quality.append(pair_quality(scene, pairs))
+                print(f"  scene {scene.seed}: {len(pairs)} augmented pairs ({len(report.skipped)} skipped) in "
+                      f"{time.time() - t0:.0f} s; subjects keeping both colours {quality[-1]['colors']:.2f}, "
+                      f"pseudo-mask on its subject {quality[-1]['on_subject']:.2f}", flush=True)
+                _save_pairs(out_dir / f"scene{scene.seed}_pairs.png", ref.image, pairs)
+            if args.augment_only:
+                continue
+            n_pairs.append(len(pairs))
+            shared = out_dir / f"class_images_{scene.seed}"
+            if any(TrainConfig(mode=m).use_prior for m in args.modes):
+                draw_class_images(args, scene, image, masks, shared)
+            for mode in args.modes:
+                # a copy of the class images per cell: two workers never write the same files, even if one had to redraw
+                cell_dir = out_dir / f"class_images_{scene.seed}_{mode}"
+                if shared.is_dir() and TrainConfig(mode=mode).use_prior:
+                    shutil.rmtree(cell_dir, ignore_errors=True)
+                    shutil.copytree(shared, cell_dir)
+                task = (args, mode, scene, image, masks, pairs, cell_dir)
+                cells.append((scene, ref, mode, pool.submit(train_and_evaluate, *task) if pool else task))
+        for scene, ref, mode, cell in cells:
+            scores, imgs, seconds = cell.result() if pool else train_and_evaluate(*cell)
+            results[mode].append(scores)
+            if mode in ("break_a_scene", "dynasyn"):
+                from PIL import Image
 
-            grid = np.concatenate([ref.image, *imgs[::args.seeds]], 1)
-            Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(
-                out_dir / f"scene{scene.seed}_{mode}.png")
-        print(f"  scene {scene.seed} {mode:18s} " + "  ".join(
-            f"{g}: col {v['colors']:.2f} id {v['identity']:.2f} pat {v['pattern']:.2f} text {v['text']:.2f} leak {v['leakage']:.3f}" for g, v in scores.items())
-            + f"  ({seconds:.0f} s)", flush=True)
-    if pool:
-        pool.shutdown()
+                grid = np.concatenate([ref.image, *imgs[::args.seeds]], 1)
+                Image.fromarray(grid).resize((grid.shape[1] * 4, grid.shape[0] * 4), Image.NEAREST).save(
+                    out_dir / f"scene{scene.seed}_{mode}.png")
+            print(f"  scene {scene.seed} {mode:18s} " + "  ".join(
+                f"{g}: col {v['colors']:.2f} id {v['identity']:.2f} pat {v['pattern']:.2f} text {v['text']:.2f} leak {v['leakage']:.3f}" for g, v in scores.items())
+                + f"  ({seconds:.0f} s)", flush=True)
+    finally:  # an error anywhere (a worker's comes back from result()) must not leave queued cells running
+        if pool:
+            pool.shutdown(cancel_futures=True)
 
     if args.augment_only:
         print(f"\naug_colors={np.nanmean([q['colors'] for q in quality]):.3f} "
