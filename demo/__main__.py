@@ -132,9 +132,11 @@ def build_prompt(workflow: dict, object_info: dict, **kw) -> dict:
 
 
 def substitute(prompt: dict, *, tiny: bool, ckpt_name: str | None = None, sam_name: str | None = None,
-               nouns: str | None = None, mask_names=None, image_name: str | None = None, quick: bool = False) -> dict:
+               nouns: str | None = None, mask_names=None, image_name: str | None = None, quick: bool = False,
+               train_steps: dict | None = None) -> dict:
     """The API prompt with this run's model, SAM and settings (small ones for the tiny model); with ``image_name``,
-    your picture (in ComfyUI's input folder), its ``mask_names`` and class ``nouns`` replace the workflow's own."""
+    your picture (in ComfyUI's input folder), its ``mask_names`` and class ``nouns`` replace the workflow's own;
+    ``train_steps`` ({"phase1_steps": n, ...}) overrides the DynASyn Train nodes' step counts last."""
     prompt = json.loads(json.dumps(prompt))
     for k in nodes_of(prompt, "CheckpointLoaderSimple"):
         prompt[k] = ({"class_type": "DynASynTinyModel", "inputs": {"seed": 0, "prediction": "epsilon"}} if tiny
@@ -146,7 +148,8 @@ def substitute(prompt: dict, *, tiny: bool, ckpt_name: str | None = None, sam_na
             del prompt[k]
             for node in prompt.values():
                 node["inputs"] = {n: v for n, v in node["inputs"].items() if not (isinstance(v, list) and v[0] == k)}
-    for settings in ([TINY_SETTINGS] if tiny else []) + ([QUICK_SETTINGS] if quick else []):
+    steps = [{"DynASynTrain": train_steps}] if train_steps else []
+    for settings in ([TINY_SETTINGS] if tiny else []) + ([QUICK_SETTINGS] if quick else []) + steps:
         for node in prompt.values():
             node["inputs"].update(settings.get(node["class_type"], {}))
     if image_name is None:  # the workflow's own picture (DynASyn Example Scene)
@@ -219,6 +222,9 @@ class Progress:
         elif kind == "progress" and time.time() - self.last_print > 5:
             self.last_print = time.time()
             print(f"[demo]            {data.get('value')}/{data.get('max')}", flush=True)
+        elif kind == "dynasyn.targets" and (time.time() - self.last_print > 5 or data.get("done") == data.get("total")):
+            self.last_print = time.time()
+            print(f"[demo]            frozen-model targets {data['done']}/{data['total']}", flush=True)
         elif kind == "dynasyn.train" and (data.get("step", 0) % 10 == 0 or data.get("step") == data.get("total")):
             print(f"[demo]            train step {data['step']}/{data['total']} (phase {data['phase']}) "
                   f"loss {data['loss']:.4f}", flush=True)
@@ -310,10 +316,17 @@ def main(argv=None) -> int:
                                                         "pipeline in small (shows it runs, not quality)")
     ap.add_argument("--quick", action="store_true", help="a smoke run with a real --checkpoint: 1 prompt, 2 training steps, "
                                                           "2 sampling steps (checks the setup in minutes; not for results)")
+    ap.add_argument("--phase1-steps", type=int, help="training steps of phase 1 (embeddings only); default: the workflow's")
+    ap.add_argument("--phase2-steps", type=int, help="training steps of phase 2 (embeddings + UNet + text encoder); "
+                                                     "default: the workflow's")
     ap.add_argument("--timeout", type=float, default=7200, help="seconds to wait for the job")
     args = ap.parse_args(argv)
+    train_steps = {f"{k}_steps": v for k, v in (("phase1", args.phase1_steps), ("phase2", args.phase2_steps)) if v is not None}
     try:
         ckpt = check_checkpoint(args.checkpoint) if args.checkpoint else None
+        for k, v in train_steps.items():
+            if not 0 <= v <= 100000:
+                raise DemoError(f"--{k.replace('_', '-')} {v}: give 0 to 100000 steps.")
         if args.sam and not Path(args.sam).is_file():
             raise DemoError(f"--sam {args.sam}: no such file.")
         user = check_inputs(args)
@@ -352,7 +365,7 @@ def main(argv=None) -> int:
         try:
             prompt = build_prompt(workflow, server.get("/object_info"), tiny=ckpt is None and not shapes, ckpt_name=ckpt and ckpt.name,
                                   sam_name=sam_name, nouns=nouns, mask_names=mask_names, image_name=image_name,
-                                  quick=args.quick)
+                                  quick=args.quick, train_steps=train_steps)
         except WorkflowError as e:
             print(f"[demo] error: {e}", file=sys.stderr)
             return 2

@@ -25,6 +25,18 @@ COMFY_DIR = Path(os.environ.get("DYNASYN_COMFYUI_DIR", ROOT / ".cache" / "ComfyU
 PACK_DIR_NAME = "ComfyUI-DynASyn"
 
 
+def _die_with_parent():
+    """A preexec_fn (Linux) that has the kernel send SIGTERM to the server when its parent dies, so that a demo or
+    test killed with SIGKILL leaves no server behind; prctl is resolved here, before any fork."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,7 +75,7 @@ class ComfyServer:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **self.env}
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=COMFY_DIR, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent() if sys.platform == "linux" else None)
         deadline = time.time() + self.startup_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

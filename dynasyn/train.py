@@ -312,6 +312,9 @@ class DynASynTrainer:
                  log: Callable[[str], None] = print, accelerator=None, class_image_dir: str | os.PathLike | None = None):
         self.dist = Distributed(accelerator)
         self.c, self.cfg, self.callback, self.should_stop = comps, config, callback, should_stop
+        # (done, total) while train() precomputes the frozen model's targets (minutes on a large model): a caller's
+        # progress bar for that wait
+        self.target_progress: Callable[[int, int], None] | None = None
         self.log = log if self.dist.is_main else (lambda _msg: None)
         masks = [torch.as_tensor(m).float() for m in masks]
         validate_subjects(tuple(image.shape[:2]), masks, class_nouns)
@@ -608,11 +611,13 @@ class DynASynTrainer:
         return self._frozen_maps(pair, noisy, t, aug_in)
 
     def precompute_targets(self, count: int | None = None, release: bool = True,
-                           should_stop: Callable[[], bool] | None = None) -> bool:
+                           should_stop: Callable[[], bool] | None = None,
+                           progress: Callable[[int, int], None] | None = None) -> bool:
         """The frozen model's L_ICA / L_AUG targets for the next ``count`` steps (all remaining: None), drawn from
         copies of the training streams (which are left as they are), kept on the device (a few KB per step).
         With ``release`` and every remaining step covered, the frozen copy is freed. Returns False when
-        ``should_stop`` asked to stop (the targets made so far are kept)."""
+        ``should_stop`` asked to stop (the targets made so far are kept). ``progress(done, len(todo))`` follows
+        each frozen-model pass."""
         if self.frozen is None:
             return True
         total = self.cfg.total_steps
@@ -626,7 +631,7 @@ class DynASynTrainer:
         rng.setstate(self.rng.getstate())
         gen = torch.Generator(device=self.gen.device)
         gen.set_state(self.gen.get_state())
-        c = self.c
+        c, made = self.c, 0
         with torch.no_grad():
             for s in range(self.step, end):
                 d = self._draw(rng, gen, self._phase_of(s))
@@ -638,6 +643,9 @@ class DynASynTrainer:
                 noisy, t, _ = self._noised(self.ref_dist[1 if d.flip else 0], d.ref) if "ica" in self.cfg.losses else (None,) * 3
                 aug_in = self._aug_inputs(d.aug) if d.aug else None
                 self.targets[s] = (self._target_key(d), self._frozen_maps(pair, noisy, t, aug_in))
+                made += 1
+                if progress is not None:
+                    progress(made, len(todo))
         if todo:
             self.log(f"[DynASyn] targets ready in {time.perf_counter() - started:.1f} s.")
         if release and end == total:
@@ -826,7 +834,8 @@ class DynASynTrainer:
             if removed:
                 self.log(f"[DynASyn] removed what an interrupted save left in {state_dir}: {', '.join(removed)}.")
         try:
-            if cfg.precompute_targets and not self.precompute_targets(should_stop=self._stop_requested):
+            progress = self.target_progress if self.dist.is_main else None
+            if cfg.precompute_targets and not self.precompute_targets(should_stop=self._stop_requested, progress=progress):
                 raise Cancelled(self.step, self.save_state(state_dir) if state_dir else None)
             for phase in cfg.phases:
                 first = sum(cfg.steps_in(p) for p in cfg.phases if p < phase)
@@ -907,7 +916,7 @@ class DynASynTrainer:
         (also after Cancel or an error), so its device memory is freed when the last reference goes."""
         if isinstance(self.optimizer, FusedBackwardOptimizer):
             self.optimizer.remove()
-        self.callback = self.should_stop = None
+        self.callback = self.should_stop = self.target_progress = None
         self.optimizer, self.frozen, self.class_hidden, self.params, self.targets = None, None, {}, [], {}
         self.ref_dist, self.aug_latents, self.orig_embeddings = [], [], None
         self.store.clear()

@@ -233,6 +233,7 @@ class _Watch:
         self.started = time.time()
         self.samples: list[torch.Tensor] = []
         self.trainer = self.sample_text = None
+        self._targets_sent = 0.0
 
     def __call__(self, entry):
         trainer = self.trainer
@@ -254,6 +255,21 @@ class _Watch:
             # A Cancel that arrived after the check above: ComfyUI's progress hook raised and cleared the flag.
             # Set it again, so the loop saves a resumable state before the next step (or, after the last
             # step, the export finishes and the next node stops the prompt) instead of failing with no state.
+            mm.interrupt_current_processing(True)
+
+    def targets(self, done, total):
+        """The frozen model's targets before step 1 (``precompute_targets``): the bar fills once for them, then
+        again for the training steps; the page hears of it at most 4 times a second."""
+        now = time.time()
+        if done < total and now - self._targets_sent < 0.25:
+            return
+        self._targets_sent = now
+        _send("dynasyn.targets", {"node": self.unique_id, "done": done, "total": total, "elapsed": now - self.started})
+        if mm.processing_interrupted():
+            return  # precompute_targets stops at its next pass
+        try:
+            self.pbar.update_absolute(done, total)
+        except mm.InterruptProcessingException:  # as in __call__: keep the Cancel for the loop's own check
             mm.interrupt_current_processing(True)
 
     def _sample(self, step):
@@ -308,6 +324,7 @@ def _train_run(*, model, clip, vae, picture, masks, nouns, cfg, dataset, run_nam
             comps, picture.clone(), [m.clone() for m in masks], nouns, cfg, augmented=list(dataset or []),
             device=mm.get_torch_device(), callback=watch, should_stop=mm.processing_interrupted,
             log=lambda m: log.info(m), class_image_dir=os.path.join(paths.runs_dir(), run_name, "class_images"))
+        trainer.target_progress = watch.targets
         watch.sample_text = runs.scene_prompt(sample_prompt, [s.token for s in trainer.subjects])
         prepare(trainer)
         try:

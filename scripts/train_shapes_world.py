@@ -13,6 +13,10 @@ Stages (each checkpointed into --work-dir, so an interrupted run resumes where i
      UNet never sees those colour pairs, but the decoder must be able to draw them once a subject is learned.
   5. Evaluation on held-out scenes/captions with the scorer; writes the fp16 weights + manifest.
 
+Continuing from released weights (``--init-from``): the VAE is taken as it is (stages 1, 2 and 4 are skipped) and the
+UNet + text encoder train --unet-steps more steps from them with a fresh optimizer, the learning rate decaying
+linearly to 0 over the last --decay-steps of them (a cool-down); the manifest records the chain of runs.
+
 Usage: python scripts/train_shapes_world.py [--vae-steps N] [--unet-steps N] ...
 A file named STOP_vae, STOP_unet or STOP_decoder in --work-dir ends that stage at its next checkpoint
 (the manifest records the steps actually run; rerunning with those step counts reproduces the weights,
@@ -166,6 +170,8 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
     ema_params = list(ema_u.parameters()) + list(ema_t.parameters())
     for step in range(start, args.unet_steps):
         lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        if args.decay_steps:  # linear cool-down to 0 over the last decay_steps steps
+            lr *= min(1.0, (args.unet_steps - step) / args.decay_steps)
         for gr in opt.param_groups:
             gr["lr"] = lr
         g = step_rng(args.seed, 3, step)
@@ -234,6 +240,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--decay-steps", type=int, default=0, help="the learning rate falls linearly to 0 over the last N "
+                                                               "UNet steps (0: constant after warm-up)")
+    ap.add_argument("--init-from", help="continue from these released weights (fp16 safetensors): UNet + text encoder "
+                                        "only, the VAE as it is")
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--min-snr", type=float, default=5.0)
     ap.add_argument("--uncond-p", type=float, default=0.1)
@@ -267,14 +277,24 @@ def main(argv=None) -> int:
         log(json.dumps(man["quality"]))
         return 0
 
-    comps = sm.build_shapes_components(seed=args.seed)
+    init = None
+    if args.init_from:
+        init = json.loads(Path(args.init_from).with_suffix(".json").read_text())
+        if sm.sha256_of(args.init_from) != init["sha256"]:
+            raise SystemExit(f"{args.init_from} does not match its manifest's sha256")
+        comps = sm.load_shapes_components(args.init_from, verify=False)
+        args.vae_steps = args.decoder_steps = 0
+    else:
+        comps = sm.build_shapes_components(seed=args.seed)
     log(f"rendering {args.scenes} training scenes")
     imgs, caps = render_set(args.scenes, TRAIN_SEED0)
     ids = comps.tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
     vae_done = train_vae(comps, imgs, args, work, steps=args.vae_steps, name="vae")
     folded = work / "vae_folded.pt"
-    if folded.exists():
+    if init is not None:
+        pass  # the released VAE is already folded
+    elif folded.exists():
         comps.vae.load_state_dict(torch.load(folded, weights_only=True))
     else:
         with torch.no_grad():
@@ -319,6 +339,12 @@ def main(argv=None) -> int:
                                                         ("scenes", args.scenes))),
         "date": time.strftime("%Y-%m-%d"),
     }
+    if args.decay_steps:
+        man["command"] += f" --decay-steps {args.decay_steps} --lr {args.lr}"
+    if init is not None:  # a continued run: what it continued from, and how that was made
+        man["command"] += f" --init-from <the weights of sha256 {init['sha256'][:12]}…>"
+        man["init_from"] = {k: init[k] for k in ("sha256", "steps", "command", "training_time_s", "date", "quality")
+                            if k in init}
     manifest_path.write_text(json.dumps(man, indent=2) + "\n")
     man["quality"] = evaluate(comps, args)
     man["eval_time_s"] = round(time.time() - t_start - train_s)

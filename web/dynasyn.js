@@ -125,6 +125,14 @@ api.addEventListener("dynasyn.train", ({ detail }) => {
   chart.draw();
 });
 
+// Before step 1 the trainer computes the frozen model's L_ICA / L_AUG targets (minutes on a large model on a CPU)
+api.addEventListener("dynasyn.targets", ({ detail }) => {
+  const chart = nodeByExecutionId(detail.node)?.dynasynChart;
+  if (!chart) return;
+  const eta = detail.done > 0 ? (detail.elapsed / detail.done) * (detail.total - detail.done) : NaN;
+  chart.head.textContent = `frozen-model targets ${detail.done}/${detail.total} before training · ETA ${fmtTime(eta)}`;
+});
+
 api.addEventListener("b_preview_with_metadata", ({ detail }) => {
   const id = detail?.displayNodeId ?? detail?.nodeId;
   const chart = nodeByExecutionId(id)?.dynasynChart;

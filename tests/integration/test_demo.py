@@ -76,8 +76,11 @@ def test_ctrl_c_cancels_cleanly_and_keeps_the_training_state(tmp_path):
     import time
 
     out = tmp_path / "run"
+    # SIGINT as a terminal's Ctrl-C delivers it, also when this test runs in a background job (whose shell starts it
+    # with SIGINT ignored, which Python and so the demo inherit: the demo then ran to the end and CI failed once)
     proc = subprocess.Popen([sys.executable, "-m", "demo", "--tiny", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 600
         seen = []
@@ -115,3 +118,30 @@ def test_demo_with_a_real_size_checkpoint_quick(tmp_path):
         assert next(iter(load_file(e).values())).shape[-1] == 768  # SD 1.x text width
     assert (out / "checkpoint" / "dynasyn.safetensors").stat().st_size > 1e9
     assert not list((out / "checkpoint").glob(ckpt.name))  # the input checkpoint is not copied as an output
+
+
+def test_a_killed_demo_leaves_no_server_behind(tmp_path):
+    """SIGKILL gives the demo no chance to stop its ComfyUI server: the kernel does (PR_SET_PDEATHSIG)."""
+    import os
+    import time
+
+    code = ("import sys, time; from demo.server import ComfyServer\n"
+            f"with ComfyServer(__import__('pathlib').Path({str(tmp_path / 'base')!r})) as s:\n"
+            "    print(s.proc.pid, flush=True); time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        server_pid = int(parent.stdout.readline())
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            os.kill(server_pid, 0)
+        except ProcessLookupError:
+            return
+        if open(f"/proc/{server_pid}/stat").read().split(")")[-1].split()[0] == "Z":  # exited, not yet reaped
+            return
+        time.sleep(0.2)
+    os.kill(server_pid, 9)
+    raise AssertionError("the ComfyUI server outlived its killed parent")

@@ -105,6 +105,9 @@ def test_train_then_sample_with_stock_nodes(server):
     assert [e["step"] for e in events] == [1, 2, 3, 4]
     assert [e["phase"] for e in events] == [1, 1, 2, 2]
     assert set(events[-1]["terms"]) == {"md", "m2a", "ica"} and events[-1]["total"] == 4
+    # L_ICA's frozen-model targets are made before step 1, and the page hears how far (the last one always)
+    targets = [e for e in listener.events("dynasyn.targets") if e["node"] == "6"]
+    assert targets and (targets[-1]["done"], targets[-1]["total"]) == (4, 4)
     assert any(m.get("type") == "progress" and m["data"].get("node") == "6" for m in listener.messages)
 
 

@@ -91,6 +91,22 @@ def test_the_frozen_copy_is_freed_once_every_remaining_step_has_its_target():
     assert t.targets == {}  # each used and dropped by its step
 
 
+def test_train_reports_the_precomputation_to_target_progress_and_a_cancel_stops_it():
+    t = trainer(cfg(mode="dynasyn"))
+    seen = []
+    t.target_progress = lambda done, total: seen.append((done, total))
+    t.train()
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)] and len(t.history) == 4
+
+    t = trainer(cfg(mode="dynasyn"))
+    seen = []
+    t.target_progress = lambda done, total: seen.append((done, total))
+    t.should_stop = lambda: len(seen) == 2  # Cancel pressed while the targets are made
+    with pytest.raises(Cancelled):
+        t.train()
+    assert seen == [(1, 4), (2, 4)] and t.step == 0 and sorted(t.targets) == [0, 1]
+
+
 def test_targets_made_one_step_at_a_time_are_used_by_that_step(monkeypatch):
     """The benchmarks' path: ``precompute_targets(1, release=False)`` then ``training_step``, for any mode switch."""
     t = trainer(cfg(mode="dynasyn", phase1_steps=0))

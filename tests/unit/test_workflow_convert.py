@@ -41,3 +41,16 @@ def test_demo_puts_your_picture_masks_and_nouns_in_place_of_the_example_scene():
     assert out["20"]["inputs"]["class_nouns"] == "dog, cat"
     assert out["40"]["inputs"]["class_nouns"] == ["20", 1]  # Describe's cleaned nouns stay linked
     assert not any(n["class_type"] == "DynASynExampleScene" for n in out.values())
+
+
+def test_demo_step_options_override_the_tiny_settings_and_are_bounded(capsys):
+    from demo.__main__ import main, substitute
+
+    prompt = {"40": {"class_type": "DynASynTrain", "inputs": {"phase1_steps": 400, "phase2_steps": 400}},
+              "50": {"class_type": "KSampler", "inputs": {"steps": 20}}}
+    out = substitute(prompt, tiny=True, train_steps={"phase1_steps": 5000})
+    steps = {k: out["40"]["inputs"][k] for k in ("phase1_steps", "phase2_steps")}
+    assert steps == {"phase1_steps": 5000, "phase2_steps": 20}  # phase 2 keeps the tiny setting
+    assert out["50"]["inputs"]["steps"] == 10
+    assert main(["--tiny", "--phase2-steps", "-1"]) == 2
+    assert "--phase2-steps -1: give 0 to 100000 steps." in capsys.readouterr().err
