@@ -254,6 +254,10 @@ def main(argv=None) -> int:
                     shutil.copytree(shared, cell_dir)
                 task = (args, mode, scene, image, masks, pairs, cell_dir)
                 cells.append((scene, ref, mode, pool.submit(train_and_evaluate, *task) if pool else task))
+            if pool:
+                # the workers now hold the cores: more threads here than a worker's share would make every process
+                # wait at its thread barriers for threads the OS has descheduled
+                torch.set_num_threads(max(1, args.threads // args.jobs))
         for scene, ref, mode, cell in cells:
             scores, imgs, seconds = cell.result() if pool else train_and_evaluate(*cell)
             results[mode].append(scores)

@@ -316,9 +316,11 @@ def main(argv=None) -> int:
                                                         "pipeline in small (shows it runs, not quality)")
     ap.add_argument("--quick", action="store_true", help="a smoke run with a real --checkpoint: 1 prompt, 2 training steps, "
                                                           "2 sampling steps (checks the setup in minutes; not for results)")
-    ap.add_argument("--phase1-steps", type=int, help="training steps of phase 1 (embeddings only); default: the workflow's")
-    ap.add_argument("--phase2-steps", type=int, help="training steps of phase 2 (embeddings + UNet + text encoder); "
-                                                     "default: the workflow's")
+    ap.add_argument("--phase1-steps", type=int, help="training steps of phase 1 (embeddings only); default: the "
+                                                     "workflow's (--tiny / --quick: their own)")
+    ap.add_argument("--phase2-steps", type=int, help="training steps of phase 2 (embeddings + UNet + text encoder; a "
+                                                     "one-phase mode trains both counts in its phase); default: the "
+                                                     "workflow's (--tiny / --quick: their own)")
     ap.add_argument("--timeout", type=float, default=7200, help="seconds to wait for the job")
     args = ap.parse_args(argv)
     train_steps = {f"{k}_steps": v for k, v in (("phase1", args.phase1_steps), ("phase2", args.phase2_steps)) if v is not None}
@@ -369,6 +371,9 @@ def main(argv=None) -> int:
         except WorkflowError as e:
             print(f"[demo] error: {e}", file=sys.stderr)
             return 2
+        if train_steps and not nodes_of(prompt, "DynASynTrain"):
+            print("[demo] warning: this workflow has no DynASyn Train node; --phase1-steps / --phase2-steps do nothing",
+                  file=sys.stderr)
         if ckpt and not sam_name:
             print("[demo] no --sam: pseudo-masks come from the attention maps")
         progress = Progress(prompt)

@@ -234,6 +234,7 @@ class _Watch:
         self.samples: list[torch.Tensor] = []
         self.trainer = self.sample_text = None
         self._targets_sent = 0.0
+        self._targets_started: float | None = None
 
     def __call__(self, entry):
         trainer = self.trainer
@@ -261,10 +262,13 @@ class _Watch:
         """The frozen model's targets before step 1 (``precompute_targets``): the bar fills once for them, then
         again for the training steps; the page hears of it at most 4 times a second."""
         now = time.time()
+        if self._targets_started is None:
+            self._targets_started = now
         if done < total and now - self._targets_sent < 0.25:
             return
         self._targets_sent = now
-        _send("dynasyn.targets", {"node": self.unique_id, "done": done, "total": total, "elapsed": now - self.started})
+        _send("dynasyn.targets", {"node": self.unique_id, "done": done, "total": total,
+                                  "elapsed": now - self._targets_started})
         if mm.processing_interrupted():
             return  # precompute_targets stops at its next pass
         try:

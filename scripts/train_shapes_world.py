@@ -15,7 +15,8 @@ Stages (each checkpointed into --work-dir, so an interrupted run resumes where i
 
 Continuing from released weights (``--init-from``): the VAE is taken as it is (stages 1, 2 and 4 are skipped) and the
 UNet + text encoder train --unet-steps more steps from them with a fresh optimizer, the learning rate decaying
-linearly to 0 over the last --decay-steps of them (a cool-down); the manifest records the chain of runs.
+linearly to 0 over the last --decay-steps of them (a cool-down); the manifest records the chain of runs. Its steps
+draw as the first run's steps of the same index do (seed, stage, step), from all its scenes.
 
 Usage: python scripts/train_shapes_world.py [--vae-steps N] [--unet-steps N] ...
 A file named STOP_vae, STOP_unet or STOP_decoder in --work-dir ends that stage at its next checkpoint
@@ -170,8 +171,8 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
     ema_params = list(ema_u.parameters()) + list(ema_t.parameters())
     for step in range(start, args.unet_steps):
         lr = args.lr * min(1.0, (step + 1) / args.warmup)
-        if args.decay_steps:  # linear cool-down to 0 over the last decay_steps steps
-            lr *= min(1.0, (args.unet_steps - step) / args.decay_steps)
+        if args.decay_steps:  # linear cool-down to 0 over the decay_steps steps before decay_end
+            lr *= min(1.0, (args.decay_end - step) / args.decay_steps)
         for gr in opt.param_groups:
             gr["lr"] = lr
         g = step_rng(args.seed, 3, step)
@@ -242,6 +243,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--decay-steps", type=int, default=0, help="the learning rate falls linearly to 0 over the last N "
                                                                "UNet steps (0: constant after warm-up)")
+    ap.add_argument("--decay-end", type=int, help="the step where the cool-down reaches 0 (default: --unet-steps; "
+                                                  "the manifest records it, so a run a STOP file ended reproduces)")
     ap.add_argument("--init-from", help="continue from these released weights (fp16 safetensors): UNet + text encoder "
                                         "only, the VAE as it is")
     ap.add_argument("--ema", type=float, default=0.998)
@@ -256,6 +259,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(sm.WEIGHTS_FILE))
     ap.add_argument("--eval-only", action="store_true", help="evaluate the weights at --out, rewrite the manifest")
     args = ap.parse_args(argv)
+    if args.decay_steps < 0:
+        ap.error("--decay-steps must be 0 or more")
+    if args.decay_end is None:
+        args.decay_end = args.unet_steps
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -284,13 +291,15 @@ def main(argv=None) -> int:
             raise SystemExit(f"{args.init_from} does not match its manifest's sha256")
         comps = sm.load_shapes_components(args.init_from, verify=False)
         args.vae_steps = args.decoder_steps = 0
+        work = work / f"from-{init['sha256'][:12]}"  # never a from-scratch run's checkpoints
+        work.mkdir(parents=True, exist_ok=True)
     else:
         comps = sm.build_shapes_components(seed=args.seed)
     log(f"rendering {args.scenes} training scenes")
     imgs, caps = render_set(args.scenes, TRAIN_SEED0)
     ids = comps.tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
-    vae_done = train_vae(comps, imgs, args, work, steps=args.vae_steps, name="vae")
+    vae_done = 0 if init is not None else train_vae(comps, imgs, args, work, steps=args.vae_steps, name="vae")
     folded = work / "vae_folded.pt"
     if init is not None:
         pass  # the released VAE is already folded
@@ -322,8 +331,8 @@ def main(argv=None) -> int:
         pat = np.stack([sample_novel_scene(PATTERNED_SEED0 + i)[0].image for i in range(args.decoder_patterned)])
         dec_imgs, dec_latents = np.concatenate([imgs, pat]), torch.cat([latents, encode_all(comps.vae, pat)])
     dec_params = list(comps.vae.post_quant_conv.parameters()) + list(comps.vae.decoder.parameters())
-    dec_done = train_vae(comps, dec_imgs, args, work, params=dec_params, name="decoder", steps=args.decoder_steps,
-                         lr=3e-4, latents=dec_latents)
+    dec_done = 0 if init is not None else train_vae(comps, dec_imgs, args, work, params=dec_params, name="decoder",
+                                                    steps=args.decoder_steps, lr=3e-4, latents=dec_latents)
     train_s = time.time() - t_start
     sha = sm.save_weights(comps, out)
     log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB), evaluating")
@@ -339,12 +348,13 @@ def main(argv=None) -> int:
                                                         ("scenes", args.scenes))),
         "date": time.strftime("%Y-%m-%d"),
     }
+    man["command"] += f" --lr {args.lr} --warmup {args.warmup}"
     if args.decay_steps:
-        man["command"] += f" --decay-steps {args.decay_steps} --lr {args.lr}"
+        man["command"] += f" --decay-steps {args.decay_steps} --decay-end {args.decay_end}"
     if init is not None:  # a continued run: what it continued from, and how that was made
         man["command"] += f" --init-from <the weights of sha256 {init['sha256'][:12]}…>"
-        man["init_from"] = {k: init[k] for k in ("sha256", "steps", "command", "training_time_s", "date", "quality")
-                            if k in init}
+        man["init_from"] = {k: init[k] for k in ("sha256", "steps", "command", "training_time_s", "date", "quality",
+                                                 "init_from") if k in init}
     manifest_path.write_text(json.dumps(man, indent=2) + "\n")
     man["quality"] = evaluate(comps, args)
     man["eval_time_s"] = round(time.time() - t_start - train_s)

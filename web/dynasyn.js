@@ -129,6 +129,7 @@ api.addEventListener("dynasyn.train", ({ detail }) => {
 api.addEventListener("dynasyn.targets", ({ detail }) => {
   const chart = nodeByExecutionId(detail.node)?.dynasynChart;
   if (!chart) return;
+  if (chart.last) chart.reset(); // a new run: its targets come before its step 1
   const eta = detail.done > 0 ? (detail.elapsed / detail.done) * (detail.total - detail.done) : NaN;
   chart.head.textContent = `frozen-model targets ${detail.done}/${detail.total} before training · ETA ${fmtTime(eta)}`;
 });

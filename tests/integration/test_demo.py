@@ -138,9 +138,9 @@ def test_a_killed_demo_leaves_no_server_behind(tmp_path):
     while time.time() < deadline:
         try:
             os.kill(server_pid, 0)
-        except ProcessLookupError:
-            return
-        if open(f"/proc/{server_pid}/stat").read().split(")")[-1].split()[0] == "Z":  # exited, not yet reaped
+            if open(f"/proc/{server_pid}/stat").read().split(")")[-1].split()[0] == "Z":  # exited, not yet reaped
+                return
+        except (ProcessLookupError, FileNotFoundError):
             return
         time.sleep(0.2)
     os.kill(server_pid, 9)
