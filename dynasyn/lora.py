@@ -91,6 +91,15 @@ def _split_key(key: str) -> tuple[str, str]:
     return module, leaf
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality. ComfyUI leaves a weight a checkpoint lacks as uninitialised memory (SD 1.x CLIP's unused
+    ``text_projection``), which may hold NaN: such a tensor, untouched by training, is unchanged, not an error."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    bits = lambda t: t.detach().reshape(-1).contiguous().view(torch.uint8)  # noqa: E731
+    return torch.equal(bits(a), bits(b).to(a.device))
+
+
 def extract_lora(base_sd: Mapping[str, torch.Tensor], trained_sd: Mapping[str, torch.Tensor], rank: int, *,
                  names: str | Callable[[str], str | None] = KOHYA_UNET_PREFIX, biases_and_norms: bool = True,
                  clamp_quantile: float | None = None, dtype: torch.dtype = torch.float16,
@@ -123,6 +132,8 @@ def extract_lora(base_sd: Mapping[str, torch.Tensor], trained_sd: Mapping[str, t
             raise LoraError(f"The trained {what} and the base {what} have different architectures: {key} is "
                             f"{tuple(trained.shape)} in the trained one and {tuple(base.shape)} in the base. "
                             "Connect the base model the trained one was made from.")
+        if _same_bits(base, trained):
+            continue  # untouched, also when it holds NaN (see _same_bits)
         diff = trained.to(device or "cpu", torch.float32) - base.to(device or "cpu", torch.float32)
         if not bool(diff.any()):
             continue

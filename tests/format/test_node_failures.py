@@ -106,21 +106,21 @@ def test_cancel_through_the_progress_hook_saves_state_and_raises_comfys_interrup
     assert saved_state(dirs) is None  # finished: the state is gone
 
 
-def test_an_interrupt_raised_anywhere_in_the_loop_is_a_cancel(pack, tiny, dirs, monkeypatch):
+@pytest.mark.parametrize("where, step", [("dynasyn.train", 4), ("dynasyn.targets", 0)])
+def test_an_interrupt_raised_anywhere_in_the_loop_is_a_cancel(pack, tiny, dirs, monkeypatch, where, step):
+    """Raised by the node's own event after step 4, or while the frozen-model targets are made (before step 1)."""
     import comfy.model_management as mm
 
     train_node = pack.nodes.train_node
-    calls = []
 
     def send(event, data):
-        calls.append(data["step"])
-        if data["step"] == 4:
+        if event == where == "dynasyn.train" and data["step"] == 4 or event == where == "dynasyn.targets":
             raise mm.InterruptProcessingException()
 
     monkeypatch.setattr(train_node, "_send", send)
     with pytest.raises(mm.InterruptProcessingException):
         train_node.DynASynTrain().train(**train_inputs(tiny))
-    assert saved_state(dirs)["step"] == 4
+    assert saved_state(dirs)["step"] == step
 
 
 # ---------------------------------------------------------------------------------------------- item 10

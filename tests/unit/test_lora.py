@@ -177,6 +177,18 @@ def test_non_finite_change_is_refused():
         extract_lora(base, trained, 4)
 
 
+def test_an_untouched_weight_holding_nan_is_unchanged_not_an_error():
+    """ComfyUI leaves SD 1.x CLIP's unused text_projection as uninitialised memory, which may hold NaN (a flaky
+    'trained CLIP holds NaN' refusal of every LoRA export before): the same bits in both models are no change."""
+    base, trained = changed_pair()
+    garbage = torch.full_like(base["ff.weight"], float("nan"))
+    garbage[0, 0] = 1.0
+    base, trained = dict(base, **{"ff.weight": garbage}), dict(trained, **{"ff.weight": garbage.clone()})
+    out = extract_lora(base, trained, 4)
+    assert out and "lora_unet_ff.lora_up.weight" not in out and "lora_unet_ff.diff_b" in out  # its bias did change
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
 def test_clamp_quantile_bounds_the_factors():
     torch.manual_seed(4)
     d = torch.randn(40, 30)
