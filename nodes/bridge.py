@@ -482,12 +482,13 @@ def _patch_values(obj, depth: int = 0):
         yield from _patch_values(vars(obj) if hasattr(obj, "__dict__") else repr(obj), depth + 1)
 
 
-def _patched_digest(patcher, module, prefix: str, extra=()) -> str:
+def _patched_digest(patcher, module, prefix: str, extra=(), skip=lambda key: False) -> str:
     from ..dynasyn.runs import sampled_digest
 
     items = []
     for key, t in module.state_dict().items():
-        items.append((prefix + key, _original(patcher, prefix + key, t)))
+        if not skip(key):
+            items.append((prefix + key, _original(patcher, prefix + key, t)))
     patches = getattr(patcher, "patches", {}) or {}
     for key in sorted(k for k in patches if k.startswith(prefix)):
         for i, v in enumerate(_patch_values(patches[key])):
@@ -498,15 +499,23 @@ def _patched_digest(patcher, module, prefix: str, extra=()) -> str:
     return sampled_digest(items, extra)
 
 
-def native_fingerprint(model, clip, vae) -> dict[str, str]:
+def _unused_projection(key: str) -> bool:
+    """CLIP's pooled-output projection: SD 1.x / 2.x never condition on it, and ComfyUI leaves SD 1.x's
+    uninitialised (checkpoints lack it), so its bytes differ from one load to the next."""
+    return key.endswith("transformer.text_projection.weight")
+
+
+def native_fingerprint(model, clip, vae, *, legacy: bool = False) -> dict[str, str]:
     """Hashes of the base MODEL (weights, patches such as a LoRA, prediction type), CLIP (weights, patches,
     the layer the conditioning uses) and VAE, from a sample of every tensor: no conversion, a fraction of a
-    second for SD 1.5, and the same while ComfyUI has a patched clone of the model loaded."""
+    second for SD 1.5, and the same while ComfyUI has a patched clone of the model loaded. ``legacy``: the
+    fingerprint of runs saved before the unused projection was left out (read only, to find those runs)."""
     with torch.no_grad():
         out = {"unet": _patched_digest(model, model.model.diffusion_model, "diffusion_model.",
                                        (prediction_type(model), type(model.get_model_object("model_sampling")).__name__))}
         inner, _ = _clip_inner(clip)
-        out["clip"] = _patched_digest(clip.patcher, clip.cond_stage_model, "", (_clip_layers_used(inner, clip),))
+        out["clip"] = _patched_digest(clip.patcher, clip.cond_stage_model, "", (_clip_layers_used(inner, clip),),
+                                      skip=(lambda key: False) if legacy else _unused_projection)
         if vae is not None:
             from ..dynasyn.runs import sampled_digest
 

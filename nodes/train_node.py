@@ -209,6 +209,8 @@ def _check_base(record, model, clip, vae=None) -> None:
     """A run's stored weights are differences from its base model: refuse another one, naming what differs."""
     fp = bridge.native_fingerprint(model, clip, vae)
     saved = record.meta["base_model"]
+    if saved.get("clip") not in (None, fp["clip"]):  # a run saved before the unused projection was left out
+        fp["clip"] = bridge.native_fingerprint(model, clip, vae, legacy=True)["clip"]
     changed = [label for part, label in (("unet", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")) if part in fp and saved.get(part) != fp[part]]
     if changed:
         raise DynASynError(f"The run {record.label} was trained from another {' and '.join(changed)}. Connect the "
@@ -536,10 +538,15 @@ class DynASynTrain:
                           prior_loss_weight=prior_loss_weight, aspect=aspect)
         # the run's name: a hash of what decides the weights (the settings as asked, before the memory preset
         # adapts them to the free memory of the moment), so the same inputs always find the same run
-        key = runs.run_key(picture=ref, masks=masks, class_nouns=nouns, base_model=bridge.native_fingerprint(model, clip, vae),
-                           config=cfg, memory_preset=memory_preset, dataset=list(dataset or []))
+        def key_for(base_model):
+            return runs.run_key(picture=ref, masks=masks, class_nouns=nouns, base_model=base_model, config=cfg,
+                                memory_preset=memory_preset, dataset=list(dataset or []))
+
+        key = key_for(bridge.native_fingerprint(model, clip, vae))
         if not force_retrain:
-            record = runs.find_run(paths.runs_dir(), key, prefer=run_name)
+            record = (runs.find_run(paths.runs_dir(), key, prefer=run_name)  # or one saved by an earlier version
+                      or runs.find_run(paths.runs_dir(), key_for(bridge.native_fingerprint(model, clip, vae, legacy=True)),
+                                       prefer=run_name))
             if record is not None:
                 log.info("[DynASyn] loaded the finished run %s (trained from these same inputs, %d steps); nothing to "
                          "train. Turn force_retrain on to train it again.", record.label, record.meta["steps"])

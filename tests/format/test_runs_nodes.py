@@ -126,6 +126,32 @@ def test_the_base_fingerprint_ignores_a_loaded_clones_patches_but_not_the_models
     assert bridge.native_fingerprint(model, clip, vae) == before
 
 
+def test_the_unused_clip_projection_is_not_part_of_the_base(pack, tn, tiny, dirs, monkeypatch):
+    """ComfyUI leaves SD 1.x CLIP's text_projection uninitialised (checkpoints lack it; SD 1.x / 2.x never use the
+    pooled output): whatever its bytes after a restart, the base is the same; a run saved with the fingerprint of
+    earlier versions (which hashed it) is found again by Train, and Load Run accepts its base."""
+    bridge = pack.nodes.bridge
+    model, clip, vae = tiny
+    (name,) = [k for k in clip.cond_stage_model.state_dict() if k.endswith("text_projection.weight")]
+    projection = clip.cond_stage_model.state_dict()[name]  # shares the weight's storage
+    before, legacy = bridge.native_fingerprint(model, clip, vae), bridge.native_fingerprint(model, clip, vae, legacy=True)
+    kept = projection.clone()
+    try:
+        projection.fill_(float("nan"))
+        assert bridge.native_fingerprint(model, clip, vae) == before
+        assert bridge.native_fingerprint(model, clip, vae, legacy=True)["clip"] != legacy["clip"]
+    finally:
+        projection.copy_(kept)
+
+    current = bridge.native_fingerprint
+    monkeypatch.setattr(bridge, "native_fingerprint", lambda *a, legacy=False: current(*a, legacy=True))  # an old version
+    run = tn.DynASynTrain().train(**quick(tiny))["result"][4]
+    monkeypatch.setattr(bridge, "native_fingerprint", current)
+    monkeypatch.setattr(tn, "DynASynTrainer", lambda *a, **k: pytest.fail("the earlier version's run was trained again"))
+    assert tn.DynASynTrain().train(**quick(tiny))["result"][4] == run
+    assert tn.DynASynLoadRun().load(model, clip, run.label)["result"][3] == run
+
+
 # ---------------------------------------------------------------------------------------------- memory (item 8)
 def test_trained_model_holds_only_changed_tensors_in_the_base_dtype(pack, tiny, dirs):
     """Patches hold the base dtype (fp16 base: half the bytes of fp32 copies) and give the very weights the fp32
