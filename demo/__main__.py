@@ -25,7 +25,7 @@ from .server import ROOT, ComfyServer, execution_error
 from .workflow import WorkflowError, nodes_of, ui_to_api
 
 WORKFLOW = ROOT / "example_workflows" / "dynasyn_full.json"
-# Without a checkpoint or a picture: the pretrained Shapes World model learns the bundled striped ball and checked
+# Without a checkpoint or a picture: the pretrained Shapes World model learns the bundled dotted ball and striped
 # box (subjects it never saw) and draws them in a new scene, in a few minutes on a CPU
 SHAPES_WORKFLOW = ROOT / "example_workflows" / "dynasyn_shapes_world.json"
 TINY_SAM = "tiny (random test-size SAM, for trying graphs)"
@@ -343,7 +343,7 @@ def main(argv=None) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     base = out / ".comfyui"
-    print(f"[demo] model: {ckpt or ('built-in Shapes World model (64 px, pretrained; learns a striped ball and a checked box)' if shapes else 'built-in tiny random model (64 px; shows the pipeline, not quality)')}")
+    print(f"[demo] model: {ckpt or ('built-in Shapes World model (64 px, pretrained; learns a dotted ball and a striped box)' if shapes else 'built-in tiny random model (64 px; shows the pipeline, not quality)')}")
     started = time.time()
     with ComfyServer(base) as server:
         setup_s = time.time() - started

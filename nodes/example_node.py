@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import folder_paths
 
-from ..dynasyn.example_scene import SCENES, example_scene
+from ..dynasyn.example_scene import RENAMED, SCENES, example_scene
 from .common import user_error
 
 
@@ -28,8 +28,15 @@ class DynASynExampleScene:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"scene": (list(SCENES), {"tooltip": (
-            "Which picture. 512 px ball and box: for SD 1.5 / 2.1 checkpoints. 64 px striped ball and checked box: for "
-            "the DynASyn Shapes World Model, two subjects it never saw (it was trained on plain objects only).")})}}
+            "Which picture. 512 px ball and box: for SD 1.5 / 2.1 checkpoints. 64 px dotted ball and striped box: for "
+            "the DynASyn Shapes World Model, two subjects it never saw (no object it was trained on wore their colour pairs).")})}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, scene):
+        """Instead of ComfyUI's list check: a workflow saved with an earlier label of a scene still runs."""
+        if scene in SCENES or scene in RENAMED:
+            return True
+        return f"Unknown example scene {scene!r}; choose one of: {'; '.join(SCENES)}."
 
     def scene(self, scene):
         try:

@@ -32,10 +32,19 @@ def test_example_scene_outputs_comfyui_types(pack, tmp_path, monkeypatch):
             assert (tmp_path / s["subfolder"] / s["filename"]).stat().st_size > 100
 
 
-def test_unknown_scene_is_a_clear_error(pack):
+def test_unknown_scene_is_a_clear_error(pack, tmp_path, monkeypatch):
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "temp_directory", str(tmp_path))
     node = pack.NODE_CLASS_MAPPINGS["DynASynExampleScene"]
     with pytest.raises(RuntimeError, match="DynASyn: Unknown example scene"):
         node().scene("../input/secret.png")
+    # ComfyUI's list check is replaced by the node's own (earlier labels still run), which refuses the same
+    assert node.VALIDATE_INPUTS("../input/secret.png").startswith("Unknown example scene")
+    renamed = importlib.import_module("dynasyn_pack.dynasyn.example_scene").RENAMED
+    for old, new in renamed.items():
+        assert node.VALIDATE_INPUTS(old) is True
+        assert np.array_equal(node().scene(old)["result"][0], node().scene(new)["result"][0])
 
 
 def test_no_seed_of_the_pack_randomizes_by_default(pack):

@@ -40,20 +40,20 @@ def test_shapes_pair_wears_patterns_the_pretraining_scenes_never_have():
     from dynasyn.shapes import identity
 
     ex = example_scene(SHAPES_PAIR)
-    assert "striped" in ex.caption and "checked" in ex.caption
+    assert "dotted" in ex.caption and "striped" in ex.caption
     subjects = [identity.NovelSubject(*s) for s in SHAPES_SUBJECTS]
     for m, s in zip(ex.masks, subjects):
         px = ex.image[m].astype(float)
         shares = [(np.abs(px - np.array(world.COLORS[c])).max(1) < 40).mean() for c in s.colors]
-        assert min(shares) > 0.25, (s, shares)  # two colours: a pattern
+        assert min(shares) > 0.2, (s, shares)  # two colours: a pattern
     found = identity.find_subjects(ex.image, subjects)
     assert all(f is not None and f.pattern(s) for f, s in zip(found, subjects))
     # the world's plain scenes stay plain, and the demo subjects' colour pairs are ones its patterned objects never wear
     assert all(o.pattern == "plain" for s in range(200) for o in world.sample_scene(s).objects)
     assert all(frozenset((c, c2)) in world.NOVEL_COLOR_PAIRS for _, c, c2, _ in SHAPES_SUBJECTS)
-    # the world parses the caption as a red ball left of a blue box (patterns are extra words)
+    # the world parses the caption as a green ball left of a red box (patterns are extra words)
     spec = world.parse_caption(ex.caption)
-    assert [(o["cls"], o["color"]) for o in spec["objects"]] == [("ball", "red"), ("box", "blue")]
+    assert [(o["cls"], o["color"]) for o in spec["objects"]] == [("ball", "green"), ("box", "red")]
     assert spec["relation"] == "left of"
 
 
@@ -83,3 +83,28 @@ def test_unknown_scene_or_pattern_is_a_clear_error():
     with pytest.raises(DynASynError, match="Unknown pattern 'plaid'"):
         world.render(bad)
 
+
+
+def test_the_world_vae_keeps_the_shapes_pair():
+    """What the model can learn of a subject is what its VAE can encode: 24 scenes of the pair (4 relations, 2
+    backgrounds, 3 seeds) encoded and decoded by the Shapes World VAE, the scorer still finds each subject with its
+    class and colours in >= 75 % (measured 83 % / 100 %; a red-and-yellow striped ball, shipped first, gave 21 %:
+    at 64 px its stripes blur into orange)."""
+    import torch
+
+    from dynasyn.shapes import identity
+    from dynasyn.shapes.model import load_shapes_components
+
+    vae = load_shapes_components().vae
+    subjects = [identity.NovelSubject(*s) for s in SHAPES_SUBJECTS]
+    found = np.zeros(2)
+    scenes = [identity.novel_scene(subjects, identity.EvalPrompt((0, 1), relation=rel), seed=seed, background=bg)
+              for rel in ("left of", "right of", "next to", "on top of") for bg in ("grass", "snow") for seed in range(3)]
+    for scene in scenes:
+        x = torch.from_numpy(scene.image).float().permute(2, 0, 1)[None] / 127.5 - 1
+        with torch.no_grad():
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample
+        decoded = ((y[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+        f = identity.find_subjects(decoded, subjects)
+        found += [f[i] is not None and f[i].identity(subjects[i]) for i in range(2)]
+    assert (found / len(scenes) >= 0.75).all(), found / len(scenes)
