@@ -162,6 +162,9 @@ def substitute(prompt: dict, *, tiny: bool, ckpt_name: str | None = None, sam_na
         for k in nodes_of(prompt, cls):
             if not isinstance(prompt[k]["inputs"].get("class_nouns"), list):
                 prompt[k]["inputs"]["class_nouns"] = nouns
+    for k in nodes_of(prompt, "DynASynDescribeSubjects"):
+        if prompt[k]["inputs"].get("phrases"):  # they describe the workflow's own subjects, not yours
+            prompt[k]["inputs"]["phrases"] = ""
     return prompt
 
 

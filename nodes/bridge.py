@@ -501,7 +501,8 @@ def _patched_digest(patcher, module, prefix: str, extra=(), skip=lambda key: Fal
 
 def _unused_projection(key: str) -> bool:
     """CLIP's pooled-output projection: SD 1.x / 2.x never condition on it, and ComfyUI leaves SD 1.x's
-    uninitialised (checkpoints lack it), so its bytes differ from one load to the next."""
+    uninitialised (checkpoints lack it), so its bytes differ from one load to the next. Right only while
+    model_family refuses the models that do use it (SDXL's clip_g, unCLIP)."""
     return key.endswith("transformer.text_projection.weight")
 
 

@@ -34,9 +34,11 @@ class DynASynExampleScene:
     @classmethod
     def VALIDATE_INPUTS(cls, scene):
         """Instead of ComfyUI's list check: a workflow saved with an earlier label of a scene still runs."""
-        if scene in SCENES or scene in RENAMED:
+        if scene is None:  # linked: checked when it runs
             return True
-        return f"Unknown example scene {scene!r}; choose one of: {'; '.join(SCENES)}."
+        if isinstance(scene, str) and (scene in SCENES or scene in RENAMED):
+            return True
+        return f"Unknown example scene {str(scene)[:80]!r}; choose one of: {'; '.join(SCENES)}."
 
     def scene(self, scene):
         try:

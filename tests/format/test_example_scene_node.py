@@ -41,6 +41,8 @@ def test_unknown_scene_is_a_clear_error(pack, tmp_path, monkeypatch):
         node().scene("../input/secret.png")
     # ComfyUI's list check is replaced by the node's own (earlier labels still run), which refuses the same
     assert node.VALIDATE_INPUTS("../input/secret.png").startswith("Unknown example scene")
+    assert node.VALIDATE_INPUTS({"__value__": ["x"]}).startswith("Unknown example scene")  # not a crash
+    assert node.VALIDATE_INPUTS(None) is True  # a linked input: checked when the node runs
     renamed = importlib.import_module("dynasyn_pack.dynasyn.example_scene").RENAMED
     for old, new in renamed.items():
         assert node.VALIDATE_INPUTS(old) is True

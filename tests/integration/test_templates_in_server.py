@@ -44,37 +44,48 @@ def test_shapes_world_template_runs_as_shipped(server):
     assert len(pictures) == 8 and all(p.shape == (64, 64, 3) and p.std() > 5 for p in pictures)
 
     # the method learns: the trained subjects are in the samples, found by the scorer with their class and both
-    # colours, far more often than the untrained model draws them for the same scene with the class nouns
-    # (same sampler, seed and latents): the first test that DynASyn learns, not only that it runs
+    # colours, far more often than the untrained model draws them for the same scene with the class nouns (its
+    # placeholders start as the class nouns; same sampler, seeds and latents): the first test that DynASyn
+    # learns, not only that it runs. A second seed (the run is loaded, only sampling runs again) doubles the count.
     from dynasyn.example_scene import SHAPES_SUBJECTS
     from dynasyn.shapes import identity
 
     subjects = [identity.NovelSubject(*s) for s in SHAPES_SUBJECTS]
     scene_text = prompt[scene]["inputs"]["scene"]  # "[1] right of [2] in the snow"
-    relation = next(r for r in world.RELATIONS if f" {r} " in scene_text)
-    baseline_text = scene_text.replace("[1]", "a ball").replace("[2]", "a box")
-    sampler = prompt[nodes_of(prompt, "KSampler")[0]]["inputs"]
-    latent = prompt[nodes_of(prompt, "EmptyLatentImage")[0]]["inputs"]
-    baseline = server.run({
-        "1": {"class_type": "DynASynShapesWorldModel", "inputs": {}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": baseline_text}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": dict(latent)},
-        "5": {"class_type": "KSampler", "inputs": {**{k: v for k, v in sampler.items() if not isinstance(v, list)},
-                                                    "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
-                                                    "latent_image": ["4", 0]}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "shapes_baseline/out"}}})
-    assert baseline["status"]["status_str"] == "success", execution_error(baseline) or server.log()[-3000:]
-    eval_prompt = identity.EvalPrompt((0, 1), relation=relation)
+    eval_prompt = identity.EvalPrompt((0, 1), relation=next(r for r in world.RELATIONS if f" {r} " in scene_text))
+    ksampler = nodes_of(prompt, "KSampler")[0]
+    sampler, latent = prompt[ksampler]["inputs"], prompt[nodes_of(prompt, "EmptyLatentImage")[0]]["inputs"]
+    seeds = (sampler["seed"], sampler["seed"] + 1)
+    again = json.loads(json.dumps(prompt))
+    again[ksampler]["inputs"]["seed"] = seeds[1]
+    entry = server.run(again, timeout=900)
+    assert entry["status"]["status_str"] == "success", execution_error(entry) or server.log()[-3000:]
+    pictures += saved_pictures(server, entry["outputs"][samples[0]]["images"])
+
+    untrained_pictures = []
+    for seed in seeds:
+        baseline = server.run({
+            "1": {"class_type": "DynASynShapesWorldModel", "inputs": {}},
+            "2": {"class_type": "CLIPTextEncode", "inputs": {
+                "clip": ["1", 1], "text": scene_text.replace("[1]", "a ball").replace("[2]", "a box")}},
+            "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+            "4": {"class_type": "EmptyLatentImage", "inputs": dict(latent)},
+            "5": {"class_type": "KSampler", "inputs": {**{k: v for k, v in sampler.items() if not isinstance(v, list)},
+                                                        "seed": seed, "model": ["1", 0], "positive": ["2", 0],
+                                                        "negative": ["3", 0], "latent_image": ["4", 0]}},
+            "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+            "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "shapes_baseline/out"}}})
+        assert baseline["status"]["status_str"] == "success", execution_error(baseline) or server.log()[-3000:]
+        untrained_pictures += saved_pictures(server, baseline["outputs"]["7"]["images"])
 
     def identity_rate(pics):
         return float(np.mean([identity.score(p, subjects, eval_prompt)["identity"] for p in pics]))
 
-    trained, untrained = identity_rate(pictures), identity_rate(saved_pictures(server, baseline["outputs"]["7"]["images"]))
-    print(f"identity: trained {trained:.3f}, untrained {untrained:.3f}")
-    # measured here: trained {TRAINED}, untrained {UNTRAINED} (8 pictures, 2 subjects each)
-    assert trained >= untrained + 0.15, (trained, untrained)
+    trained, untrained = identity_rate(pictures), identity_rate(untrained_pictures)
+    print(f"identity over {len(pictures)} pictures: trained {trained:.3f}, untrained {untrained:.3f}")
+    # measured here: trained 0.250, untrained 0.000 (16 pictures of 2 subjects each): the ball is learned, the
+    # box is not drawn beside it (see the README); the bar is half the measured gain
+    assert trained >= untrained + 0.12, (trained, untrained)
 
 
 def saved_pictures(server, images):

@@ -24,7 +24,8 @@ def test_demo_puts_your_picture_masks_and_nouns_in_place_of_the_example_scene():
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "x.safetensors"}},
         "10": {"class_type": "DynASynExampleScene", "inputs": {"scene": "ball and box, 512 px (SD 1.5 / 2.1)"}},
         "20": {"class_type": "DynASynDescribeSubjects", "inputs": {"image": ["10", 0], "masks": ["10", 1],
-                                                                   "class_nouns": ["10", 2]}},
+                                                                   "class_nouns": ["10", 2],
+                                                                   "phrases": "a green and blue dotted ball\na box"}},
         "40": {"class_type": "DynASynTrain", "inputs": {"model": ["1", 0], "image": ["10", 0], "masks": ["10", 1],
                                                         "class_nouns": ["20", 1]}},
     }
@@ -39,6 +40,7 @@ def test_demo_puts_your_picture_masks_and_nouns_in_place_of_the_example_scene():
     assert [m["inputs"]["image"] for m in loaders] == ["m1.png", "m2.png"]
     assert all(m["class_type"] == "LoadImageMask" for m in loaders)
     assert out["20"]["inputs"]["class_nouns"] == "dog, cat"
+    assert out["20"]["inputs"]["phrases"] == ""  # the workflow's descriptions were of its own subjects
     assert out["40"]["inputs"]["class_nouns"] == ["20", 1]  # Describe's cleaned nouns stay linked
     assert not any(n["class_type"] == "DynASynExampleScene" for n in out.values())
 
