@@ -348,7 +348,7 @@ def main(argv=None) -> int:
                                                         ("scenes", args.scenes))),
         "date": time.strftime("%Y-%m-%d"),
     }
-    man["command"] += f" --lr {args.lr} --warmup {args.warmup}"
+    man["command"] += f" --lr {args.lr} --warmup {args.warmup}" + (f" --seed {args.seed}" if args.seed else "")
     if args.decay_steps:
         man["command"] += f" --decay-steps {args.decay_steps} --decay-end {args.decay_end}"
     if init is not None:  # a continued run: what it continued from, and how that was made

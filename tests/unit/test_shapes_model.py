@@ -12,11 +12,11 @@ from dynasyn.shapes import scorer, world
 # Issue 11's gates. ACHIEVED (below) holds what the committed training run reached where a gate
 # was missed; the test then asserts that figure minus a small margin, so a regression still fails.
 GATES = {"class": 0.90, "color": 0.90, "relation_pose": 0.80, "vae_psnr_db": 30.0}
-# MISSED GATES (committed run: 9,400 UNet steps, then 1,600 more with a learning-rate cool-down; ~5.4 h on a
-# shared 2-core CPU): class and relation/pose fall short of 0.90 / 0.80; colour (0.97) and VAE PSNR (32.8 dB)
-# pass. Longer training is the fix (each figure rose with every checkpoint: class 0.49 at 2,100 steps, 0.66 at
-# 2,800, 0.75 at 4,800, 0.84 at 9,400, 0.88 after the cool-down).
-ACHIEVED: dict[str, float] = {"class": 0.8793, "relation_pose": 0.7051}
+# MISSED GATES (committed run: 9,400 UNet steps, then 1,600 and 3,000 more, each with a learning-rate cool-down;
+# ~6.7 h on a shared 2-core CPU): class and relation/pose fall short of 0.90 / 0.80; colour (0.96) and VAE PSNR
+# (32.8 dB) pass. Longer training is the fix (each figure rose with every checkpoint: class 0.49 at 2,100 steps,
+# 0.66 at 2,800, 0.75 at 4,800, 0.84 at 9,400, 0.88 after the first cool-down, 0.89 after the second).
+ACHIEVED: dict[str, float] = {"class": 0.8947, "relation_pose": 0.7308}
 MARGIN = {"class": 0.03, "color": 0.03, "relation_pose": 0.03, "vae_psnr_db": 0.5}
 
 
