@@ -27,7 +27,7 @@ def node(pack, monkeypatch):
     monkeypatch.setattr(mod.mm, "get_torch_device", lambda: torch.device("cuda"))
     monkeypatch.setattr(mod.bridge, "native_to_components", lambda *a, **k: pytest.fail("work started before the check"))
     monkeypatch.setattr(mod.bridge, "model_family", lambda model: "sd15")  # the stand-in MODEL below is SD 1.5-sized
-    monkeypatch.setattr(mod.bridge, "native_fingerprint", lambda *a: {"unet": "meta", "clip": "meta", "vae": "meta"})
+    monkeypatch.setattr(mod.bridge, "native_fingerprint", lambda *a, **k: {"unet": "meta", "clip": "meta", "vae": "meta"})
     return mod
 
 
