@@ -216,7 +216,11 @@ def score_caption(img: np.ndarray, caption: str, detections: list[Detection] | N
                    for o, ob in zip(spec["objects"], objs) if o["pose"])
     satisfied = all(ob["bound"] for ob in objs) and relation is not False and pose is not False
     return {"objects": [{k: v for k, v in ob.items() if k != "det"} for ob in objs], "relation": relation,
-            "pose": pose, "satisfied": bool(satisfied)}
+            "pose": pose, "satisfied": bool(satisfied), "relation_name": spec["relation"] or None,
+            "pose_names": [o["pose"] for o in spec["objects"] if o["pose"]]}
+
+
+LATERAL = ("left of", "right of")  # the relations only the caption's word can tell apart (the world is mirror-symmetric)
 
 
 def summarize(scores: list[dict]) -> dict:
@@ -230,9 +234,20 @@ def summarize(scores: list[dict]) -> dict:
     def rate(xs):
         return round(float(np.mean(xs)), 4) if xs else None
 
-    return {"n_captions": len(scores), "class": rate([o["cls"] for o in objs]), "color": rate([o["color"] for o in objs]),
-            "binding": rate([o["bound"] for o in objs]), "relation_pose": rate(rp), "relation": rate(rel),
-            "pose": rate(pose), "satisfied": rate([s["satisfied"] for s in scores])}
+    out = {"n_captions": len(scores), "class": rate([o["cls"] for o in objs]), "color": rate([o["color"] for o in objs]),
+           "binding": rate([o["bound"] for o in objs]), "relation_pose": rate(rp), "relation": rate(rel),
+           "pose": rate(pose), "satisfied": rate([s["satisfied"] for s in scores])}
+    if all("relation_name" in s for s in scores):  # per kind: where the misses are
+        kinds = sorted({s["relation_name"] for s in scores if s["relation"] is not None})
+        out["by_relation"] = {k: rate([s["relation"] for s in scores if s["relation_name"] == k and s["relation"] is not None])
+                              for k in kinds}
+        kinds = sorted({p for s in scores for p in s["pose_names"] if s["pose"] is not None})
+        out["by_pose"] = {k: rate([s["pose"] for s in scores if k in s["pose_names"] and s["pose"] is not None])
+                          for k in kinds}
+        out["relation_pose_not_lateral"] = rate([s["relation"] if s["relation"] is not None else s["pose"] for s in scores
+                                                 if (s["relation"] is not None and s["relation_name"] not in LATERAL)
+                                                 or (s["relation"] is None and s["pose"] is not None)])
+    return out
 
 
 EVAL_SEED0 = 50_000_000
