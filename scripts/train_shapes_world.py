@@ -64,6 +64,11 @@ def render_set(n: int, seed0: int, patterned: float = 0.0):
     return imgs, caps
 
 
+def mirrored_caption(caption: str) -> str:
+    """The caption of the scene seen in a mirror: 'left of' and 'right of' swap (objects and words are symmetric)."""
+    return " ".join({"left": "right", "right": "left"}.get(w, w) for w in caption.split(" "))
+
+
 def to_tensor(imgs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
@@ -148,8 +153,10 @@ def encode_all(vae, imgs, batch=64) -> torch.Tensor:
     return torch.cat(out)
 
 
-def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = None):
-    """``n_before``: steps before --patterned-from draw only from the first n_before scenes (the plain ones)."""
+def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = None, lateral=None, mirrors=None):
+    """``n_before``: steps before --patterned-from draw only from the first n_before scenes (the plain ones).
+    ``lateral``: indices of the scenes captioned "left of" / "right of"; --lateral-boost of each batch comes from them.
+    ``mirrors``: (latents, ids) of those scenes mirrored, captioned with the other word (--mirror-pairs)."""
     unet, te, sched = comps.unet, comps.text_encoder, comps.noise_scheduler
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
@@ -178,12 +185,24 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
         g = step_rng(args.seed, 3, step)
         pool = len(latents) if n_before is None or step >= args.patterned_from else n_before
         idx = g.integers(0, pool, args.batch)
+        pairs = 0
+        if args.lateral_boost:  # the horizontal relations: the only ones the picture's layout cannot give away
+            k = round(args.lateral_boost * args.batch)
+            j = np.flatnonzero(lateral < pool)[g.integers(0, int((lateral < pool).sum()), k)]
+            idx[:k] = lateral[j]
+            pairs = k // 2 if mirrors is not None else 0
         x0 = latents[idx]
         tok = ids[idx].clone()
+        if pairs:  # second half of the lateral share: the first half's scenes mirrored, with the other word
+            x0[pairs:2 * pairs] = mirrors[0][j[:pairs]]
+            tok[pairs:2 * pairs] = mirrors[1][j[:pairs]]
         drop = torch.from_numpy(g.random(args.batch) < args.uncond_p)
-        tok[drop] = empty
         t = torch.from_numpy(g.integers(0, sched.config.num_train_timesteps, args.batch))
         noise = torch.randn_like(x0)
+        if pairs:  # same noise, timestep and dropout: at high noise only the word tells the two targets apart
+            drop[pairs:2 * pairs], t[pairs:2 * pairs] = drop[:pairs], t[:pairs]
+            noise[pairs:2 * pairs] = noise[:pairs]
+        tok[drop] = empty
         xt = sched.add_noise(x0, noise, t)
         pred = unet(xt, t, encoder_hidden_states=te(tok).last_hidden_state).sample
         w = torch.clamp(snr[t], max=args.min_snr) / snr[t]  # min-SNR-gamma weighting (epsilon target)
@@ -247,6 +266,13 @@ def main(argv=None) -> int:
                                                   "the manifest records it, so a run a STOP file ended reproduces)")
     ap.add_argument("--init-from", help="continue from these released weights (fp16 safetensors): UNet + text encoder "
                                         "only, the VAE as it is")
+    ap.add_argument("--lateral-boost", type=float, default=0.0,
+                    help="share of each UNet batch drawn from the scenes captioned 'left of' / 'right of' (0: drawn "
+                         "like all others). A world seen side-on has no horizontal cue but the caption's word, and "
+                         "a model trained without a boost ignores it (the same seed draws the same order for both)")
+    ap.add_argument("--mirror-pairs", action="store_true",
+                    help="with --lateral-boost: half of that share is the other half's scenes mirrored and captioned "
+                         "with the other word ('left of' <-> 'right of'), with the same noise and timestep")
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--min-snr", type=float, default=5.0)
     ap.add_argument("--uncond-p", type=float, default=0.1)
@@ -261,6 +287,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.decay_steps < 0:
         ap.error("--decay-steps must be 0 or more")
+    if not 0.0 <= args.lateral_boost <= 1.0:
+        ap.error("--lateral-boost is a share of the batch: 0 to 1")
+    if args.mirror_pairs and round(args.lateral_boost * args.batch) < 2:
+        ap.error("--mirror-pairs needs --lateral-boost of at least 2 scenes per batch")
     if args.decay_end is None:
         args.decay_end = args.unet_steps
 
@@ -322,7 +352,18 @@ def main(argv=None) -> int:
         pids = comps.tokenizer(pcaps, padding="max_length", max_length=77, truncation=True,
                                return_tensors="pt").input_ids
         unet_latents, unet_ids, n_plain = torch.cat([latents, encode_all(comps.vae, pimgs)]), torch.cat([ids, pids]), len(latents)
-    unet_done = train_unet(comps, unet_latents, unet_ids, args, work, n_before=n_plain)
+    all_caps = caps + (pcaps if args.unet_patterned else [])
+    lateral = np.array([i for i, c in enumerate(all_caps) if " left of " in c or " right of " in c], dtype=np.int64)
+    mirrors = None
+    if args.mirror_pairs:
+        log(f"encoding {len(lateral)} mirrored lateral scenes")
+        all_imgs = np.concatenate([imgs, pimgs]) if args.unet_patterned else imgs
+        flipped = np.ascontiguousarray(all_imgs[lateral][:, :, ::-1])
+        mcaps = [mirrored_caption(all_caps[i]) for i in lateral]
+        mirrors = (encode_all(comps.vae, flipped), comps.tokenizer(mcaps, padding="max_length", max_length=77,
+                                                                   truncation=True, return_tensors="pt").input_ids)
+    unet_done = train_unet(comps, unet_latents, unet_ids, args, work, n_before=n_plain, lateral=lateral,
+                           mirrors=mirrors)
     dec_imgs, dec_latents = imgs, latents
     if args.decoder_patterned and args.decoder_steps:
         from dynasyn.shapes.identity import sample_novel_scene
@@ -349,6 +390,8 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d"),
     }
     man["command"] += f" --lr {args.lr} --warmup {args.warmup}" + (f" --seed {args.seed}" if args.seed else "")
+    if args.lateral_boost:
+        man["command"] += f" --lateral-boost {args.lateral_boost}" + (" --mirror-pairs" if args.mirror_pairs else "")
     if args.decay_steps:
         man["command"] += f" --decay-steps {args.decay_steps} --decay-end {args.decay_end}"
     if init is not None:  # a continued run: what it continued from, and how that was made
