@@ -207,8 +207,9 @@ SHAPES_PHRASES = "a green and blue dotted ball\na red and purple striped box"
 # measured with this workflow as shipped (tests/integration/test_templates_in_server.py runs it): update when it changes
 SHAPES_MEASURED = ("119 s in all (augment 11 s, train 98 s, sample 9 s) through scripts/demo.sh on ONE thread "
                    "(OMP_NUM_THREADS=1) of this project's 2-core CPU machine, the other core busy. In its 8 pictures "
-                   "the scorer of dynasyn/shapes finds the dotted ball in 4 (the untrained model, asked for 'a ball', "
-                   "rarely draws it); the striped box is not drawn beside it: at this size one token draws both objects")
+                   "the scorer of dynasyn/shapes finds the dotted ball in all 8 (the untrained model, asked for 'a ball', "
+                   "rarely draws it); the striped box is not drawn beside it: at this size one token draws both objects, "
+                   "and the Shapes World model ignores 'left of' / 'right of', so the picture's order stays")
 
 SHAPES_NOTE = f"""DynASyn on the Shapes World: the whole pipeline in minutes on a CPU, nothing to download.
 

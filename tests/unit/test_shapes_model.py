@@ -12,11 +12,12 @@ from dynasyn.shapes import scorer, world
 # Issue 11's gates. ACHIEVED (below) holds what the committed training run reached where a gate
 # was missed; the test then asserts that figure minus a small margin, so a regression still fails.
 GATES = {"class": 0.90, "color": 0.90, "relation_pose": 0.80, "vae_psnr_db": 30.0}
-# MISSED GATES (committed run: 9,400 UNet steps, then 1,600 and 3,000 more, each with a learning-rate cool-down;
-# ~6.7 h on a shared 2-core CPU): class and relation/pose fall short of 0.90 / 0.80; colour (0.96) and VAE PSNR
-# (32.8 dB) pass. Longer training is the fix (each figure rose with every checkpoint: class 0.49 at 2,100 steps,
-# 0.66 at 2,800, 0.75 at 4,800, 0.84 at 9,400, 0.88 after the first cool-down, 0.89 after the second).
-ACHIEVED: dict[str, float] = {"class": 0.8947, "relation_pose": 0.7308}
+# MISSED GATE (committed run: 9,400 UNet steps, then 1,600, 3,000 and 3,200 more, each with a learning-rate
+# cool-down; ~8 h on a shared 2-core CPU): relation/pose (0.74) falls short of 0.80; class (0.92), colour (0.97) and
+# VAE PSNR (32.8 dB) pass. The miss is the two lateral relations alone: the model ignores "left of" / "right of"
+# (bench/shapes_lateral.py: the same seed draws the same order for both words), the other relations and the poses
+# reach 0.94 (asserted below). More training of the same kind does not fix it (README, Shapes World).
+ACHIEVED: dict[str, float] = {"relation_pose": 0.7436}
 MARGIN = {"class": 0.03, "color": 0.03, "relation_pose": 0.03, "vae_psnr_db": 0.5}
 
 
@@ -84,6 +85,11 @@ def test_quality_gates_on_held_out_captions(comps):
     for name in ("class", "color", "relation_pose"):
         assert q[name] >= bar(name), (name, q)
         assert abs(q[name] - man[name]) <= 0.03, (name, q, man)  # the manifest's figures are reproducible
+    # Where relation/pose falls short: the model ignores "left of" / "right of" (README, Shapes World). The
+    # other relations and the poses meet the gate; a regression there fails here.
+    assert q["relation_pose_not_lateral"] >= GATES["relation_pose"], q
+    for rel in ("on top of", "under", "next to"):
+        assert q["by_relation"][rel] >= 0.80, (rel, q)
 
 
 def test_sampling_is_seeded_and_batch_independent(comps):
