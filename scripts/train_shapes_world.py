@@ -65,7 +65,8 @@ def render_set(n: int, seed0: int, patterned: float = 0.0):
 
 
 def mirrored_caption(caption: str) -> str:
-    """The caption of the scene seen in a mirror: 'left of' and 'right of' swap (objects and words are symmetric)."""
+    """The caption of a lateral scene seen in a mirror: 'left of' and 'right of' swap. The objects, stripes and dots
+    are mirror-symmetric; a check is not (its colours trade places), so mirror pairs leave checked scenes out."""
     return " ".join({"left": "right", "right": "left"}.get(w, w) for w in caption.split(" "))
 
 
@@ -353,7 +354,10 @@ def main(argv=None) -> int:
                                return_tensors="pt").input_ids
         unet_latents, unet_ids, n_plain = torch.cat([latents, encode_all(comps.vae, pimgs)]), torch.cat([ids, pids]), len(latents)
     all_caps = caps + (pcaps if args.unet_patterned else [])
-    lateral = np.array([i for i, c in enumerate(all_caps) if " left of " in c or " right of " in c], dtype=np.int64)
+    # With --mirror-pairs, scenes with a checked object are left out: a check seen in a mirror swaps its two
+    # colours' places (stripes and dots do not), so its caption would name them in the wrong order.
+    lateral = np.array([i for i, c in enumerate(all_caps) if (" left of " in c or " right of " in c)
+                        and not (args.mirror_pairs and " checked " in c)], dtype=np.int64)
     mirrors = None
     if args.mirror_pairs:
         log(f"encoding {len(lateral)} mirrored lateral scenes")

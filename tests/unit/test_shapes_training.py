@@ -38,3 +38,15 @@ def test_a_mirrored_lateral_scene_satisfies_the_mirrored_caption(trainer):
         assert scorer.score_caption(flipped, trainer.mirrored_caption(s.caption))["relation"], s.caption
         assert not scorer.score_caption(flipped, s.caption)["relation"], s.caption  # the word is all that differs
     assert seen >= 40
+
+
+def test_stripes_and_dots_are_mirror_symmetric_and_checks_are_not():
+    """Why --mirror-pairs leaves scenes with a checked object out: mirrored, a check swaps its two colours."""
+    for pattern, symmetric in (("striped", True), ("dotted", True), ("checked", False)):
+        o = world.SceneObject(cls="box", color="red", size=10.0, cx=23.0, cy=40.0, pattern=pattern, color2="blue")
+        m = world.SceneObject(cls="box", color="red", size=10.0, cx=world.SIZE - 23.0, cy=40.0, pattern=pattern,
+                              color2="blue")
+        ys, xs = np.mgrid[0:world.SIZE, 0:world.SIZE] + 0.5
+        box = (abs(xs - m.cx) < m.size) & (abs(ys - m.cy) < m.size)  # the mirrored object's square
+        same = (world.pattern_mask(o, 1)[:, ::-1] == world.pattern_mask(m, 1))[box].mean()
+        assert same == 1.0 if symmetric else same < 0.1, (pattern, same)
