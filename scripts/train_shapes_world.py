@@ -146,6 +146,40 @@ def train_vae(comps, imgs, args, work: Path, params=None, name="vae", steps=0, l
     return done
 
 
+class LateralProbe:
+    """--te-layout: an auxiliary text-encoder objective for the horizontal relations.
+
+    Trained by the diffusion loss alone, the text encoder makes "left" and "right" all but equal: the final states
+    of the tokens after them differ by < 1 % (those after "on top of" / "under" differ by > 100 %, as the two phrases
+    have different lengths and shift every later token's position). So the UNet cannot tell the two captions apart
+    and draws the same layout for both. Real SD's CLIP learned such words from images before SD was trained; this
+    stands in for that: on one learned unit direction u, every token after the relation word, up to the end token,
+    must score <h, u> >= MARGIN for "left of" and <= -MARGIN for "right of" (a squared hinge). Those are the tokens
+    that name the second object, so its cross-attention values carry which side it is on. Not saved in the weights.
+    """
+
+    MARGIN = 1.0  # the final states are layer-normed: |h| ~ sqrt(TEXT_WIDTH) = 8
+
+    def __init__(self, tokenizer, width: int):
+        self.left, self.right = (tokenizer.convert_tokens_to_ids(w + "</w>") for w in ("left", "right"))
+        self.eos = tokenizer.eos_token_id
+        self.direction = torch.nn.Parameter(torch.ones(width) / width ** 0.5)
+
+    def loss(self, text_states: torch.Tensor, tok: torch.Tensor) -> torch.Tensor | None:
+        is_rel = (tok == self.left) | (tok == self.right)  # (B, 77)
+        has = is_rel.any(1)
+        if not has.any():
+            return None
+        rel_pos = is_rel.float().argmax(1)  # the first relation word: one relation per caption
+        eos_pos = (tok == self.eos).float().argmax(1)
+        side = torch.where(tok.gather(1, rel_pos[:, None])[:, 0] == self.left, 1.0, -1.0)  # (B,)
+        pos = torch.arange(tok.shape[1])
+        mask = has[:, None] & (pos > rel_pos[:, None]) & (pos <= eos_pos[:, None])  # (B, 77)
+        score = text_states @ (self.direction / self.direction.norm())  # (B, 77)
+        hinge = F.relu(self.MARGIN - side[:, None] * score).pow(2)
+        return (hinge * mask).sum() / mask.sum()
+
+
 @torch.no_grad()
 def encode_all(vae, imgs, batch=64) -> torch.Tensor:
     out = []
@@ -159,7 +193,11 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
     ``lateral``: indices of the scenes captioned "left of" / "right of"; --lateral-boost of each batch comes from them.
     ``mirrors``: (latents, ids) of those scenes mirrored, captioned with the other word (--mirror-pairs)."""
     unet, te, sched = comps.unet, comps.text_encoder, comps.noise_scheduler
-    params = list(unet.parameters()) + list(te.parameters())
+    model_params = list(unet.parameters()) + list(te.parameters())
+    params = list(model_params)
+    probe = LateralProbe(comps.tokenizer, te.config.hidden_size) if args.te_layout else None
+    if probe is not None:  # trained with the model, never saved into the weights
+        params.append(probe.direction)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     ema_u, ema_t = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
     empty = comps.tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
@@ -171,6 +209,8 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
         st = torch.load(ck, weights_only=True)
         unet.load_state_dict(st["unet"]); te.load_state_dict(st["te"])
         ema_u.load_state_dict(st["ema_u"]); ema_t.load_state_dict(st["ema_t"])
+        if probe is not None:
+            probe.direction.data.copy_(st["probe"])
         opt.load_state_dict(st["opt"]); start = st["step"]
         torch.set_rng_state(st["rng"])
         log(f"unet: resumed at step {start}")
@@ -205,23 +245,29 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
             noise[pairs:2 * pairs] = noise[:pairs]
         tok[drop] = empty
         xt = sched.add_noise(x0, noise, t)
-        pred = unet(xt, t, encoder_hidden_states=te(tok).last_hidden_state).sample
+        text_states = te(tok).last_hidden_state  # (B, 77, TEXT_WIDTH)
+        pred = unet(xt, t, encoder_hidden_states=text_states).sample
         w = torch.clamp(snr[t], max=args.min_snr) / snr[t]  # min-SNR-gamma weighting (epsilon target)
         loss = ((pred - noise).pow(2).mean(dim=(1, 2, 3)) * w).mean()
+        probe_loss = probe.loss(text_states, tok) if probe is not None else None
+        if probe_loss is not None:
+            loss = loss + args.te_layout * probe_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         d = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - d)
+            torch._foreach_lerp_(ema_params, model_params, 1 - d)
         done = step + 1
         if done % 50 == 0:
             log(f"unet {done}/{args.unet_steps} loss {loss.item():.4f} lr {lr:.1e} "
+                + (f"probe {probe_loss.item():.3f} " if probe_loss is not None else "") +
                 f"({(time.time() - t0) / (done - start):.2f} s/step)")
         if done % args.ckpt_every == 0 or done == args.unet_steps:
             save_ckpt(ck, unet=unet.state_dict(), te=te.state_dict(), ema_u=ema_u.state_dict(), ema_t=ema_t.state_dict(),
-                      opt=opt.state_dict(), step=done, rng=torch.get_rng_state())
+                      opt=opt.state_dict(), step=done, rng=torch.get_rng_state(),
+                      **({"probe": probe.direction.detach()} if probe is not None else {}))
             if stop_requested(work, "unet"):
                 log(f"unet: STOP file found, ending at {done}")
                 break
@@ -274,6 +320,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mirror-pairs", action="store_true",
                     help="with --lateral-boost: half of that share is the other half's scenes mirrored and captioned "
                          "with the other word ('left of' <-> 'right of'), with the same noise and timestep")
+    ap.add_argument("--te-layout", type=float, default=0.0,
+                    help="weight of the text encoder's lateral probe (see LateralProbe): the tokens after 'left of' "
+                         "and 'right of' must differ; 0 = off")
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--min-snr", type=float, default=5.0)
     ap.add_argument("--uncond-p", type=float, default=0.1)
@@ -396,6 +445,8 @@ def main(argv=None) -> int:
     man["command"] += f" --lr {args.lr} --warmup {args.warmup}" + (f" --seed {args.seed}" if args.seed else "")
     if args.lateral_boost:
         man["command"] += f" --lateral-boost {args.lateral_boost}" + (" --mirror-pairs" if args.mirror_pairs else "")
+    if args.te_layout:
+        man["command"] += f" --te-layout {args.te_layout}"
     if args.decay_steps:
         man["command"] += f" --decay-steps {args.decay_steps} --decay-end {args.decay_end}"
     if init is not None:  # a continued run: what it continued from, and how that was made

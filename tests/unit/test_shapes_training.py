@@ -1,10 +1,14 @@
-"""scripts/train_shapes_world.py's mirror pairs: a lateral scene seen in a mirror is the scene of the other word."""
+"""scripts/train_shapes_world.py's lateral aids: mirror pairs (a lateral scene seen in a mirror is the scene of the other
+word) and the text encoder's lateral probe."""
 
 import importlib.util
+import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dynasyn.shapes import scorer, world
 
@@ -50,3 +54,53 @@ def test_stripes_and_dots_are_mirror_symmetric_and_checks_are_not():
         box = (abs(xs - m.cx) < m.size) & (abs(ys - m.cy) < m.size)  # the mirrored object's square
         same = (world.pattern_mask(o, 1)[:, ::-1] == world.pattern_mask(m, 1))[box].mean()
         assert same == 1.0 if symmetric else same < 0.1, (pattern, same)
+
+
+def test_the_lateral_probe_asks_only_the_tokens_after_left_or_right_to_tell_the_words_apart(trainer):
+    from dynasyn.shapes import model as sm
+
+    tok = sm.clip_tokenizer()
+    caps = ["a red ball left of a blue box", "a red ball right of a blue box", "a red ball on top of a blue box", ""]
+    ids = tok(caps, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    probe = trainer.LateralProbe(tok, 8)
+    u = probe.direction.detach() / probe.direction.detach().norm()
+    assert probe.loss(torch.zeros(2, 77, 8), ids[2:]) is None  # no lateral word in the batch: nothing to ask
+
+    # states that already put the second object on its side by the margin: no loss; the words swapped: a loss
+    states = torch.zeros(4, 77, 8)
+    states[0, 5:] = u * probe.MARGIN  # "a red ball left of" = bos a red ball left -> positions 0..4; after: 5..
+    states[1, 5:] = -u * probe.MARGIN
+    assert float(probe.loss(states, ids).detach()) == pytest.approx(0.0, abs=1e-6)
+    assert float(probe.loss(states, ids[[1, 0, 2, 3]]).detach()) > 1.0
+
+    # only the tokens after the word and up to the end token count: the first object, the padding and the
+    # non-lateral captions do not
+    states = torch.zeros(4, 77, 8, requires_grad=True)
+    probe.loss(states, ids).backward()
+    touched = states.grad.abs().sum(-1) > 0
+    eos = int((ids[0] == tok.eos_token_id).float().argmax())
+    assert touched[0].nonzero().flatten().tolist() == list(range(5, eos + 1))
+    assert not touched[2:].any()
+
+
+def test_the_script_runs_every_stage_with_the_lateral_aids_and_resumes(tmp_path):
+    """End to end in miniature (every stage, mirror pairs and the probe on), then a resumed run: the probe's direction
+    is part of the checkpoint, so resuming is exact."""
+    import subprocess
+    import sys
+
+    def run(unet_steps):
+        cmd = [sys.executable, str(SCRIPT), "--scenes", "48", "--vae-steps", "2", "--vae-batch", "2", "--decoder-steps", "1",
+               "--decoder-patterned", "2", "--unet-patterned", "12", "--unet-steps", str(unet_steps), "--batch", "8",
+               "--lateral-boost", "0.5", "--mirror-pairs", "--te-layout", "1.0", "--eval-captions", "2", "--eval-vae", "2",
+               "--ckpt-every", "1", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "w.safetensors")]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        return r.stdout
+
+    run(2)
+    assert "probe" in torch.load(tmp_path / "work" / "unet.pt", weights_only=True)
+    out = run(3)
+    assert "unet: resumed at step 2" in out
+    man = json.loads((tmp_path / "w.json").read_text())
+    assert man["steps"]["unet"] == 3 and "--te-layout 1.0" in man["command"] and "--mirror-pairs" in man["command"]
