@@ -9,6 +9,9 @@
 #                last passing run (tests/realsize.passed, see scripts/realsize_stamp.py); naming the tier
 #                always runs it, and a pass on a clean tree re-stamps.
 # Each tier runs in its own process so real-size models are freed between tiers.
+# With no tier named, on 2 or more cores, the tiers run in two lanes side by side (unit + format | integration +
+# browser), each with half the cores (OMP_NUM_THREADS): the models are tiny, so one thread each is nearly as fast as
+# two, and a lane waiting on a server or the browser leaves its core to the other. DYNASYN_TEST_LANES=1: one lane.
 # Usage: bash scripts/test.sh [unit|format|integration|browser|realsize ...] [-- extra pytest args]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,33 +25,54 @@ while [ $# -gt 0 ]; do
 done
 [ ${#tiers[@]} -gt 0 ] || tiers=(unit format integration browser realsize-if-changed)
 for tier in "${tiers[@]}"; do [ "$tier" != browser ] || bash scripts/setup_browser.sh; done
-status=0
 # pytest's exit 5 (nothing collected, e.g. a tier whose every test is realsize) is not a failure.
 run_pytest() { .venv/bin/python -m pytest -c tests/pytest.ini -q -p no:cacheprovider "$@" ${extra[@]+"${extra[@]}"} || [ $? -eq 5 ]; }
-for tier in "${tiers[@]}"; do
-  if [ "$tier" = realsize-if-changed ]; then
-    .venv/bin/python scripts/realsize_stamp.py check && continue
-    tier=realsize
-  fi
-  echo "=== tier: $tier ==="
-  start=$(date +%s)
-  if [ "$tier" = realsize ]; then
-    # format and integration in separate processes: the in-process real-size models of the format tests
-    # would otherwise still hold ~10 GB while the integration tests' server loads its own
-    log="$(mktemp)"; ok=1
-    for dir in tests/format tests/integration; do
-      run_pytest "$dir" -m realsize 2>&1 | tee -a "$log"; [ "${PIPESTATUS[0]}" -eq 0 ] || ok=0
-    done
-    if [ $ok -eq 1 ]; then
-      passed="$(grep -oE '[0-9]+ passed' "$log" | awk '{s += $1} END {print s + 0}')"
-      [ ${#extra[@]} -gt 0 ] || .venv/bin/python scripts/realsize_stamp.py write "$passed" $(( $(date +%s) - start ))
-    else
+run_tiers() {
+  local status=0 tier start
+  for tier in "$@"; do
+    if [ "$tier" = realsize-if-changed ]; then
+      .venv/bin/python scripts/realsize_stamp.py check && continue
+      tier=realsize
+    fi
+    echo "=== tier: $tier ==="
+    start=$(date +%s)
+    if [ "$tier" = realsize ]; then
+      # format and integration in separate processes: the in-process real-size models of the format tests
+      # would otherwise still hold ~10 GB while the integration tests' server loads its own
+      log="$(mktemp)"; ok=1
+      for dir in tests/format tests/integration; do
+        run_pytest "$dir" -m realsize 2>&1 | tee -a "$log"; [ "${PIPESTATUS[0]}" -eq 0 ] || ok=0
+      done
+      if [ $ok -eq 1 ]; then
+        passed="$(grep -oE '[0-9]+ passed' "$log" | awk '{s += $1} END {print s + 0}')"
+        [ ${#extra[@]} -gt 0 ] || .venv/bin/python scripts/realsize_stamp.py write "$passed" $(( $(date +%s) - start ))
+      else
+        status=1
+      fi
+      rm -f "$log"
+    elif ! run_pytest "tests/$tier" -m "not realsize"; then
       status=1
     fi
-    rm -f "$log"
-  elif ! run_pytest "tests/$tier" -m "not realsize"; then
-    status=1
-  fi
-  echo "=== tier $tier took $(( $(date +%s) - start )) s ==="
-done
-exit $status
+    echo "=== tier $tier took $(( $(date +%s) - start )) s ==="
+  done
+  return $status
+}
+
+cores="$(nproc 2>/dev/null || echo 1)"
+if [ "${tiers[*]}" = "unit format integration browser realsize-if-changed" ] && [ "$cores" -ge 2 ] \
+   && [ "${DYNASYN_TEST_LANES:-2}" != 1 ]; then
+  half=$(( cores / 2 )); t0=$(date +%s)
+  echo "=== two lanes side by side, $half thread(s) each: [A] unit, format  [B] integration, browser ==="
+  # each lane's lines carry its letter; a lane's status is its subshell's exit code
+  ( export OMP_NUM_THREADS=$half MKL_NUM_THREADS=$half; run_tiers unit format 2>&1 | sed -u 's/^/[A] /'; exit "${PIPESTATUS[0]}" ) &
+  lane_a=$!
+  ( export OMP_NUM_THREADS=$(( cores - half )) MKL_NUM_THREADS=$(( cores - half )); run_tiers integration browser 2>&1 | sed -u 's/^/[B] /'; exit "${PIPESTATUS[0]}" ) &
+  lane_b=$!
+  status=0
+  wait $lane_a || status=1
+  wait $lane_b || status=1
+  echo "=== both lanes took $(( $(date +%s) - t0 )) s ==="
+  run_tiers realsize-if-changed || status=1  # GBs of RAM: alone, with every core
+  exit $status
+fi
+run_tiers "${tiers[@]}"

@@ -32,7 +32,6 @@ def colors_rate(comps, words):
 
 @pytest.mark.timeout(600)
 def test_training_on_one_picture_makes_the_model_draw_the_novel_subjects():
-    torch.set_num_threads(2)
     ref = I.novel_scene(SUBJECTS, PROMPTS[0], seed=1, background="beach")
     base = load_shapes_components()
     untrained = colors_rate(base, [f"a {s.cls}" for s in SUBJECTS])
