@@ -63,14 +63,20 @@ if [ "${tiers[*]}" = "unit format integration browser realsize-if-changed" ] && 
    && [ "${DYNASYN_TEST_LANES:-2}" != 1 ]; then
   half=$(( cores / 2 )); t0=$(date +%s)
   echo "=== two lanes side by side, $half thread(s) each: [A] unit, format  [B] integration, browser ==="
-  # each lane's lines carry its letter; a lane's status is its subshell's exit code
-  ( export OMP_NUM_THREADS=$half MKL_NUM_THREADS=$half; run_tiers unit format 2>&1 | sed -u 's/^/[A] /'; exit "${PIPESTATUS[0]}" ) &
+  # each lane's lines carry its letter; a lane's status is its subshell's exit code. Each lane is its own process
+  # group (set -m), so Ctrl-C or a TERM to this script stops both lanes with their servers and browsers; no lane
+  # reads the terminal (a background group that did would be stopped).
+  set -m
+  ( export OMP_NUM_THREADS=$half MKL_NUM_THREADS=$half; run_tiers unit format 2>&1 | sed -u 's/^/[A] /'; exit "${PIPESTATUS[0]}" ) </dev/null &
   lane_a=$!
-  ( export OMP_NUM_THREADS=$(( cores - half )) MKL_NUM_THREADS=$(( cores - half )); run_tiers integration browser 2>&1 | sed -u 's/^/[B] /'; exit "${PIPESTATUS[0]}" ) &
+  ( export OMP_NUM_THREADS=$(( cores - half )) MKL_NUM_THREADS=$(( cores - half )); run_tiers integration browser 2>&1 | sed -u 's/^/[B] /'; exit "${PIPESTATUS[0]}" ) </dev/null &
   lane_b=$!
+  set +m
+  trap 'kill -TERM -- -"$lane_a" -"$lane_b" 2>/dev/null; exit 130' INT TERM
   status=0
   wait $lane_a || status=1
   wait $lane_b || status=1
+  trap - INT TERM
   echo "=== both lanes took $(( $(date +%s) - t0 )) s ==="
   run_tiers realsize-if-changed || status=1  # GBs of RAM: alone, with every core
   exit $status

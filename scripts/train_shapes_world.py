@@ -162,6 +162,8 @@ class LateralProbe:
 
     def __init__(self, tokenizer, width: int):
         self.left, self.right = (tokenizer.convert_tokens_to_ids(w + "</w>") for w in ("left", "right"))
+        if tokenizer.unk_token_id in (self.left, self.right):  # CLIP's unknown token is its end token: all would count
+            raise ValueError("the tokenizer has no single tokens for 'left' and 'right'")
         self.eos = tokenizer.eos_token_id
         self.direction = torch.nn.Parameter(torch.ones(width) / width ** 0.5)
 
@@ -209,6 +211,9 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
         st = torch.load(ck, weights_only=True)
         unet.load_state_dict(st["unet"]); te.load_state_dict(st["te"])
         ema_u.load_state_dict(st["ema_u"]); ema_t.load_state_dict(st["ema_t"])
+        if (probe is not None) != ("probe" in st):
+            raise SystemExit(f"{ck} was trained {'with' if 'probe' in st else 'without'} --te-layout: resume it the same "
+                             "way, or start in another --work-dir")
         if probe is not None:
             probe.direction.data.copy_(st["probe"])
         opt.load_state_dict(st["opt"]); start = st["step"]
@@ -339,6 +344,8 @@ def main(argv=None) -> int:
         ap.error("--decay-steps must be 0 or more")
     if not 0.0 <= args.lateral_boost <= 1.0:
         ap.error("--lateral-boost is a share of the batch: 0 to 1")
+    if args.te_layout < 0:
+        ap.error("--te-layout is a loss weight: 0 (off) or more")
     if args.mirror_pairs and round(args.lateral_boost * args.batch) < 2:
         ap.error("--mirror-pairs needs --lateral-boost of at least 2 scenes per batch")
     if args.decay_end is None:

@@ -89,17 +89,19 @@ def test_the_script_runs_every_stage_with_the_lateral_aids_and_resumes(tmp_path)
     import subprocess
     import sys
 
-    def run(unet_steps):
+    def run(unet_steps, te_layout="1.0", ok=True):
         cmd = [sys.executable, str(SCRIPT), "--scenes", "48", "--vae-steps", "2", "--vae-batch", "2", "--decoder-steps", "1",
                "--decoder-patterned", "2", "--unet-patterned", "12", "--unet-steps", str(unet_steps), "--batch", "8",
-               "--lateral-boost", "0.5", "--mirror-pairs", "--te-layout", "1.0", "--eval-captions", "2", "--eval-vae", "2",
+               "--lateral-boost", "0.5", "--mirror-pairs", "--te-layout", te_layout, "--eval-captions", "2", "--eval-vae", "2",
                "--ckpt-every", "1", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "w.safetensors")]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-        return r.stdout
+        assert (r.returncode == 0) == ok, r.stdout[-2000:] + r.stderr[-3000:]
+        return r.stdout + r.stderr
 
+    assert "--te-layout is a loss weight" in run(2, te_layout="-1", ok=False)
     run(2)
     assert "probe" in torch.load(tmp_path / "work" / "unet.pt", weights_only=True)
+    assert "trained with --te-layout: resume it the same way" in run(3, te_layout="0", ok=False)  # not half a probe
     out = run(3)
     assert "unet: resumed at step 2" in out
     man = json.loads((tmp_path / "w.json").read_text())
