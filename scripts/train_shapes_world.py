@@ -22,7 +22,8 @@ Usage: python scripts/train_shapes_world.py [--vae-steps N] [--unet-steps N] ...
 A file named STOP_vae, STOP_unet or STOP_decoder in --work-dir ends that stage at its next checkpoint
 (the manifest records the steps actually run; rerunning with those step counts reproduces the weights,
 as every step draws its randomness from (seed, stage, step) and the learning rate does not depend on
-the total).
+the total). A UNet checkpoint continues only with the options its steps were made with (UNET_STEP_OPTIONS);
+another value is refused, naming it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ EVAL_SEED0 = 50_000_000  # held-out scenes / captions: disjoint seed range
 PATTERNED_SEED0 = 30_000_000  # the decoder's patterned scenes (the benchmark's subjects are hand-picked)
 KNOWN_PATTERN_SEED0 = 40_000_000  # the UNet's scenes with known patterns (colour pairs outside NOVEL_COLOR_PAIRS)
 KNOWN_PATTERN_P = 0.7  # each object's chance of wearing a pattern in those scenes
+UNET_STEP_OPTIONS = ("seed", "batch", "lr", "warmup", "decay_steps", "decay_end", "scenes", "unet_patterned",
+                     "patterned_from", "lateral_boost", "mirror_pairs", "te_layout", "min_snr", "uncond_p", "ema")
 
 
 def log(msg: str) -> None:
@@ -207,8 +210,15 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
     snr = ac / (1 - ac)
     ck = work / "unet.pt"
     start = 0
+    # what a step draws and optimises: a checkpoint made with other values must not be continued (--unet-steps may grow)
+    options = json.dumps({k: getattr(args, k) if k != "decay_end" or args.decay_steps else None
+                          for k in UNET_STEP_OPTIONS}, sort_keys=True)  # without a cool-down its end does not matter
     if ck.exists():
         st = torch.load(ck, weights_only=True)
+        if "options" in st and st["options"] != options:
+            was, now = json.loads(st["options"]), json.loads(options)
+            diff = ", ".join(f"--{k.replace('_', '-')} {was[k]} (now {now[k]})" for k in UNET_STEP_OPTIONS if was[k] != now[k])
+            raise SystemExit(f"{ck} was trained with {diff}: resume it the same way, or start in another --work-dir")
         unet.load_state_dict(st["unet"]); te.load_state_dict(st["te"])
         ema_u.load_state_dict(st["ema_u"]); ema_t.load_state_dict(st["ema_t"])
         if (probe is not None) != ("probe" in st):
@@ -271,7 +281,7 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
                 f"({(time.time() - t0) / (done - start):.2f} s/step)")
         if done % args.ckpt_every == 0 or done == args.unet_steps:
             save_ckpt(ck, unet=unet.state_dict(), te=te.state_dict(), ema_u=ema_u.state_dict(), ema_t=ema_t.state_dict(),
-                      opt=opt.state_dict(), step=done, rng=torch.get_rng_state(),
+                      opt=opt.state_dict(), step=done, rng=torch.get_rng_state(), options=options,
                       **({"probe": probe.direction.detach()} if probe is not None else {}))
             if stop_requested(work, "unet"):
                 log(f"unet: STOP file found, ending at {done}")

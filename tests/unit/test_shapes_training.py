@@ -101,7 +101,7 @@ def test_the_script_runs_every_stage_with_the_lateral_aids_and_resumes(tmp_path)
     assert "--te-layout is a loss weight" in run(2, te_layout="-1", ok=False)
     run(2)
     assert "probe" in torch.load(tmp_path / "work" / "unet.pt", weights_only=True)
-    assert "trained with --te-layout: resume it the same way" in run(3, te_layout="0", ok=False)  # not half a probe
+    assert "trained with --te-layout 1.0 (now 0.0): resume it the same way" in run(3, te_layout="0", ok=False)
     out = run(3)
     assert "unet: resumed at step 2" in out
     man = json.loads((tmp_path / "w.json").read_text())
