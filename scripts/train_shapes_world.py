@@ -154,11 +154,13 @@ class LateralProbe:
 
     Trained by the diffusion loss alone, the text encoder makes "left" and "right" all but equal: the final states
     of the tokens after them differ by < 1 % (those after "on top of" / "under" differ by > 100 %, as the two phrases
-    have different lengths and shift every later token's position). So the UNet cannot tell the two captions apart
-    and draws the same layout for both. Real SD's CLIP learned such words from images before SD was trained; this
-    stands in for that: on one learned unit direction u, every token after the relation word, up to the end token,
-    must score <h, u> >= MARGIN for "left of" and <= -MARGIN for "right of" (a squared hinge). Those are the tokens
-    that name the second object, so its cross-attention values carry which side it is on. Not saved in the weights.
+    have different lengths and shift every later token's position). Real SD's CLIP learned such words from images
+    before SD was trained; this stands in for that: on one learned unit direction u, every token after the relation
+    word, up to the end token, must score <h, u> >= MARGIN for "left of" and <= -MARGIN for "right of" (a squared
+    hinge). Those are the tokens that name the second object, so its cross-attention values carry which side it is
+    on. Not saved in the weights. Measured (README, Shapes World): met within 300 steps of a cool-down, the states
+    then differ by 145-195 %, yet the UNet still draws the same order for both words; the text encoder was not
+    the bottleneck.
     """
 
     MARGIN = 1.0  # the final states are layer-normed: |h| ~ sqrt(TEXT_WIDTH) = 8
