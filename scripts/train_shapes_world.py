@@ -180,7 +180,7 @@ class LateralProbe:
         rel_pos = is_rel.float().argmax(1)  # the first relation word: one relation per caption
         eos_pos = (tok == self.eos).float().argmax(1)
         side = torch.where(tok.gather(1, rel_pos[:, None])[:, 0] == self.left, 1.0, -1.0)  # (B,)
-        pos = torch.arange(tok.shape[1])
+        pos = torch.arange(tok.shape[1], device=tok.device)
         mask = has[:, None] & (pos > rel_pos[:, None]) & (pos <= eos_pos[:, None])  # (B, 77)
         score = text_states @ (self.direction / self.direction.norm())  # (B, 77)
         hinge = F.relu(self.MARGIN - side[:, None] * score).pow(2)
