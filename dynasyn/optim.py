@@ -23,11 +23,15 @@ import torch
 from .errors import DynASynError
 
 
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # torch's fused AdamW kernels; it has them for a few more, untested here
+
+
 def make_optimizer(params: Sequence[torch.Tensor], lr: float, cfg, fused: bool | None = None) -> torch.optim.Optimizer:
     """``cfg``: a TrainConfig (optimizer name, Adam betas, weight decay, epsilon).
 
-    AdamW is the fused single-kernel version on CUDA (``fused`` None = when the tensors are on CUDA): the
-    default foreach path holds a second copy of the weights during each step.
+    AdamW is the fused single-kernel version on CUDA and on the CPU (``fused`` None = when every tensor is on one
+    of them): on CUDA the default foreach path holds a second copy of the weights during each step; on the CPU
+    the default per-tensor path takes 3-4x as long (bench/optimizer_step.py).
     """
     if cfg.optimizer == "adamw8bit":
         try:
@@ -42,7 +46,7 @@ def make_optimizer(params: Sequence[torch.Tensor], lr: float, cfg, fused: bool |
         return factored_adafactor(params, lr=lr, weight_decay=cfg.adam_weight_decay)
     params = list(params)
     if fused is None:
-        fused = bool(params) and all(p.is_cuda for p in params)
+        fused = bool(params) and len({p.device.type for p in params}) == 1 and params[0].device.type in FUSED_ADAMW_DEVICES
     kw = dict(fused=True) if fused else {}
     return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                              weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, **kw)
@@ -129,7 +133,10 @@ def _factored_adafactor_class():
 
 
 def _takes_found_inf(opt) -> bool:
-    return isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) and bool(opt.defaults.get("fused"))
+    """Whether ``step`` runs the fused kernel, which honours ``found_inf``. Read from the parameter groups, which
+    ``load_state_dict`` replaces: a state saved by an unfused AdamW (a CPU run before the CPU got the fused
+    kernel) steps unfused after resuming, and would apply a non-finite update if it were trusted with the flag."""
+    return isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) and all(g.get("fused") for g in opt.param_groups)
 
 
 class FusedBackwardOptimizer:

@@ -211,9 +211,14 @@ def test_fused_backward_skips_non_finite_tensors_on_the_device():
     gets the flag as found_inf; other optimizers' updates are undone with torch.where."""
     from dynasyn.optim import FusedBackwardOptimizer
 
-    for optimizer, fused in (("adamw", True), ("adamw", False), ("adafactor", None)):
+    for optimizer, fused, resumed_from in (("adamw", True, None), ("adamw", False, None), ("adafactor", None, None),
+                                           ("adamw", None, False)):
         a = torch.nn.Parameter(torch.tensor([[0.0, 1.0], [4.0, 9.0]]))  # sqrt'(0) = inf: finite loss, inf gradient
         opt = FusedBackwardOptimizer([a], 1e-2, TrainConfig(optimizer=optimizer), fused=fused)
+        if resumed_from is not None:  # a state saved by an unfused AdamW: its groups say fused=False from now on
+            old = FusedBackwardOptimizer([torch.nn.Parameter(a.detach().clone())], 1e-2, TrainConfig(), fused=resumed_from)
+            opt.load_state_dict(old.state_dict())
+            assert not opt.optimizers[0].param_groups[0]["fused"]
         loss = a.sqrt().sum()
         opt.begin(loss)
         loss.backward()
