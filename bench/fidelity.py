@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import shutil
 import sys
 import time
@@ -222,6 +223,10 @@ def main(argv=None) -> int:
     n_pairs, quality = [], []
     # the cells run in --jobs worker processes (one thread each by default: on a small model two single-threaded
     # trainings get more done than one on two threads), while this process augments the next scene
+    # glibc reads these as a process starts: the workers keep freed memory in their heap instead of faulting the
+    # same pages in again for every activation (a fifth of the CPU time otherwise; scripts/test.sh sets the same)
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        os.environ.setdefault(name, str(1 << 30))
     pool = ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) if args.jobs > 1 else None
     cells = []
     try:
