@@ -169,7 +169,8 @@ def estimate(size: ModelSize, cfg, device_type: str = "cuda", with_frozen: bool 
         temp = 0
     else:
         grads = 4 * trained
-        # CUDA's default foreach AdamW holds a second copy of the weights; the trainer uses fused AdamW on CUDA
+        # CUDA's default foreach AdamW holds a second copy of the weights; the trainer uses fused AdamW on CUDA (and,
+        # since it has the kernel, the CPU, where the figures below were measured unfused: they err high there)
         temp = 4 * size.largest * 3
     peak_act = max(act + grads / 2, grads)
     released = device_type == "cpu" and cfg.fused_backward_step

@@ -16,6 +16,7 @@ The trainer reads the flag once, after backward.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -23,7 +24,19 @@ import torch
 from .errors import DynASynError
 
 
-FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # torch's fused AdamW kernels; it has them for a few more, untested here
+@functools.cache
+def fused_adamw_on(device_type: str) -> bool:
+    """Whether the trainer uses torch's fused AdamW kernel on ``device_type``: always on CUDA, on the CPU where this
+    torch has the kernel (2.4 and newer; older ComfyUI installs step unfused there). Other devices step unfused."""
+    if device_type == "cuda":
+        return True
+    if device_type != "cpu":
+        return False
+    try:  # torch before 2.4 refuses fused=True for CPU tensors when the optimizer is built
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)], fused=True)
+    except RuntimeError:
+        return False
+    return True
 
 
 def make_optimizer(params: Sequence[torch.Tensor], lr: float, cfg, fused: bool | None = None) -> torch.optim.Optimizer:
@@ -46,7 +59,7 @@ def make_optimizer(params: Sequence[torch.Tensor], lr: float, cfg, fused: bool |
         return factored_adafactor(params, lr=lr, weight_decay=cfg.adam_weight_decay)
     params = list(params)
     if fused is None:
-        fused = bool(params) and len({p.device.type for p in params}) == 1 and params[0].device.type in FUSED_ADAMW_DEVICES
+        fused = bool(params) and len({p.device.type for p in params}) == 1 and fused_adamw_on(params[0].device.type)
     kw = dict(fused=True) if fused else {}
     return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                              weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, **kw)
@@ -135,7 +148,7 @@ def _factored_adafactor_class():
 def _takes_found_inf(opt) -> bool:
     """Whether ``step`` runs the fused kernel, which honours ``found_inf``. Read from the parameter groups, which
     ``load_state_dict`` replaces: a state saved by an unfused AdamW (a CPU run before the CPU got the fused
-    kernel) steps unfused after resuming, and would apply a non-finite update if it were trusted with the flag."""
+    kernel) steps unfused after resuming, and an unfused step handed the flag raises inside the backward hook."""
     return isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) and all(g.get("fused") for g in opt.param_groups)
 
 
