@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     # the cells run in --jobs worker processes (one thread each by default: on a small model two single-threaded
     # trainings get more done than one on two threads), while this process augments the next scene
     # glibc reads these as a process starts: the workers keep freed memory in their heap instead of faulting the
-    # same pages in again for every activation (a fifth of the CPU time otherwise; scripts/test.sh sets the same)
+    # same pages in again for every activation (sampling took a quarter longer so; scripts/test.sh sets the same)
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         os.environ.setdefault(name, str(1 << 30))
     pool = ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) if args.jobs > 1 else None
