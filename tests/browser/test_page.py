@@ -14,8 +14,10 @@ from tests.support.openai_server import FakeOpenAI
 from tests.support.page import run_page
 
 pytestmark = pytest.mark.slow
-# dynasyn_train first: it runs on a server where no other workflow wrote anything yet; dynasyn_full before
-# dynasyn_sample, which loads the checkpoint it writes. dynasyn_shapes_world runs on its own model (tests/integration).
+# dynasyn_train first: it runs on a server where no other workflow wrote anything yet. dynasyn_full and
+# dynasyn_shapes_world are converted here and run elsewhere, from the same conversion (ui_to_api, asserted equal to
+# the page's): dynasyn_full on the tiny model by the demo (tests/integration/test_demo.py, `demo --tiny`),
+# dynasyn_shapes_world as shipped on its own model (tests/integration/test_templates_in_server.py).
 WORKFLOWS = ["dynasyn_train", "dynasyn_full", "dynasyn_augment", "dynasyn_sample", "dynasyn_shapes_world"]
 # nodes that read what another workflow or an upload left: no shipped workflow may need one to run
 READS_SAVED = {"DynASynLoadDataset", "DynASynLoadRun", "DynASynContinueTraining", "LoadImage", "LoadImageMask"}
@@ -55,11 +57,12 @@ def test_workflow_loads_converts_and_completes_on_the_small_model(server, name):
     assert res["pageErrors"] == [] and ours(res["consoleErrors"]) == []
     # the page's own conversion = the demo's converter
     mine = ui_to_api(workflow, server.get("/object_info"))
-    assert {k: v["inputs"] for k, v in page["prompt"].items()} == {k: v["inputs"] for k, v in mine.items()}
+    assert ({k: (v["class_type"], v["inputs"]) for k, v in page["prompt"].items()}
+            == {k: (v["class_type"], v["inputs"]) for k, v in mine.items()})
     if name == "dynasyn_sample":  # only stock ComfyUI nodes
         assert all(v["class_type"] in _stock(server) for v in page["prompt"].values())
     assert not {v["class_type"] for v in page["prompt"].values()} & READS_SAVED
-    if name == "dynasyn_shapes_world":  # nothing to substitute: the pack's own model (run in tests/integration)
+    if name in ("dynasyn_full", "dynasyn_shapes_world"):  # run in tests/integration (above)
         return
     if name == "dynasyn_train":  # first on this server: no dataset exists; the muted Load Dataset stays out
         assert not list((server.base / "user" / "__dynasyn").glob("datasets/*/dataset.json"))
@@ -67,11 +70,17 @@ def test_workflow_loads_converts_and_completes_on_the_small_model(server, name):
     prompt = substitute(page["prompt"], tiny=True)
     entry = server.run(prompt, timeout=900)
     assert entry["status"]["status_str"] == "success", execution_error(entry) or server.log()[-3000:]
-    if name == "dynasyn_train":  # Train learned from the pair the stage nodes made in the graph
+    if name == "dynasyn_train":  # Drafts -> Compose -> stock inpaint -> GSA -> Make Pair -> Train, the trained model samples
+        assert {v["class_type"] for v in prompt.values()} >= {"DynASynDrafts", "DynASynCompose", "SetLatentNoiseMask",
+                                                              "DynASynGSA", "DynASynMakePair", "DynASynTrain"}
+        out = entry["outputs"]
+        assert out[nodes_of(prompt, "DynASynDrafts")[0]]["text"][0].startswith("1 drafts kept of 1")
         pair = nodes_of(prompt, "DynASynMakePair")[0]
-        assert "dataset" not in prompt[pair]["inputs"]
-        assert entry["outputs"][pair]["text"][0].startswith("1 pair(s) added (1 in the dataset)")
-        assert nodes_of(prompt, "DynASynTrain")[0] in entry["outputs"]
+        assert "dataset" not in prompt[pair]["inputs"]  # Train learned from the pair the stage nodes made in the graph
+        assert out[pair]["text"][0].startswith("1 pair(s) added (1 in the dataset)")
+        assert nodes_of(prompt, "DynASynTrain")[0] in out
+        samples = [k for k in nodes_of(prompt, "SaveImage") if prompt[k]["inputs"]["filename_prefix"] == "dynasyn/sample"]
+        assert len(out[samples[0]]["images"]) == 2  # the trained model drew the new scene
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)

@@ -1,6 +1,7 @@
 """The shipped templates through the real server's HTTP API (as the page's Queue sends it): none needs what another
 workflow writes; the Shapes World one, as shipped, runs the whole pipeline (Example Scene -> augment -> Train ->
-sample) with nothing to download or upload; the train one builds its dataset with the stage nodes (tiny model)."""
+sample) with nothing to download or upload. (dynasyn_train, which builds its dataset with the stage nodes, runs on the
+tiny model in tests/browser, on a server where nothing was saved yet; dynasyn_full runs in test_demo.py.)"""
 
 import json
 import time
@@ -10,7 +11,6 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from demo.__main__ import substitute
 from demo.server import ROOT
 from demo.workflow import nodes_of, ui_to_api
 from dynasyn.shapes import world
@@ -105,22 +105,6 @@ def test_no_template_needs_what_another_workflow_writes(server, name):
     workflow = json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
     prompt = ui_to_api(workflow, server.get("/object_info"))
     assert not {v["class_type"] for v in prompt.values()} & READS_SAVED, name
-
-
-def test_train_template_builds_its_dataset_with_the_stage_nodes(server):
-    """dynasyn_train.json on the tiny model: Drafts -> Compose -> stock inpaint -> GSA -> Make Pair -> Train, with
-    its (muted) Load Dataset left out, so it runs where no dataset was ever saved."""
-    workflow = json.loads((ROOT / "example_workflows" / "dynasyn_train.json").read_text())
-    prompt = substitute(ui_to_api(workflow, server.get("/object_info")), tiny=True)
-    assert {v["class_type"] for v in prompt.values()} >= {"DynASynDrafts", "DynASynCompose", "SetLatentNoiseMask",
-                                                          "DynASynGSA", "DynASynMakePair", "DynASynTrain"}
-    entry = server.run(prompt, timeout=900)
-    assert entry["status"]["status_str"] == "success", execution_error(entry) or server.log()[-3000:]
-    out = entry["outputs"]
-    assert out[nodes_of(prompt, "DynASynDrafts")[0]]["text"][0].startswith("1 drafts kept of 1")
-    assert out[nodes_of(prompt, "DynASynMakePair")[0]]["text"][0].startswith("1 pair(s) added (1 in the dataset)")
-    samples = [k for k in nodes_of(prompt, "SaveImage") if prompt[k]["inputs"]["filename_prefix"] == "dynasyn/sample"]
-    assert len(out[samples[0]]["images"]) == 2  # the trained model drew the new scene
 
 
 def test_a_workflow_saved_with_the_example_scenes_earlier_label_still_runs(server):
