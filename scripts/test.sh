@@ -11,7 +11,9 @@
 # Each tier runs in its own process so real-size models are freed between tiers.
 # With no tier named, on 2 or more cores, the tiers run in two lanes side by side (unit + format | integration +
 # browser), each with half the cores (OMP_NUM_THREADS): the models are tiny, so one thread each is nearly as fast as
-# two, and a lane waiting on a server or the browser leaves its core to the other. DYNASYN_TEST_LANES=1: one lane.
+# two, and a lane waiting on a server or the browser leaves its core to the other. The longest unit files
+# (SHARED_UNIT) are left out of lane A's unit tier; each lane takes them one by one after its own tiers, so both
+# end together. DYNASYN_TEST_LANES=1: one lane.
 # Usage: bash scripts/test.sh [unit|format|integration|browser|realsize ...] [-- extra pytest args]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -61,9 +63,10 @@ run_tiers() {
       run_pytest tests/unit "${SHARED_UNIT[@]/#/--ignore=}" -m "not realsize" || status=1
     elif [ "$tier" = shared ]; then
       # each shared file once, by whichever lane gets to it first (mkdir is atomic): the lane that ends its own tiers
-      # early works on while the other still runs, and neither core waits idle at the end
+      # early works on while the other still runs, and neither core waits idle at the end. Outside the lanes
+      # (no claims folder) every file runs.
       for f in "${SHARED_UNIT[@]}"; do
-        mkdir "$SHARED_CLAIMS/$(basename "$f")" 2>/dev/null || continue
+        [ -z "${SHARED_CLAIMS:-}" ] || mkdir "$SHARED_CLAIMS/$(basename "$f")" 2>/dev/null || continue
         run_pytest "$f" -m "not realsize" || status=1
       done
     elif ! run_pytest "tests/$tier" -m "not realsize"; then
@@ -92,7 +95,7 @@ if [ "${tiers[*]}" = "unit format integration browser realsize-if-changed" ] && 
   ( export OMP_NUM_THREADS=$(( cores - half )) MKL_NUM_THREADS=$(( cores - half )); run_tiers integration browser shared 2>&1 | sed -u 's/^/[B] /'; exit "${PIPESTATUS[0]}" ) </dev/null &
   lane_b=$!
   set +m
-  trap 'kill -TERM -- -"$lane_a" -"$lane_b" 2>/dev/null; exit 130' INT TERM
+  trap 'kill -TERM -- -"$lane_a" -"$lane_b" 2>/dev/null; rm -rf "$SHARED_CLAIMS"; exit 130' INT TERM
   status=0
   wait $lane_a || status=1
   wait $lane_b || status=1
