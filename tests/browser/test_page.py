@@ -94,7 +94,7 @@ def test_workflow_queued_as_shipped_fails_validation_only_on_missing_model_files
     # no 404 but the page's own first-run lookups (user.css, user data folders this fresh server lacks)
     assert [u for u in res["notFound"] if "/userdata" not in u and not u.endswith("/user.css")] == [], res["notFound"]
     verdict = res["value"]
-    # accepted: the Shapes World one always; dynasyn_sample once dynasyn_full has written its checkpoint here
+    # accepted: the Shapes World one always; dynasyn_sample once a workflow run here has written its checkpoint
     if name == "dynasyn_shapes_world" or verdict["status"] == 200:
         assert verdict["status"] == 200 and verdict["body"]["node_errors"] == {}, verdict
         return
