@@ -144,7 +144,7 @@ def test_every_mode_runs(mode):
 
 
 def test_thirty_steps_lower_attention_and_diffusion_losses():
-    t = trainer(cfg(mode="break_a_scene", phase1_steps=0, phase2_steps=40, phase2_lr=1e-3, flip_p=0.0,
+    t = trainer(cfg(mode="break_a_scene", phase1_steps=0, phase2_steps=30, phase2_lr=1e-3, flip_p=0.0,
                     lambda_m2a=1.0))
     t.train()
     md = [h.terms["md"] for h in t.history]
