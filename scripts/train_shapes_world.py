@@ -51,20 +51,28 @@ PATTERNED_SEED0 = 30_000_000  # the decoder's patterned scenes (the benchmark's 
 KNOWN_PATTERN_SEED0 = 40_000_000  # the UNet's scenes with known patterns (colour pairs outside NOVEL_COLOR_PAIRS)
 KNOWN_PATTERN_P = 0.7  # each object's chance of wearing a pattern in those scenes
 UNET_STEP_OPTIONS = ("seed", "batch", "lr", "warmup", "decay_steps", "decay_end", "scenes", "unet_patterned",
-                     "patterned_from", "lateral_boost", "mirror_pairs", "te_layout", "min_snr", "uncond_p", "ema")
+                     "patterned_from", "lateral_boost", "mirror_pairs", "te_layout", "token_grounding", "grounding_sides",
+                     "min_snr", "uncond_p", "ema")
+MAX_OBJECTS = 3
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def render_set(n: int, seed0: int, patterned: float = 0.0):
-    imgs, caps = np.empty((n, 64, 64, 3), np.uint8), []
+def render_set(n: int, seed0: int, patterned: float = 0.0, with_masks: bool = False):
+    """``n`` scenes from seeds seed0.. : pictures, captions and (``with_masks``) the objects in caption order with
+    their masks, ``[n, MAX_OBJECTS, 64, 64]`` bool (missing objects all False)."""
+    imgs, caps, objs = np.empty((n, 64, 64, 3), np.uint8), [], []
+    masks = np.zeros((n, MAX_OBJECTS, 64, 64), bool) if with_masks else None
     for i in range(n):
         s = world.sample_scene(seed0 + i, patterned=patterned)
         imgs[i] = s.image
         caps.append(s.caption)
-    return imgs, caps
+        if with_masks:
+            masks[i, :len(s.objects)] = s.masks
+            objs.append(s.objects)
+    return (imgs, caps, objs, masks) if with_masks else (imgs, caps)
 
 
 def mirrored_caption(caption: str) -> str:
@@ -187,6 +195,76 @@ class LateralProbe:
         return (hinge * mask).sum() / mask.sum()
 
 
+class TokenGrounding:
+    """--token-grounding: each object's words attend to where it is (TokenCompose's token loss, CVPR 2024).
+
+    The diffusion loss hardly sees a layout: at the high noise levels where the sampler fixes it, epsilon barely
+    depends on the picture, and a world seen side-on gives the UNet no cue for "left of" but the word. So the
+    cross-attention maps of each object's words (its colours, pattern and class noun; not "a" / "and") at the
+    --grounding-sides levels (16x16 and 8x8 by default; 4x4 is the mid block) are pulled towards its mask with the
+    pack's own L_M2A (``losses.masked_attention_loss``: each map max-normalised, squared error against the 0/1 mask,
+    the mask as each cell's covered share), averaged over objects and levels, on every step and timestep.
+    The words' keys come from the text encoder and the queries from the UNet, so both learn which object is where.
+    """
+
+    SKIP = ("a", "an", "and")
+
+    def __init__(self, unet, sides=(16, 8)):
+        from dynasyn.attention import AttentionStore, cross_attention_resolutions, install_attention_capture
+
+        res = cross_attention_resolutions(unet, int(unet.config.sample_size))
+        if set(sides) - set(res.values()):
+            raise ValueError(f"no cross-attention at {sorted(set(sides) - set(res.values()))}; the UNet has "
+                             f"{sorted(set(res.values()))}")
+        self.layers = [n for n, r in res.items() if r in sides]
+        self.store = AttentionStore()
+        install_attention_capture(unet, self.store, self.layers)
+
+    @classmethod
+    def spans_of(cls, tokenizer, ids: torch.Tensor, objects: list[list]) -> torch.Tensor:
+        """``[n, MAX_OBJECTS, 77]`` bool: the token positions of each object's words in its caption's ids."""
+        out = torch.zeros(len(objects), MAX_OBJECTS, ids.shape[1], dtype=torch.bool)
+        word_ids: dict[str, list[int]] = {}
+        for i, objs in enumerate(objects):
+            row, at = ids[i].tolist(), 1  # after the start token
+            for k, o in enumerate(objs):
+                for w in world.object_phrase(o).split(" "):
+                    if w not in word_ids:
+                        word_ids[w] = tokenizer(w, add_special_tokens=False).input_ids
+                    tid = word_ids[w]
+                    at = _find(row, tid, at)
+                    if w not in cls.SKIP:
+                        out[i, k, at:at + len(tid)] = True
+                    at += len(tid)
+        return out
+
+    def loss(self, spans: torch.Tensor, masks: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
+        """``spans`` [B, K, 77] bool, ``masks`` [B, K, H, W] float, ``keep`` [B] bool (not the empty caption)."""
+        from dynasyn.losses import masked_attention_loss
+
+        has = spans.any(-1) & keep[:, None] & (masks.flatten(2).amax(-1) > 0)  # [B, K]
+        if not has.any():
+            return None
+        weights = spans.float() / spans.sum(-1, keepdim=True).clamp_min(1)  # mean over each object's tokens
+        by_side: dict[int, list[torch.Tensor]] = {}
+        for m in self.store.maps.values():  # [B, heads, HW, 77]
+            by_side.setdefault(int(m.shape[2] ** 0.5), []).append(m.mean(1))
+        total = 0.0
+        for side, maps in by_side.items():
+            a = torch.stack(maps).mean(0)  # [B, HW, 77]
+            obj = torch.einsum("bqt,bkt->bkq", a, weights).reshape(*has.shape, side, side)  # [B, K, side, side]
+            m = F.adaptive_avg_pool2d(masks[has][:, None], side)[:, 0]  # area coverage at this side
+            total = total + masked_attention_loss(obj[has], m) / int(has.sum())
+        return total / len(by_side)
+
+
+def _find(row: list[int], sub: list[int], start: int) -> int:
+    for j in range(start, len(row) - len(sub) + 1):
+        if row[j:j + len(sub)] == sub:
+            return j
+    raise ValueError(f"tokens {sub} not found in the caption after position {start}")
+
+
 @torch.no_grad()
 def encode_all(vae, imgs, batch=64) -> torch.Tensor:
     out = []
@@ -195,8 +273,11 @@ def encode_all(vae, imgs, batch=64) -> torch.Tensor:
     return torch.cat(out)
 
 
-def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = None, lateral=None, mirrors=None):
-    """``n_before``: steps before --patterned-from draw only from the first n_before scenes (the plain ones).
+def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = None, lateral=None, mirrors=None,
+               grounding_data=None):
+    """``grounding_data`` (--token-grounding): (spans [N, K, 77] bool, masks [N, K, 16, 16], the mirrored lateral
+    scenes' masks) of every scene, as ``TokenGrounding`` takes them.
+    ``n_before``: steps before --patterned-from draw only from the first n_before scenes (the plain ones).
     ``lateral``: indices of the scenes captioned "left of" / "right of"; --lateral-boost of each batch comes from them.
     ``mirrors``: (latents, ids) of those scenes mirrored, captioned with the other word (--mirror-pairs)."""
     unet, te, sched = comps.unet, comps.text_encoder, comps.noise_scheduler
@@ -207,6 +288,7 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
         params.append(probe.direction)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     ema_u, ema_t = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
+    grounding = TokenGrounding(unet, args.grounding_sides) if args.token_grounding else None
     empty = comps.tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
     ac = sched.alphas_cumprod
     snr = ac / (1 - ac)
@@ -219,7 +301,8 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
         st = torch.load(ck, weights_only=True)
         if "options" in st and st["options"] != options:
             was, now = json.loads(st["options"]), json.loads(options)
-            diff = ", ".join(f"--{k.replace('_', '-')} {was[k]} (now {now[k]})" for k in UNET_STEP_OPTIONS if was[k] != now[k])
+            diff = ", ".join(f"--{k.replace('_', '-')} {was.get(k)} (now {now[k]})" for k in UNET_STEP_OPTIONS
+                             if was.get(k) != now[k])
             raise SystemExit(f"{ck} was trained with {diff}: resume it the same way, or start in another --work-dir")
         unet.load_state_dict(st["unet"]); te.load_state_dict(st["te"])
         ema_u.load_state_dict(st["ema_u"]); ema_t.load_state_dict(st["ema_t"])
@@ -251,9 +334,13 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
             pairs = k // 2 if mirrors is not None else 0
         x0 = latents[idx]
         tok = ids[idx].clone()
+        if grounding is not None:
+            spans, obj_masks = grounding_data[0][idx], grounding_data[1][idx].clone()
         if pairs:  # second half of the lateral share: the first half's scenes mirrored, with the other word
             x0[pairs:2 * pairs] = mirrors[0][j[:pairs]]
             tok[pairs:2 * pairs] = mirrors[1][j[:pairs]]
+            if grounding is not None:  # "left" and "right" are one token each: the spans stay where they were
+                obj_masks[pairs:2 * pairs] = grounding_data[2][j[:pairs]]
         drop = torch.from_numpy(g.random(args.batch) < args.uncond_p)
         t = torch.from_numpy(g.integers(0, sched.config.num_train_timesteps, args.batch))
         noise = torch.randn_like(x0)
@@ -263,12 +350,22 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
         tok[drop] = empty
         xt = sched.add_noise(x0, noise, t)
         text_states = te(tok).last_hidden_state  # (B, 77, TEXT_WIDTH)
+        if grounding is not None:
+            grounding.store.clear()
+            grounding.store.enabled = True
         pred = unet(xt, t, encoder_hidden_states=text_states).sample
         w = torch.clamp(snr[t], max=args.min_snr) / snr[t]  # min-SNR-gamma weighting (epsilon target)
         loss = ((pred - noise).pow(2).mean(dim=(1, 2, 3)) * w).mean()
         probe_loss = probe.loss(text_states, tok) if probe is not None else None
         if probe_loss is not None:
             loss = loss + args.te_layout * probe_loss
+        ground_loss = None
+        if grounding is not None:
+            grounding.store.enabled = False
+            ground_loss = grounding.loss(spans, obj_masks, ~drop)
+            grounding.store.clear()
+            if ground_loss is not None:
+                loss = loss + args.token_grounding * ground_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -279,7 +376,8 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
         done = step + 1
         if done % 50 == 0:
             log(f"unet {done}/{args.unet_steps} loss {loss.item():.4f} lr {lr:.1e} "
-                + (f"probe {probe_loss.item():.3f} " if probe_loss is not None else "") +
+                + (f"probe {probe_loss.item():.3f} " if probe_loss is not None else "")
+                + (f"grounding {ground_loss.item():.3f} " if ground_loss is not None else "") +
                 f"({(time.time() - t0) / (done - start):.2f} s/step)")
         if done % args.ckpt_every == 0 or done == args.unet_steps:
             save_ckpt(ck, unet=unet.state_dict(), te=te.state_dict(), ema_u=ema_u.state_dict(), ema_t=ema_t.state_dict(),
@@ -288,6 +386,10 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
             if stop_requested(work, "unet"):
                 log(f"unet: STOP file found, ending at {done}")
                 break
+    if grounding is not None:
+        from dynasyn.attention import remove_attention_capture
+
+        remove_attention_capture(unet)
     unet.load_state_dict(ema_u.state_dict())
     te.load_state_dict(ema_t.state_dict())
     unet.eval(); te.eval()
@@ -340,6 +442,11 @@ def main(argv=None) -> int:
     ap.add_argument("--te-layout", type=float, default=0.0,
                     help="weight of the text encoder's lateral probe (see LateralProbe): the tokens after 'left of' "
                          "and 'right of' must differ; 0 = off")
+    ap.add_argument("--token-grounding", type=float, default=0.0,
+                    help="weight of the token grounding loss (see TokenGrounding): each object's words attend to its "
+                         "mask at the 16x16 and 8x8 cross-attention levels; 0 = off")
+    ap.add_argument("--grounding-sides", type=lambda v: tuple(sorted({int(x) for x in v.split(",")}, reverse=True)),
+                    default=(16, 8), help="the cross-attention map sides --token-grounding supervises, e.g. 16,8,4")
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--min-snr", type=float, default=5.0)
     ap.add_argument("--uncond-p", type=float, default=0.1)
@@ -358,6 +465,8 @@ def main(argv=None) -> int:
         ap.error("--lateral-boost is a share of the batch: 0 to 1")
     if args.te_layout < 0:
         ap.error("--te-layout is a loss weight: 0 (off) or more")
+    if args.token_grounding < 0:
+        ap.error("--token-grounding is a loss weight: 0 (off) or more")
     if args.mirror_pairs and round(args.lateral_boost * args.batch) < 2:
         ap.error("--mirror-pairs needs --lateral-boost of at least 2 scenes per batch")
     if args.decay_end is None:
@@ -395,7 +504,7 @@ def main(argv=None) -> int:
     else:
         comps = sm.build_shapes_components(seed=args.seed)
     log(f"rendering {args.scenes} training scenes")
-    imgs, caps = render_set(args.scenes, TRAIN_SEED0)
+    imgs, caps, objs, masks = render_set(args.scenes, TRAIN_SEED0, with_masks=True)
     ids = comps.tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
     vae_done = 0 if init is not None else train_vae(comps, imgs, args, work, steps=args.vae_steps, name="vae")
@@ -417,7 +526,8 @@ def main(argv=None) -> int:
     unet_latents, unet_ids, n_plain = latents, ids, None
     if args.unet_patterned:
         log(f"rendering {args.unet_patterned} scenes with known patterns (from UNet step {args.patterned_from})")
-        pimgs, pcaps = render_set(args.unet_patterned, KNOWN_PATTERN_SEED0, patterned=KNOWN_PATTERN_P)
+        pimgs, pcaps, pobjs, pmasks = render_set(args.unet_patterned, KNOWN_PATTERN_SEED0, patterned=KNOWN_PATTERN_P,
+                                                 with_masks=True)
         pids = comps.tokenizer(pcaps, padding="max_length", max_length=77, truncation=True,
                                return_tensors="pt").input_ids
         unet_latents, unet_ids, n_plain = torch.cat([latents, encode_all(comps.vae, pimgs)]), torch.cat([ids, pids]), len(latents)
@@ -434,8 +544,16 @@ def main(argv=None) -> int:
         mcaps = [mirrored_caption(all_caps[i]) for i in lateral]
         mirrors = (encode_all(comps.vae, flipped), comps.tokenizer(mcaps, padding="max_length", max_length=77,
                                                                    truncation=True, return_tensors="pt").input_ids)
+    grounding_data = None
+    if args.token_grounding:
+        log("finding each object's words and mask for the token grounding loss")
+        all_objs = objs + (pobjs if args.unet_patterned else [])
+        all_masks = torch.from_numpy(np.concatenate([masks, pmasks]) if args.unet_patterned else masks).float()
+        coverage = F.adaptive_avg_pool2d(all_masks, max(args.grounding_sides))  # [N, K, 16, 16]: each cell's share
+        spans = TokenGrounding.spans_of(comps.tokenizer, unet_ids, all_objs)
+        grounding_data = (spans, coverage, coverage[lateral].flip(-1) if mirrors is not None else None)
     unet_done = train_unet(comps, unet_latents, unet_ids, args, work, n_before=n_plain, lateral=lateral,
-                           mirrors=mirrors)
+                           mirrors=mirrors, grounding_data=grounding_data)
     dec_imgs, dec_latents = imgs, latents
     if args.decoder_patterned and args.decoder_steps:
         from dynasyn.shapes.identity import sample_novel_scene
@@ -466,6 +584,8 @@ def main(argv=None) -> int:
         man["command"] += f" --lateral-boost {args.lateral_boost}" + (" --mirror-pairs" if args.mirror_pairs else "")
     if args.te_layout:
         man["command"] += f" --te-layout {args.te_layout}"
+    if args.token_grounding:
+        man["command"] += f" --token-grounding {args.token_grounding} --grounding-sides " + ",".join(map(str, args.grounding_sides))
     if args.decay_steps:
         man["command"] += f" --decay-steps {args.decay_steps} --decay-end {args.decay_end}"
     if init is not None:  # a continued run: what it continued from, and how that was made

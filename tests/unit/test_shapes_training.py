@@ -1,5 +1,5 @@
 """scripts/train_shapes_world.py's lateral aids: mirror pairs (a lateral scene seen in a mirror is the scene of the other
-word) and the text encoder's lateral probe."""
+word), the text encoder's lateral probe and token grounding (each object's words attend to its mask)."""
 
 import importlib.util
 import json
@@ -84,15 +84,16 @@ def test_the_lateral_probe_asks_only_the_tokens_after_left_or_right_to_tell_the_
 
 
 def test_the_script_runs_every_stage_with_the_lateral_aids_and_resumes(tmp_path):
-    """End to end in miniature (every stage, mirror pairs and the probe on), then a resumed run: the probe's direction
-    is part of the checkpoint, so resuming is exact."""
+    """End to end in miniature (every stage, mirror pairs, the probe and token grounding on), then a resumed run: the
+    probe's direction is part of the checkpoint, so resuming is exact."""
     import subprocess
     import sys
 
     def run(unet_steps, te_layout="1.0", ok=True):
         cmd = [sys.executable, str(SCRIPT), "--scenes", "48", "--vae-steps", "2", "--vae-batch", "2", "--decoder-steps", "1",
                "--decoder-patterned", "2", "--unet-patterned", "12", "--unet-steps", str(unet_steps), "--batch", "8",
-               "--lateral-boost", "0.5", "--mirror-pairs", "--te-layout", te_layout, "--eval-captions", "2", "--eval-vae", "2",
+               "--lateral-boost", "0.5", "--mirror-pairs", "--te-layout", te_layout, "--token-grounding", "1.0",
+               "--eval-captions", "2", "--eval-vae", "2",
                "--ckpt-every", "1", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "w.safetensors")]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert (r.returncode == 0) == ok, r.stdout[-2000:] + r.stderr[-3000:]
@@ -106,3 +107,48 @@ def test_the_script_runs_every_stage_with_the_lateral_aids_and_resumes(tmp_path)
     assert "unet: resumed at step 2" in out
     man = json.loads((tmp_path / "w.json").read_text())
     assert man["steps"]["unet"] == 3 and "--te-layout 1.0" in man["command"] and "--mirror-pairs" in man["command"]
+    assert "--token-grounding 1.0" in man["command"]
+
+
+def test_token_grounding_finds_each_objects_words_and_scores_maps_against_its_mask(trainer):
+    from dynasyn.shapes import model as sm
+
+    tok = sm.clip_tokenizer()
+    _, caps, objs, masks = trainer.render_set(40, 0, patterned=0.7, with_masks=True)
+    ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    spans = trainer.TokenGrounding.spans_of(tok, ids, objs)
+    for i in range(40):  # each object's colours, pattern and class noun, in caption order; never "a", "an", "and"
+        for k in range(trainer.MAX_OBJECTS):
+            words = tok.decode(ids[i][spans[i, k]]).split()
+            expected = [] if k >= len(objs[i]) else [w for w in world.object_phrase(objs[i][k]).split()
+                                                      if w not in ("a", "an", "and")]
+            assert words == expected, (caps[i], k)
+        assert masks[i, :len(objs[i])].reshape(len(objs[i]), -1).any(1).all()  # every object is visible
+
+    # two objects side by side, maps at 16x16 and 8x8: attention where each object is scores lower than swapped
+    class Store:
+        maps = {}
+    g = trainer.TokenGrounding.__new__(trainer.TokenGrounding)
+    g.store = Store()
+    cov = torch.zeros(1, trainer.MAX_OBJECTS, 16, 16)
+    cov[0, 0, 8:, 2:6], cov[0, 1, 8:, 10:14] = 1.0, 1.0
+    sp = torch.zeros(1, trainer.MAX_OBJECTS, 77, dtype=torch.bool)
+    sp[0, 0, 2:4], sp[0, 1, 7:9] = True, True
+
+    def maps_for(first, second):
+        out = {}
+        for side in (16, 8):
+            m = torch.full((1, 2, side * side, 77), 0.01)
+            a = torch.nn.functional.adaptive_avg_pool2d(cov[:, [first, second]], side).flatten(2)  # [1, 2, HW]
+            m[0, :, :, 2:4] += a[0, 0, :, None]
+            m[0, :, :, 7:9] += a[0, 1, :, None]
+            out[f"layer{side}"] = m
+        return out
+
+    keep = torch.ones(1, dtype=torch.bool)
+    g.store.maps = maps_for(0, 1)
+    right = float(g.loss(sp, cov, keep))
+    g.store.maps = maps_for(1, 0)
+    swapped = float(g.loss(sp, cov, keep))
+    assert right < 0.1 < swapped
+    assert g.loss(sp, cov, torch.zeros(1, dtype=torch.bool)) is None  # an empty caption (dropped) has nothing to ground
