@@ -55,6 +55,8 @@ KNOWN_PATTERN_P = 0.7  # each object's chance of wearing a pattern in those scen
 UNET_STEP_OPTIONS = ("seed", "batch", "lr", "warmup", "decay_steps", "decay_end", "scenes", "unet_patterned",
                      "patterned_from", "lateral_boost", "mirror_pairs", "te_layout", "token_grounding", "grounding_sides",
                      "min_snr", "uncond_p", "ema")
+# options added later, with the value that means "off": a checkpoint made before them was made without them
+LATER_OPTIONS = {"token_grounding": 0.0, "grounding_sides": None}
 MAX_OBJECTS = 3
 
 
@@ -202,7 +204,7 @@ class TokenGrounding:
 
     The diffusion loss hardly sees a layout: at the high noise levels where the sampler fixes it, epsilon barely
     depends on the picture, and a world seen side-on gives the UNet no cue for "left of" but the word. So the
-    cross-attention maps of each object's words (its colours, pattern and class noun; not "a" / "and") at the
+    cross-attention maps of each object's words (its colours, pattern and class noun; not "a" / "an" / "and") at the
     --grounding-sides levels (16x16 and 8x8 by default; 4x4 is the mid block) are pulled towards its mask with the
     pack's own L_M2A (``losses.masked_attention_loss``: each map max-normalised, squared error against the 0/1 mask,
     the mask as each cell's covered share), averaged over objects and levels, on every step and timestep.
@@ -260,6 +262,18 @@ class TokenGrounding:
         return total / len(by_side)
 
 
+def grounding_batch(grounding_data, idx: np.ndarray, mirrored: np.ndarray | None = None):
+    """The spans and masks of a batch's rows ``idx``; with ``mirrored`` (positions in the lateral scenes of the first
+    ``len(mirrored)`` rows), the next as many rows are those scenes mirrored: "left" and "right" are one token each,
+    so the words sit where they sat, and the masks are the mirrored ones."""
+    spans, masks = grounding_data[0][idx], grounding_data[1][idx]  # copies (index arrays)
+    if mirrored is not None and len(mirrored):
+        n = len(mirrored)
+        spans[n:2 * n] = spans[:n]
+        masks[n:2 * n] = grounding_data[2][mirrored]
+    return spans, masks
+
+
 def _find(row: list[int], sub: list[int], start: int) -> int:
     for j in range(start, len(row) - len(sub) + 1):
         if row[j:j + len(sub)] == sub:
@@ -297,14 +311,15 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
     ck = work / "unet.pt"
     start = 0
     # what a step draws and optimises: a checkpoint made with other values must not be continued (--unet-steps may grow)
-    options = json.dumps({k: getattr(args, k) if k != "decay_end" or args.decay_steps else None
-                          for k in UNET_STEP_OPTIONS}, sort_keys=True)  # without a cool-down its end does not matter
+    # (without a cool-down its end does not matter; without grounding, its levels do not)
+    unused = {"decay_end": not args.decay_steps, "grounding_sides": not args.token_grounding}
+    options = json.dumps({k: None if unused.get(k) else getattr(args, k) for k in UNET_STEP_OPTIONS}, sort_keys=True)
     if ck.exists():
         st = torch.load(ck, weights_only=True)
-        if "options" in st and st["options"] != options:
-            was, now = json.loads(st["options"]), json.loads(options)
-            diff = ", ".join(f"--{k.replace('_', '-')} {was.get(k)} (now {now[k]})" for k in UNET_STEP_OPTIONS
-                             if was.get(k) != now[k])
+        was, now = {**LATER_OPTIONS, **json.loads(st.get("options", options))}, json.loads(options)
+        if was != now:
+            diff = ", ".join(f"--{k.replace('_', '-')} {was[k]} (now {now[k]})" for k in UNET_STEP_OPTIONS
+                             if was[k] != now[k])
             raise SystemExit(f"{ck} was trained with {diff}: resume it the same way, or start in another --work-dir")
         unet.load_state_dict(st["unet"]); te.load_state_dict(st["te"])
         ema_u.load_state_dict(st["ema_u"]); ema_t.load_state_dict(st["ema_t"])
@@ -336,13 +351,11 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
             pairs = k // 2 if mirrors is not None else 0
         x0 = latents[idx]
         tok = ids[idx].clone()
-        if grounding is not None:
-            spans, obj_masks = grounding_data[0][idx], grounding_data[1][idx].clone()
         if pairs:  # second half of the lateral share: the first half's scenes mirrored, with the other word
             x0[pairs:2 * pairs] = mirrors[0][j[:pairs]]
             tok[pairs:2 * pairs] = mirrors[1][j[:pairs]]
-            if grounding is not None:  # "left" and "right" are one token each: the spans stay where they were
-                obj_masks[pairs:2 * pairs] = grounding_data[2][j[:pairs]]
+        if grounding is not None:
+            spans, obj_masks = grounding_batch(grounding_data, idx, j[:pairs] if pairs else None)
         drop = torch.from_numpy(g.random(args.batch) < args.uncond_p)
         t = torch.from_numpy(g.integers(0, sched.config.num_train_timesteps, args.batch))
         noise = torch.randn_like(x0)
@@ -469,6 +482,8 @@ def main(argv=None) -> int:
         ap.error("--te-layout is a loss weight: 0 (off) or more")
     if args.token_grounding < 0:
         ap.error("--token-grounding is a loss weight: 0 (off) or more")
+    if not set(args.grounding_sides) <= {16, 8, 4}:
+        ap.error("--grounding-sides: the Shapes World UNet's cross-attention maps are 16, 8 and 4 cells wide")
     if args.mirror_pairs and round(args.lateral_boost * args.batch) < 2:
         ap.error("--mirror-pairs needs --lateral-boost of at least 2 scenes per batch")
     if args.decay_end is None:
@@ -506,7 +521,7 @@ def main(argv=None) -> int:
     else:
         comps = sm.build_shapes_components(seed=args.seed)
     log(f"rendering {args.scenes} training scenes")
-    imgs, caps, objs, masks = render_set(args.scenes, TRAIN_SEED0, with_masks=True)
+    imgs, caps, *grounding_set = render_set(args.scenes, TRAIN_SEED0, with_masks=bool(args.token_grounding))
     ids = comps.tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
     vae_done = 0 if init is not None else train_vae(comps, imgs, args, work, steps=args.vae_steps, name="vae")
@@ -528,8 +543,8 @@ def main(argv=None) -> int:
     unet_latents, unet_ids, n_plain = latents, ids, None
     if args.unet_patterned:
         log(f"rendering {args.unet_patterned} scenes with known patterns (from UNet step {args.patterned_from})")
-        pimgs, pcaps, pobjs, pmasks = render_set(args.unet_patterned, KNOWN_PATTERN_SEED0, patterned=KNOWN_PATTERN_P,
-                                                 with_masks=True)
+        pimgs, pcaps, *pgrounding_set = render_set(args.unet_patterned, KNOWN_PATTERN_SEED0, patterned=KNOWN_PATTERN_P,
+                                                   with_masks=bool(args.token_grounding))
         pids = comps.tokenizer(pcaps, padding="max_length", max_length=77, truncation=True,
                                return_tensors="pt").input_ids
         unet_latents, unet_ids, n_plain = torch.cat([latents, encode_all(comps.vae, pimgs)]), torch.cat([ids, pids]), len(latents)
@@ -549,9 +564,12 @@ def main(argv=None) -> int:
     grounding_data = None
     if args.token_grounding:
         log("finding each object's words and mask for the token grounding loss")
-        all_objs = objs + (pobjs if args.unet_patterned else [])
-        all_masks = torch.from_numpy(np.concatenate([masks, pmasks]) if args.unet_patterned else masks).float()
-        coverage = F.adaptive_avg_pool2d(all_masks, max(args.grounding_sides))  # [N, K, 16, 16]: each cell's share
+        objs, masks = grounding_set
+        pobjs, pmasks = pgrounding_set if args.unet_patterned else ([], masks[:0])
+        all_masks = torch.from_numpy(np.concatenate([masks, pmasks]))  # [N, K, 64, 64] bool
+        # [N, K, 16, 16]: each cell's covered share (in chunks: the float copy of all of them would be ~600 MB)
+        coverage = torch.cat([F.adaptive_avg_pool2d(m.float(), max(args.grounding_sides)) for m in all_masks.split(1024)])
+        all_objs = objs + pobjs
         spans = TokenGrounding.spans_of(comps.tokenizer, unet_ids, all_objs)
         grounding_data = (spans, coverage, coverage[lateral].flip(-1) if mirrors is not None else None)
     unet_done = train_unet(comps, unet_latents, unet_ids, args, work, n_before=n_plain, lateral=lateral,

@@ -86,7 +86,8 @@ def test_workflow_loads_converts_and_completes_on_the_small_model(server, name):
 @pytest.fixture(scope="module")
 def queued_as_shipped(server):
     """Every shipped workflow queued from one page (a page load is most of a check's time), in WORKFLOWS' order;
-    the first test that asks runs it, after the workflows above have run on this server."""
+    the first test that asks runs it, after the workflows above have run on this server. The page's errors are
+    the whole page's: one workflow's page error fails all five tests, each showing the list."""
     workflows = {name: json.loads((ROOT / "example_workflows" / f"{name}.json").read_text()) for name in WORKFLOWS}
     return workflows, run_page(server, "validate_workflow", {"workflows": workflows})
 

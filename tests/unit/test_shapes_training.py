@@ -152,3 +152,34 @@ def test_token_grounding_finds_each_objects_words_and_scores_maps_against_its_ma
     swapped = float(g.loss(sp, cov, keep))
     assert right < 0.1 < swapped
     assert g.loss(sp, cov, torch.zeros(1, dtype=torch.bool)) is None  # an empty caption (dropped) has nothing to ground
+
+
+def test_a_mirrored_row_grounds_its_own_words_on_its_mirrored_masks(trainer):
+    """With --mirror-pairs the second half of the lateral share holds the first half's scenes mirrored: their spans
+    must be those scenes' (patterned and three-object captions differ in length) and their masks mirrored."""
+    import torch.nn.functional as F
+
+    from dynasyn.shapes import model as sm
+
+    tok = sm.clip_tokenizer()
+    _, caps, objs, masks = trainer.render_set(120, 40_000_000, patterned=0.7, with_masks=True)
+    ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    lateral = np.array([i for i, c in enumerate(caps) if (" left of " in c or " right of " in c) and " checked " not in c])
+    mirrored_ids = tok([trainer.mirrored_caption(caps[i]) for i in lateral], padding="max_length", max_length=77,
+                       truncation=True, return_tensors="pt").input_ids
+    coverage = F.adaptive_avg_pool2d(torch.from_numpy(masks).float(), 16)
+    data = (trainer.TokenGrounding.spans_of(tok, ids, objs), coverage, coverage[lateral].flip(-1))
+    j = np.arange(len(lateral))[::-1].copy()  # first half: scenes j[:n]; the second half's own rows hold others
+    n = len(j) // 2
+    idx = lateral[j]
+    spans, batch_masks = trainer.grounding_batch(data, idx, j[:n])
+    assert len({len(caps[i].split()) for i in idx[:2 * n]}) > 1  # captions of different lengths in the batch
+    for r in range(2 * n):
+        scene = idx[r] if r < n or r >= 2 * n else idx[r - n]
+        row_ids = ids[scene] if r < n else mirrored_ids[j[r - n]]
+        for k, o in enumerate(objs[scene]):
+            words = [w for w in world.object_phrase(o).split() if w not in ("a", "an", "and")]
+            assert tok.decode(row_ids[spans[r, k]]).split() == words, (r, caps[scene])
+        expected = coverage[scene].flip(-1) if n <= r < 2 * n else coverage[scene]
+        assert torch.equal(batch_masks[r], expected)
+    assert torch.equal(trainer.grounding_batch(data, idx)[0], data[0][idx])  # no mirror pairs: the rows as drawn
