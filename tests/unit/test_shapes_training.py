@@ -183,3 +183,17 @@ def test_a_mirrored_row_grounds_its_own_words_on_its_mirrored_masks(trainer):
         expected = coverage[scene].flip(-1) if n <= r < 2 * n else coverage[scene]
         assert torch.equal(batch_masks[r], expected)
     assert torch.equal(trainer.grounding_batch(data, idx)[0], data[0][idx])  # no mirror pairs: the rows as drawn
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--token-grounding", "-1"], "--token-grounding is a loss weight"),
+    (["--token-grounding", "1", "--grounding-sides", "16,32"], "cross-attention maps are 16, 8 and 4 cells wide"),
+])
+def test_bad_grounding_options_are_refused_before_any_work(tmp_path, args, message):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(SCRIPT), *args, "--work-dir", str(tmp_path / "work")], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "work").exists()
