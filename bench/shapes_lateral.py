@@ -33,9 +33,7 @@ def caption(c1: str, k1: str, rel: str, c2: str, k2: str) -> str:
 
 def first_on_the_left(img: np.ndarray, cap: str) -> bool | None:
     """Whether the first named object is left of the second; None when the scorer misses either."""
-    by_color = {}
-    for d in sorted(scorer.detect(img), key=lambda d: d.area):  # the largest of each colour, as the scorer does
-        by_color[d.color] = d
+    by_color = scorer.largest_per_color(scorer.detect(img))
     a, b = (by_color.get(o["color"]) for o in world.parse_caption(cap)["objects"])
     return None if a is None or b is None else bool(a.cx < b.cx)
 

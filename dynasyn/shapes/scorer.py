@@ -187,6 +187,15 @@ def _relation_holds(rel: str, a: Detection, b: Detection) -> bool:
     raise DynASynError(f"Unknown relation {rel!r}; known: {', '.join(world.RELATIONS)}.")
 
 
+def largest_per_color(detections: list[Detection]) -> dict[str, Detection]:
+    """Each colour's largest detection: the object a caption's colour names."""
+    by_color: dict[str, Detection] = {}
+    for d in detections:
+        if d.color not in by_color or d.area > by_color[d.color].area:
+            by_color[d.color] = d
+    return by_color
+
+
 def score_caption(img: np.ndarray, caption: str, detections: list[Detection] | None = None) -> dict:
     """How well ``img`` satisfies ``caption``.
 
@@ -196,10 +205,7 @@ def score_caption(img: np.ndarray, caption: str, detections: list[Detection] | N
     """
     spec = world.parse_caption(caption)
     dets = detect(img) if detections is None else detections
-    by_color: dict[str, Detection] = {}
-    for d in dets:
-        if d.color not in by_color or d.area > by_color[d.color].area:
-            by_color[d.color] = d
+    by_color = largest_per_color(dets)
     objs = []
     for o in spec["objects"]:
         d = by_color.get(o["color"])
