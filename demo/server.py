@@ -76,7 +76,7 @@ class ComfyServer:
             raise RuntimeError(f"ComfyUI not found at {COMFY_DIR}; run bash scripts/setup_env.sh first.")
         # --use-pytorch-cross-attention: on a CPU ComfyUI otherwise picks its sub-quadratic attention, which made the
         # tiny demo's augment 2.7x and its sampling 2.8x slower here (34.8 s against 13.1 s, 10.3 s against 3.7 s);
-        # it is also the attention NVIDIA users get by default
+        # on NVIDIA GPUs with torch 2 it is ComfyUI's default too, unless xformers is installed (then xformers)
         cmd = [sys.executable, "main.py", "--cpu", "--use-pytorch-cross-attention", "--listen", "127.0.0.1",
                "--port", str(self.port), "--disable-auto-launch", "--base-directory", str(self.base), "--disable-api-nodes",
                "--database-url", "sqlite:///:memory:"]
