@@ -205,8 +205,9 @@ SHAPES_SCENE = "[1] right of [2] in the snow"
 # subject by its look, so GSA keeps it (with the bare class nouns it turns them into plain balls and boxes)
 SHAPES_PHRASES = "a green and blue dotted ball\na red and purple striped box"
 # measured with this workflow as shipped (tests/integration/test_templates_in_server.py runs it): update when it changes
-SHAPES_MEASURED = ("80 s in all (start 7 s, augment 5 s, train 70 s, sample 3 s) through scripts/demo.sh on ONE "
-                   "thread (OMP_NUM_THREADS=1) of this project's 2-core CPU machine, the other core idle. In its 8 pictures "
+SHAPES_MEASURED = ("80 s after ComfyUI's 7 s start (augment 5 s, train 70 s, sample 3 s) through scripts/demo.sh on "
+                   "ONE thread (OMP_NUM_THREADS=1) of a 2-core CPU machine, the other core idle (113 s in an earlier session, "
+                   "most likely on another machine). In its 8 pictures "
                    "the scorer of dynasyn/shapes finds the dotted ball in all 8 (the untrained model, asked for 'a ball', "
                    "rarely draws it); the striped box is not drawn beside it: at this size one token draws both objects, "
                    "and the Shapes World model ignores 'left of' / 'right of', so the picture's order stays")
