@@ -9,7 +9,9 @@ renamed into place only when complete, never replacing an existing file.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import struct
 import re
 import tempfile
 from pathlib import Path
@@ -107,6 +109,30 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return Path(path)
 
 
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with the metadata in sorted key order, so the same tensors and metadata
+    always give the same bytes (and sha256). safetensors writes ``__metadata__`` in its Rust HashMap's random
+    order (safetensors issue 584): with two or more keys, two saves of one model differ byte-wise."""
+    from safetensors.torch import save_file
+
+    save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata else None)
+    if not metadata or len(metadata) < 2:
+        return
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        # the same members in another order, in the writer's compact JSON: as long as the header it wrote; where
+        # not (a writer that formats otherwise), the file stays as written, valid but not byte-reproducible
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) != len(raw.rstrip(b" ")):
+            return
+        f.seek(8)
+        f.write(text.ljust(n, b" "))
+
+
 def embedding_tensor(vectors: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
     """Stack one or more token vectors into the ``[n, dim]`` float32 layout ``load_embed`` reads."""
     if isinstance(vectors, (list, tuple)):
@@ -127,13 +153,11 @@ def save_embedding(folder: str | os.PathLike, name: str, vectors: torch.Tensor |
 
     ComfyUI reads it as ``embedding:<name>`` (n consecutive token vectors).
     """
-    from safetensors.torch import save_file
-
     validate_export_name(name, "embedding")
     tensor = embedding_tensor(vectors)
     meta = {"format": "pt", "dynasyn.name": name, **{str(k): str(v) for k, v in (metadata or {}).items()}}
     return write_atomic(Path(folder) / f"{name}.safetensors",
-                        lambda tmp: save_file({"emb_params": tensor}, str(tmp), metadata=meta))
+                        lambda tmp: save_safetensors({"emb_params": tensor}, tmp, meta))
 
 
 def save_embeddings(folder: str | os.PathLike, named_vectors: Mapping[str, torch.Tensor],

@@ -28,7 +28,7 @@ from typing import Callable, Mapping
 import torch
 
 from .errors import DynASynError
-from .export import validate_export_name, write_atomic
+from .export import save_safetensors, validate_export_name, write_atomic
 
 KOHYA_UNET_PREFIX = "lora_unet_"
 KOHYA_TE_PREFIX = "lora_te_"
@@ -193,11 +193,9 @@ def lora_metadata(rank: int, family: str | None = None, extra: Mapping | None = 
 def save_lora_file(folder: str | Path, name: str, tensors: Mapping[str, torch.Tensor],
                    metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``<folder>/<name>.safetensors`` atomically, never overwriting an existing file."""
-    from safetensors.torch import save_file
-
     validate_export_name(name, "LoRA")
     if not tensors:
         raise LoraError("The trained model equals the base model: there is no change to save as a LoRA. "
                         "Connect the trained MODEL (and CLIP) from DynASyn Train and the base they were trained from.")
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    return write_atomic(Path(folder) / f"{name}.safetensors", lambda tmp: save_file(dict(tensors), str(tmp), metadata=meta))
+    return write_atomic(Path(folder) / f"{name}.safetensors", lambda tmp: save_safetensors(tensors, tmp, meta))

@@ -85,12 +85,12 @@ def state_dict_of(comps: SDComponents) -> dict[str, torch.Tensor]:
 
 def save_weights(comps: SDComponents, path: str | Path = WEIGHTS_FILE) -> str:
     """Write the fp16 safetensors file; returns its sha256."""
-    from safetensors.torch import save_file
+    from ..export import save_safetensors
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file(state_dict_of(comps), str(tmp), metadata={"format": "pt", "model": "dynasyn-shapes-world"})
+    save_safetensors(state_dict_of(comps), tmp, {"format": "pt", "model": "dynasyn-shapes-world"})
     tmp.replace(path)
     return sha256_of(path)
 

@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from dynasyn.errors import ExportWriteError, InvalidNameError, TargetExistsError
-from dynasyn.export import save_embedding, save_embeddings, unique_name, validate_export_name, write_atomic
+from dynasyn.export import (save_embedding, save_embeddings, save_safetensors, unique_name, validate_export_name,
+                            write_atomic)
 
 
 @pytest.mark.parametrize("name", ["subjects", "my_run-2", "v1.5_asset0", "_x", "A" * 100])
@@ -105,3 +106,27 @@ def test_unique_name_counts_up(tmp_path):
     (tmp_path / "run.safetensors").write_bytes(b"")
     (tmp_path / "run_001.safetensors").write_bytes(b"")
     assert unique_name(tmp_path, "run") == "run_002"
+
+
+def test_safetensors_files_are_byte_reproducible(tmp_path):
+    """The same tensors and metadata give the same bytes: safetensors itself writes the metadata in a random order
+    (safetensors issue 584), so without sorting two saves of one model have different sha256s."""
+    import json
+    import struct
+
+    from safetensors import safe_open
+
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4, dtype=torch.float16)}
+    meta = {f"key{i:02d}": f"value {i} é" for i in range(16)}
+    files = []
+    for i in range(6):
+        save_safetensors(tensors, tmp_path / f"{i}.safetensors", dict(reversed(meta.items())) if i % 2 else meta)
+        files.append((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(set(files)) == 1
+    (n,) = struct.unpack("<Q", files[0][:8])
+    assert n % 8 == 0
+    assert list(json.loads(files[0][8:8 + n])["__metadata__"]) == sorted(meta)
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
+        assert f.metadata() == meta
+    loaded = load_file(str(tmp_path / "0.safetensors"))
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())

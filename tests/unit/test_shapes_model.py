@@ -46,6 +46,11 @@ def test_weights_are_small_fp16_and_match_manifest():
     assert man["quality"]["n_captions"] >= 200
 
 
+def test_saving_the_loaded_weights_gives_the_committed_file_byte_for_byte(comps, tmp_path):
+    """What the training script writes is reproducible to the byte (the manifest's sha256), not only to the tensor."""
+    assert sm.save_weights(comps, tmp_path / "again.safetensors") == sm.manifest()["sha256"]
+
+
 def test_model_is_sd_shaped(comps):
     from dynasyn.attention import capture_layers
 
