@@ -83,9 +83,11 @@ def test_shapes_world_template_runs_as_shipped(server):
 
     trained, untrained = identity_rate(pictures), identity_rate(untrained_pictures)
     print(f"identity over {len(pictures)} pictures: trained {trained:.3f}, untrained {untrained:.3f}")
-    # measured here: trained 0.500, untrained 0.062 (16 pictures of 2 subjects each; 0.312 on the weights before
-    # the third cool-down; the same again with PyTorch attention in the server, 2026-12-07): the ball is learned, the box is not drawn beside it (see the README); the bar is
-    # about half the measured gain
+    # measured here: trained 0.500, untrained 0.062 (16 pictures of 2 subjects each; 0.312 on the weights before the
+    # third cool-down; the same again with PyTorch attention in the server, 2026-12-07): the ball is learned, the box is
+    # not drawn beside it (see the README); the bar is about half the measured gain. The gain depends on the training
+    # seed: on the first 8 pictures (sampler seed 0) the workflow's seed 0 (its default) gives 0.500, seeds 1-3 give
+    # 0.438, 0.375 and 0.062 (README, Shapes World), so a CPU that rounds differently could land on the last case.
     assert trained >= untrained + 0.2, (trained, untrained)
 
 
