@@ -1,4 +1,5 @@
-"""Exports ComfyUI's stock nodes read: textual-inversion embeddings and atomic file writes.
+"""Exports ComfyUI's stock nodes read: textual-inversion embeddings, atomic file writes and byte-reproducible
+safetensors files.
 
 Embedding files follow the A1111/kohya layout ComfyUI's ``load_embed`` accepts:
 ``{"emb_params": Tensor[n, dim]}`` in a ``.safetensors`` file, used as ``embedding:<name>``
@@ -11,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import struct
 import re
+import struct
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -113,10 +114,11 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
                      metadata: Mapping[str, str] | None = None) -> None:
     """``safetensors.torch.save_file`` with the metadata in sorted key order, so the same tensors and metadata
     always give the same bytes (and sha256). safetensors writes ``__metadata__`` in its Rust HashMap's random
-    order (safetensors issue 584): with two or more keys, two saves of one model differ byte-wise."""
+    order (safetensors issue 584): with two or more keys, two saves of one model differ byte-wise. The header is
+    rewritten in place, so give a temporary path (``write_atomic``) where a reader could see ``path``."""
     from safetensors.torch import save_file
 
-    save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata else None)
+    save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata is not None else None)
     if not metadata or len(metadata) < 2:
         return
     with open(path, "r+b") as f:
