@@ -6,7 +6,7 @@ Scene), the demo and the tests share one picture and nothing has to be downloade
 * ``ball and box`` (512 px, for SD 1.5 / 2.1): a red ball and a blue box on a wooden table against a wall,
   shaded so the subjects have form.
 * ``dotted ball and striped box`` (64 px, for the Shapes World model): a green ball with blue dots and a
-  red-and-purple striped box, subjects the Shapes World model never saw (no object of its training wore these
+  red-and-yellow striped box, subjects the Shapes World model never saw (no object of its training wore these
   colour pairs), drawn by the world's own renderer, so learning them is the personalization task itself.
 """
 
@@ -66,10 +66,15 @@ def _ball_and_box() -> ExampleScene:
     return ExampleScene(rgb, np.stack(masks), "ball, box", "a red ball next to a blue box on a wooden table")
 
 
-# The Shapes World pair's subjects, chosen so the world's VAE keeps them: encoded and decoded, the scorer still
-# finds them in 83 % / 100 % of 24 scenes (the striped red-and-yellow ball first shipped here: 21 %, its stripes
-# blurred into orange; tests/unit/test_example_scene.py keeps this so).
-SHAPES_SUBJECTS = (("ball", "green", "blue", "dotted"), ("box", "red", "purple", "striped"))
+# The Shapes World pair's subjects: looks the released world model draws when asked in words, so learning them from
+# the picture is within its reach. A novel pair of colours each (no training object wore them), and the world's VAE
+# keeps the ball (83 % of 24 round trips; the striped red-and-yellow ball first shipped here: 21 %, its stripes
+# blurred into orange). The box was red-and-purple until 2026-12-07: the VAE keeps that look, but the model, asked
+# for it in words, drew its colours in 0 of 24 pictures, and the demo never drew it (0 of 8 in each of 4 training
+# seeds). Red-and-yellow it is drawn in words 8 of 8 times and by the demo in 8, 8, 7 and 8 of 8 (training seeds
+# 0-3, the ball 7, 5, 3 and 7), though the VAE's round trip keeps its class in only 42 % of the 24 scenes: the
+# orange its bands blend into at their edges is another hue to the scorer (tests/unit/test_example_scene.py).
+SHAPES_SUBJECTS = (("ball", "green", "blue", "dotted"), ("box", "red", "yellow", "striped"))
 
 
 def _shapes_pair() -> ExampleScene:

@@ -203,20 +203,20 @@ SHAPES_SAMPLE = {"steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": 
 SHAPES_SCENE = "[1] right of [2] in the snow"
 # Describe Subjects offline with the Example Scene's subjects in words: the augmentation prompts then describe each
 # subject by its look, so GSA keeps it (with the bare class nouns it turns them into plain balls and boxes)
-SHAPES_PHRASES = "a green and blue dotted ball\na red and purple striped box"
+SHAPES_PHRASES = "a green and blue dotted ball\na red and yellow striped box"
 # measured with this workflow as shipped (tests/integration/test_templates_in_server.py runs it): update when it changes
-SHAPES_MEASURED = ("80 s after ComfyUI's 7 s start (augment 5 s, train 70 s, sample 3 s) through scripts/demo.sh on "
+SHAPES_MEASURED = ("80 s after ComfyUI's 7 s start (augment 6 s, train 69 s, sample 3 s) through scripts/demo.sh on "
                    "ONE thread (OMP_NUM_THREADS=1) of a 2-core CPU machine, the other core idle (113 s in an earlier session, "
-                   "most likely on another machine). In its 8 pictures "
-                   "the scorer of dynasyn/shapes finds the dotted ball in all 8 (the untrained model, asked for 'a ball', "
-                   "rarely draws it); the striped box is not drawn beside it: at this size one token draws both objects, "
-                   "and the Shapes World model ignores 'left of' / 'right of', so the picture's order stays")
+                   "most likely on another machine). In its 8 pictures the scorer of dynasyn/shapes finds the dotted ball "
+                   "(its class and both colours) in 7 and the striped box in 8 (the untrained model, asked for 'a ball right "
+                   "of a box', draws either in 1 of 32 chances over 16 pictures); but 6 of the 8 keep the picture's order, "
+                   "ball on the left: the Shapes World model ignores 'left of' / 'right of'")
 
 SHAPES_NOTE = f"""DynASyn on the Shapes World: the whole pipeline in minutes on a CPU, nothing to download.
 
 The DynASyn Shapes World Model is a small SD-shaped model shipped with the pack, pretrained on 64 px pictures of \
 balls, boxes, cones, stars and rings, plain or in a few two-colour patterns. The Example Scene shows two subjects it \
-never saw: a green ball with blue dots and a red-and-purple striped box. DynASyn learns them from this ONE picture.
+never saw: a green ball with blue dots and a red-and-yellow striped box. DynASyn learns them from this ONE picture.
 
 1. Inputs: the model and the Example Scene (64 px variant).
 2. Augment (offline, no LLM/SAM): Describe Subjects says what the subjects look like (its phrases; change them with \
