@@ -67,13 +67,13 @@ def _ball_and_box() -> ExampleScene:
 
 
 # The Shapes World pair's subjects: looks the released world model draws when asked in words, so learning them from
-# the picture is within its reach. A novel pair of colours each (no training object wore them), and the world's VAE
-# keeps the ball (83 % of 24 round trips; the striped red-and-yellow ball first shipped here: 21 %, its stripes
-# blurred into orange). The box was red-and-purple until 2026-12-07: the VAE keeps that look, but the model, asked
-# for it in words, drew its colours in 0 of 24 pictures, and the demo never drew it (0 of 8 in each of 4 training
-# seeds). Red-and-yellow it is drawn in words 8 of 8 times and by the demo in 8, 8, 7 and 8 of 8 (training seeds
-# 0-3, the ball 7, 5, 3 and 7), though the VAE's round trip keeps its class in only 42 % of the 24 scenes: the
-# orange its bands blend into at their edges is another hue to the scorer (tests/unit/test_example_scene.py).
+# the picture is within its reach. A novel pair of colours each (no training object wore them). The box was
+# red-and-purple until 2026-12-07: the world's VAE keeps that look, but the model, asked in words for "a red and
+# purple striped box", drew its colours in 0 of 24 pictures, and the demo never drew the box (0 of 8 in each of 4
+# training seeds). "a red and yellow striped box" is drawn in words 8 of 8 times and by the demo in 8, 8, 7 and 8
+# of 8 (training seeds 0-3; the ball 7, 5, 3 and 7). The VAE keeps the ball's class and colours in 79 % of 24 round
+# trips (the striped red-and-yellow ball first shipped here: 21 %) and the box's in 42 %, but both in the demo's
+# own picture (tests/unit/test_example_scene.py).
 SHAPES_SUBJECTS = (("ball", "green", "blue", "dotted"), ("box", "red", "yellow", "striped"))
 
 

@@ -93,10 +93,11 @@ def test_shapes_world_template_runs_as_shipped(server):
     # subjects each). With the red-and-purple box shipped before: 0.500 against 0.062, the ball alone learned. Both
     # subjects are learned in every training seed tried: on the first 8 pictures the workflow's seed 0 (its default)
     # finds the ball 7 and the box 8 times, seeds 1-3 the ball 5, 3, 7 and the box 8, 7, 8 times (README, the demo),
-    # so each subject's bar is under the worst seed's (seed 2's ball, 3 of 8), for a CPU that rounds differently.
+    # so each subject's bar (4 of 16 pictures above the untrained count) is under the worst seed's (seed 2's ball,
+    # 3 of 8; its 16-picture figure not measured), for a CPU that rounds differently.
     assert trained >= untrained + 0.4, (trained, untrained)
     for rate, base in zip(per_subject, per_subject_untrained):
-        assert rate >= base + 0.3, (per_subject, per_subject_untrained)
+        assert rate >= base + 0.25, (per_subject, per_subject_untrained)
 
 
 def saved_pictures(server, images):
