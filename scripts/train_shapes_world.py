@@ -54,9 +54,9 @@ KNOWN_PATTERN_SEED0 = 40_000_000  # the UNet's scenes with known patterns (colou
 KNOWN_PATTERN_P = 0.7  # each object's chance of wearing a pattern in those scenes
 UNET_STEP_OPTIONS = ("seed", "batch", "lr", "warmup", "decay_steps", "decay_end", "scenes", "unet_patterned",
                      "patterned_from", "lateral_boost", "mirror_pairs", "te_layout", "token_grounding", "grounding_sides",
-                     "min_snr", "uncond_p", "ema")
+                     "grounding_words", "min_snr", "uncond_p", "ema")
 # options added later, with the value that means "off": a checkpoint made before them was made without them
-LATER_OPTIONS = {"token_grounding": 0.0, "grounding_sides": None}
+LATER_OPTIONS = {"token_grounding": 0.0, "grounding_sides": None, "grounding_words": None}
 MAX_OBJECTS = 3
 
 
@@ -225,8 +225,9 @@ class TokenGrounding:
         install_attention_capture(unet, self.store, self.layers)
 
     @classmethod
-    def spans_of(cls, tokenizer, ids: torch.Tensor, objects: list[list]) -> torch.Tensor:
-        """``[n, MAX_OBJECTS, 77]`` bool: the token positions of each object's words in its caption's ids."""
+    def spans_of(cls, tokenizer, ids: torch.Tensor, objects: list[list], words: str = "all") -> torch.Tensor:
+        """``[n, MAX_OBJECTS, 77]`` bool: the token positions of each object's words in its caption's ids (``words``
+        "class": its class noun only)."""
         out = torch.zeros(len(objects), MAX_OBJECTS, ids.shape[1], dtype=torch.bool)
         word_ids: dict[str, list[int]] = {}
         for i, objs in enumerate(objects):
@@ -237,7 +238,7 @@ class TokenGrounding:
                         word_ids[w] = tokenizer(w, add_special_tokens=False).input_ids
                     tid = word_ids[w]
                     at = _find(row, tid, at)
-                    if w not in cls.SKIP:
+                    if w not in cls.SKIP and (words == "all" or w in world.CLASSES):
                         out[i, k, at:at + len(tid)] = True
                     at += len(tid)
         return out
@@ -312,7 +313,8 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
     start = 0
     # what a step draws and optimises: a checkpoint made with other values must not be continued (--unet-steps may grow)
     # (without a cool-down its end does not matter; without grounding, its levels do not)
-    unused = {"decay_end": not args.decay_steps, "grounding_sides": not args.token_grounding}
+    unused = {"decay_end": not args.decay_steps, "grounding_sides": not args.token_grounding,
+              "grounding_words": not args.token_grounding or args.grounding_words == "all"}  # "all": as before it existed
     options = json.dumps({k: None if unused.get(k) else getattr(args, k) for k in UNET_STEP_OPTIONS}, sort_keys=True)
     if ck.exists():
         st = torch.load(ck, weights_only=True)
@@ -462,6 +464,9 @@ def main(argv=None) -> int:
                          "mask at the 16x16 and 8x8 cross-attention levels; 0 = off")
     ap.add_argument("--grounding-sides", type=lambda v: tuple(sorted({int(x) for x in v.split(",")}, reverse=True)),
                     default=(16, 8), help="the cross-attention map sides --token-grounding supervises, e.g. 16,8,4")
+    ap.add_argument("--grounding-words", choices=("all", "class"), default="all",
+                    help="which of each object's words --token-grounding pulls to its mask: all (colours, pattern, "
+                         "class noun) or its class noun only")
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--min-snr", type=float, default=5.0)
     ap.add_argument("--uncond-p", type=float, default=0.1)
@@ -570,7 +575,7 @@ def main(argv=None) -> int:
         # [N, K, 16, 16]: each cell's covered share (in chunks: the float copy of all of them would be ~600 MB)
         coverage = torch.cat([F.adaptive_avg_pool2d(m.float(), max(args.grounding_sides)) for m in all_masks.split(1024)])
         all_objs = objs + pobjs
-        spans = TokenGrounding.spans_of(comps.tokenizer, unet_ids, all_objs)
+        spans = TokenGrounding.spans_of(comps.tokenizer, unet_ids, all_objs, args.grounding_words)
         grounding_data = (spans, coverage, coverage[lateral].flip(-1) if mirrors is not None else None)
     unet_done = train_unet(comps, unet_latents, unet_ids, args, work, n_before=n_plain, lateral=lateral,
                            mirrors=mirrors, grounding_data=grounding_data)
@@ -606,6 +611,8 @@ def main(argv=None) -> int:
         man["command"] += f" --te-layout {args.te_layout}"
     if args.token_grounding:
         man["command"] += f" --token-grounding {args.token_grounding} --grounding-sides " + ",".join(map(str, args.grounding_sides))
+        if args.grounding_words != "all":
+            man["command"] += f" --grounding-words {args.grounding_words}"
     if args.decay_steps:
         man["command"] += f" --decay-steps {args.decay_steps} --decay-end {args.decay_end}"
     if init is not None:  # a continued run: what it continued from, and how that was made

@@ -124,6 +124,11 @@ def test_token_grounding_finds_each_objects_words_and_scores_maps_against_its_ma
                                                       if w not in ("a", "an", "and")]
             assert words == expected, (caps[i], k)
         assert masks[i, :len(objs[i])].reshape(len(objs[i]), -1).any(1).all()  # every object is visible
+    only_class = trainer.TokenGrounding.spans_of(tok, ids, objs, words="class")  # --grounding-words class
+    for i in range(40):
+        for k in range(trainer.MAX_OBJECTS):
+            assert tok.decode(ids[i][only_class[i, k]]).split() == ([] if k >= len(objs[i]) else [objs[i][k].cls])
+        assert not (only_class[i] & ~spans[i]).any()
 
     # two objects side by side, maps at 16x16 and 8x8: attention where each object is scores lower than swapped
     class Store:
