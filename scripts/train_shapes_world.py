@@ -204,8 +204,9 @@ class TokenGrounding:
 
     The diffusion loss hardly sees a layout: at the high noise levels where the sampler fixes it, epsilon barely
     depends on the picture, and a world seen side-on gives the UNet no cue for "left of" but the word. So the
-    cross-attention maps of each object's words (its colours, pattern and class noun; not "a" / "an" / "and") at the
-    --grounding-sides levels (16x16 and 8x8 by default; 4x4 is the mid block) are pulled towards its mask with the
+    cross-attention maps of each object's words (its colours, pattern and class noun, or with --grounding-words class
+    the class noun alone; not "a" / "an" / "and") at the --grounding-sides levels (16x16 and 8x8 by default; 4x4 is
+    the mid block) are pulled towards its mask with the
     pack's own L_M2A (``losses.masked_attention_loss``: each map max-normalised, squared error against the 0/1 mask,
     the mask as each cell's covered share), averaged over objects and levels, on every step and timestep.
     The words' keys come from the text encoder and the queries from the UNet, so both learn which object is where.
@@ -489,6 +490,8 @@ def main(argv=None) -> int:
         ap.error("--token-grounding is a loss weight: 0 (off) or more")
     if not set(args.grounding_sides) <= {16, 8, 4}:
         ap.error("--grounding-sides: the Shapes World UNet's cross-attention maps are 16, 8 and 4 cells wide")
+    if args.grounding_words != "all" and not args.token_grounding:
+        ap.error("--grounding-words chooses the words --token-grounding pulls to their masks: give --token-grounding too")
     if args.mirror_pairs and round(args.lateral_boost * args.batch) < 2:
         ap.error("--mirror-pairs needs --lateral-boost of at least 2 scenes per batch")
     if args.decay_end is None:

@@ -193,6 +193,7 @@ def test_a_mirrored_row_grounds_its_own_words_on_its_mirrored_masks(trainer):
 @pytest.mark.parametrize("args, message", [
     (["--token-grounding", "-1"], "--token-grounding is a loss weight"),
     (["--token-grounding", "1", "--grounding-sides", "16,32"], "cross-attention maps are 16, 8 and 4 cells wide"),
+    (["--grounding-words", "class"], "give --token-grounding too"),
 ])
 def test_bad_grounding_options_are_refused_before_any_work(tmp_path, args, message):
     import subprocess
