@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 from demo.server import ROOT
 from demo.workflow import nodes_of, ui_to_api
-from dynasyn.shapes import world
 from tests.support.comfy_server import execution_error
 
 pytestmark = pytest.mark.slow
@@ -52,7 +51,6 @@ def test_shapes_world_template_runs_as_shipped(server):
 
     subjects = [identity.NovelSubject(*s) for s in SHAPES_SUBJECTS]
     scene_text = prompt[scene]["inputs"]["scene"]  # "[1] right of [2] in the snow"
-    eval_prompt = identity.EvalPrompt((0, 1), relation=next(r for r in world.RELATIONS if f" {r} " in scene_text))
     ksampler = nodes_of(prompt, "KSampler")[0]
     sampler, latent = prompt[ksampler]["inputs"], prompt[nodes_of(prompt, "EmptyLatentImage")[0]]["inputs"]
     seeds = (sampler["seed"], sampler["seed"] + 1)
@@ -78,15 +76,12 @@ def test_shapes_world_template_runs_as_shipped(server):
         assert baseline["status"]["status_str"] == "success", execution_error(baseline) or server.log()[-3000:]
         untrained_pictures += saved_pictures(server, baseline["outputs"]["7"]["images"])
 
-    def identity_rate(pics):
-        return float(np.mean([identity.score(p, subjects, eval_prompt)["identity"] for p in pics]))
-
     def found_rates(pics):  # per subject: in how many pictures the scorer finds it with its class and both colours
         found = [identity.find_subjects(p, subjects) for p in pics]
         return [float(np.mean([f[i] is not None and f[i].identity(s) for f in found])) for i, s in enumerate(subjects)]
 
-    trained, untrained = identity_rate(pictures), identity_rate(untrained_pictures)
     per_subject, per_subject_untrained = found_rates(pictures), found_rates(untrained_pictures)
+    trained, untrained = float(np.mean(per_subject)), float(np.mean(per_subject_untrained))
     print(f"identity over {len(pictures)} pictures: trained {trained:.3f}, untrained {untrained:.3f}; "
           f"per subject trained {per_subject}, untrained {per_subject_untrained}")
     # measured here (2026-12-07, the red-and-yellow striped box): trained 0.938, untrained 0.031 (16 pictures of 2
