@@ -54,9 +54,10 @@ KNOWN_PATTERN_SEED0 = 40_000_000  # the UNet's scenes with known patterns (colou
 KNOWN_PATTERN_P = 0.7  # each object's chance of wearing a pattern in those scenes
 UNET_STEP_OPTIONS = ("seed", "batch", "lr", "warmup", "decay_steps", "decay_end", "scenes", "unet_patterned",
                      "patterned_from", "lateral_boost", "mirror_pairs", "te_layout", "token_grounding", "grounding_sides",
-                     "grounding_words", "min_snr", "uncond_p", "ema")
+                     "grounding_words", "te_anchor", "te_anchor_lateral", "min_snr", "uncond_p", "ema")
 # options added later, with the value that means "off": a checkpoint made before them was made without them
-LATER_OPTIONS = {"token_grounding": 0.0, "grounding_sides": None, "grounding_words": None}
+LATER_OPTIONS = {"token_grounding": 0.0, "grounding_sides": None, "grounding_words": None, "te_anchor": 0.0,
+                 "te_anchor_lateral": None}
 MAX_OBJECTS = 3
 
 
@@ -184,19 +185,56 @@ class LateralProbe:
         self.eos = tokenizer.eos_token_id
         self.direction = torch.nn.Parameter(torch.ones(width) / width ** 0.5)
 
-    def loss(self, text_states: torch.Tensor, tok: torch.Tensor) -> torch.Tensor | None:
+    def after_relation(self, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, 77]`` bool: the tokens after the relation word, up to the end token; ``[B]``: +1 left, -1 right."""
         is_rel = (tok == self.left) | (tok == self.right)  # (B, 77)
         has = is_rel.any(1)
-        if not has.any():
-            return None
         rel_pos = is_rel.float().argmax(1)  # the first relation word: one relation per caption
         eos_pos = (tok == self.eos).float().argmax(1)
         side = torch.where(tok.gather(1, rel_pos[:, None])[:, 0] == self.left, 1.0, -1.0)  # (B,)
         pos = torch.arange(tok.shape[1], device=tok.device)
-        mask = has[:, None] & (pos > rel_pos[:, None]) & (pos <= eos_pos[:, None])  # (B, 77)
-        score = text_states @ (self.direction / self.direction.norm())  # (B, 77)
+        return has[:, None] & (pos > rel_pos[:, None]) & (pos <= eos_pos[:, None]), side
+
+    def unit(self) -> torch.Tensor:
+        return self.direction / self.direction.norm()
+
+    def loss(self, text_states: torch.Tensor, tok: torch.Tensor) -> torch.Tensor | None:
+        mask, side = self.after_relation(tok)
+        if not mask.any():
+            return None
+        score = text_states @ self.unit()  # (B, 77)
         hinge = F.relu(self.MARGIN - side[:, None] * score).pow(2)
         return (hinge * mask).sum() / mask.sum()
+
+
+class TextAnchor:
+    """--te-anchor: keep the text encoder's final states near those of the weights the run started from.
+
+    Without it, the lateral probe's weights (README, Shapes World) met every gate but the demo learned neither subject,
+    and the same recipe without the probe learned both; the probe had changed the states by 145-195 %, far beyond
+    its margin. This squared error (per state element, over each caption's tokens up to its end token) against a
+    frozen copy of the starting text encoder leaves the probe one way to change a state: after "left" / "right",
+    along the probe's direction only (``lateral="direction"``), or freely there (``lateral="free"``).
+    """
+
+    def __init__(self, te, eos: int, lateral: str = "direction"):
+        self.frozen = copy.deepcopy(te).requires_grad_(False).eval()
+        self.eos, self.lateral = eos, lateral
+
+    def loss(self, text_states: torch.Tensor, tok: torch.Tensor, probe: LateralProbe | None) -> torch.Tensor:
+        with torch.no_grad():
+            ref = self.frozen(tok).last_hidden_state  # (B, 77, W)
+        diff = text_states - ref
+        pos = torch.arange(tok.shape[1], device=tok.device)
+        keep = pos <= (tok == self.eos).float().argmax(1)[:, None]  # (B, 77)
+        if probe is not None:
+            after, _ = probe.after_relation(tok)
+            if self.lateral == "free":
+                keep = keep & ~after
+            else:  # the probe's direction is free after the relation word; the rest is anchored
+                u = probe.unit().detach()
+                diff = diff - after[..., None] * (diff @ u)[..., None] * u
+        return (diff.pow(2).mean(-1) * keep).sum() / keep.sum()
 
 
 class TokenGrounding:
@@ -304,6 +342,7 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
     probe = LateralProbe(comps.tokenizer, te.config.hidden_size) if args.te_layout else None
     if probe is not None:  # trained with the model, never saved into the weights
         params.append(probe.direction)
+    anchor = TextAnchor(te, comps.tokenizer.eos_token_id, args.te_anchor_lateral) if args.te_anchor else None
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     ema_u, ema_t = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
     grounding = TokenGrounding(unet, args.grounding_sides) if args.token_grounding else None
@@ -315,7 +354,8 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
     # what a step draws and optimises: a checkpoint made with other values must not be continued (--unet-steps may grow)
     # (without a cool-down its end does not matter; without grounding, its levels do not)
     unused = {"decay_end": not args.decay_steps, "grounding_sides": not args.token_grounding,
-              "grounding_words": not args.token_grounding or args.grounding_words == "all"}  # "all": as before it existed
+              "grounding_words": not args.token_grounding or args.grounding_words == "all",
+              "te_anchor_lateral": not (args.te_anchor and args.te_layout)}  # "all": as before it existed
     options = json.dumps({k: None if unused.get(k) else getattr(args, k) for k in UNET_STEP_OPTIONS}, sort_keys=True)
     if ck.exists():
         st = torch.load(ck, weights_only=True)
@@ -377,6 +417,9 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
         probe_loss = probe.loss(text_states, tok) if probe is not None else None
         if probe_loss is not None:
             loss = loss + args.te_layout * probe_loss
+        anchor_loss = anchor.loss(text_states, tok, probe) if anchor is not None else None
+        if anchor_loss is not None:
+            loss = loss + args.te_anchor * anchor_loss
         ground_loss = None
         if grounding is not None:
             grounding.store.enabled = False
@@ -395,7 +438,8 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
         if done % 50 == 0:
             log(f"unet {done}/{args.unet_steps} loss {loss.item():.4f} lr {lr:.1e} "
                 + (f"probe {probe_loss.item():.3f} " if probe_loss is not None else "")
-                + (f"grounding {ground_loss.item():.3f} " if ground_loss is not None else "") +
+                + (f"grounding {ground_loss.item():.3f} " if ground_loss is not None else "")
+                + (f"anchor {anchor_loss.item():.4f} " if anchor_loss is not None else "") +
                 f"({(time.time() - t0) / (done - start):.2f} s/step)")
         if done % args.ckpt_every == 0 or done == args.unet_steps:
             save_ckpt(ck, unet=unet.state_dict(), te=te.state_dict(), ema_u=ema_u.state_dict(), ema_t=ema_t.state_dict(),
@@ -468,6 +512,12 @@ def main(argv=None) -> int:
     ap.add_argument("--grounding-words", choices=("all", "class"), default="all",
                     help="which of each object's words --token-grounding pulls to its mask: all (colours, pattern, "
                          "class noun) or its class noun only")
+    ap.add_argument("--te-anchor", type=float, default=0.0,
+                    help="weight of a squared error keeping the text encoder's final states near those of --init-from's "
+                         "weights (see TextAnchor); 0 = off")
+    ap.add_argument("--te-anchor-lateral", choices=("direction", "free"), default="direction",
+                    help="with --te-layout: after 'left' / 'right' the probe's direction only is left free (direction), "
+                         "or the whole state (free)")
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--min-snr", type=float, default=5.0)
     ap.add_argument("--uncond-p", type=float, default=0.1)
@@ -492,6 +542,10 @@ def main(argv=None) -> int:
         ap.error("--grounding-sides: the Shapes World UNet's cross-attention maps are 16, 8 and 4 cells wide")
     if args.grounding_words != "all" and not args.token_grounding:
         ap.error("--grounding-words chooses the words --token-grounding pulls to their masks: give --token-grounding too")
+    if args.te_anchor < 0:
+        ap.error("--te-anchor is a loss weight: 0 (off) or more")
+    if args.te_anchor and not args.init_from:
+        ap.error("--te-anchor keeps the text encoder near the weights a run starts from: give --init-from")
     if args.mirror_pairs and round(args.lateral_boost * args.batch) < 2:
         ap.error("--mirror-pairs needs --lateral-boost of at least 2 scenes per batch")
     if args.decay_end is None:
@@ -612,6 +666,9 @@ def main(argv=None) -> int:
         man["command"] += f" --lateral-boost {args.lateral_boost}" + (" --mirror-pairs" if args.mirror_pairs else "")
     if args.te_layout:
         man["command"] += f" --te-layout {args.te_layout}"
+    if args.te_anchor:
+        man["command"] += f" --te-anchor {args.te_anchor}" + (f" --te-anchor-lateral {args.te_anchor_lateral}"
+                                                              if args.te_layout else "")
     if args.token_grounding:
         man["command"] += f" --token-grounding {args.token_grounding} --grounding-sides " + ",".join(map(str, args.grounding_sides))
         if args.grounding_words != "all":

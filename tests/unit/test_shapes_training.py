@@ -83,6 +83,43 @@ def test_the_lateral_probe_asks_only_the_tokens_after_left_or_right_to_tell_the_
     assert not touched[2:].any()
 
 
+@pytest.mark.parametrize("lateral", ["direction", "free"])
+def test_the_text_anchor_leaves_the_probe_only_its_direction_after_the_relation_word(trainer, lateral):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dynasyn.shapes import model as sm
+
+    tok = sm.clip_tokenizer()
+    caps = ["a red ball left of a blue box", "a red ball on top of a blue box"]
+    ids = tok(caps, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    torch.manual_seed(0)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=77, eos_token_id=tok.eos_token_id))
+    probe = trainer.LateralProbe(tok, 8)
+    anchor = trainer.TextAnchor(te, tok.eos_token_id, lateral)
+    with torch.no_grad():
+        ref = te(ids).last_hidden_state
+    assert float(anchor.loss(ref.clone(), ids, probe)) == 0.0  # the starting states: nothing to pay
+
+    eos = [int((r == tok.eos_token_id).float().argmax()) for r in ids]
+    u = probe.unit().detach()
+    moved = ref.clone()
+    moved[0, 5:eos[0] + 1] += 3 * u  # after "left", along the probe's direction: free
+    assert float(anchor.loss(moved, ids, probe)) == pytest.approx(0.0, abs=1e-10)
+    other = torch.randn(8)
+    other -= (other @ u) * u  # orthogonal to it: anchored unless the lateral tokens are left free
+    moved[0, 5:eos[0] + 1] += other
+    assert (float(anchor.loss(moved, ids, probe)) > 1e-3) == (lateral == "direction")
+
+    # the first object's tokens, the non-lateral caption and the end token count; the padding never does
+    states = ref.clone().requires_grad_(True)
+    anchor.loss(states + torch.randn(8), ids, probe).backward()  # (not along u, which starts as all ones)
+    touched = states.grad.abs().sum(-1) > 0
+    assert touched[0, :5].all() and touched[1].nonzero().flatten().tolist() == list(range(eos[1] + 1))
+    assert not touched[0, eos[0] + 1:].any()
+    assert touched[0, 5:eos[0] + 1].all() == (lateral == "direction")
+
+
 def test_the_script_runs_every_stage_with_the_lateral_aids_and_resumes(tmp_path):
     """End to end in miniature (every stage, mirror pairs, the probe and token grounding on), then a resumed run: the
     probe's direction is part of the checkpoint, so resuming is exact."""
@@ -108,6 +145,16 @@ def test_the_script_runs_every_stage_with_the_lateral_aids_and_resumes(tmp_path)
     man = json.loads((tmp_path / "w.json").read_text())
     assert man["steps"]["unet"] == 3 and "--te-layout 1.0" in man["command"] and "--mirror-pairs" in man["command"]
     assert "--token-grounding 1.0" in man["command"]
+
+    # a cool-down from those weights with the text anchor (it needs --init-from: the states it keeps are theirs)
+    cont = [sys.executable, str(SCRIPT), "--init-from", str(tmp_path / "w.safetensors"), "--scenes", "48",
+            "--unet-patterned", "12", "--unet-steps", "2", "--decay-steps", "2", "--batch", "8", "--lateral-boost", "0.5",
+            "--te-layout", "1.0", "--te-anchor", "1.0", "--eval-captions", "2", "--eval-vae", "2",
+            "--work-dir", str(tmp_path / "work2"), "--out", str(tmp_path / "w2.safetensors")]
+    r = subprocess.run(cont, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    man2 = json.loads((tmp_path / "w2.json").read_text())
+    assert "--te-anchor 1.0 --te-anchor-lateral direction" in man2["command"] and man2["init_from"]["sha256"] == man["sha256"]
 
 
 def test_token_grounding_finds_each_objects_words_and_scores_maps_against_its_mask(trainer):
@@ -194,6 +241,8 @@ def test_a_mirrored_row_grounds_its_own_words_on_its_mirrored_masks(trainer):
     (["--token-grounding", "-1"], "--token-grounding is a loss weight"),
     (["--token-grounding", "1", "--grounding-sides", "16,32"], "cross-attention maps are 16, 8 and 4 cells wide"),
     (["--grounding-words", "class"], "give --token-grounding too"),
+    (["--te-anchor", "-1"], "--te-anchor is a loss weight"),
+    (["--te-anchor", "1"], "give --init-from"),
 ])
 def test_bad_grounding_options_are_refused_before_any_work(tmp_path, args, message):
     import subprocess
