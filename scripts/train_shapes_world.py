@@ -211,10 +211,11 @@ class TextAnchor:
     """--te-anchor: keep the text encoder's final states near those of the weights the run started from.
 
     Without it, the lateral probe's weights (README, Shapes World) met every gate but the demo learned neither subject,
-    and the same recipe without the probe learned both; the probe had changed the states by 145-195 %, far beyond
-    its margin. This squared error (per state element, over each caption's tokens up to its end token) against a
-    frozen copy of the starting text encoder leaves the probe one way to change a state: after "left" / "right",
-    along the probe's direction only (``lateral="direction"``), or freely there (``lateral="free"``).
+    and the same recipe without the probe learned both; with the probe, the states after "left" and "right" came to
+    differ by 145-195 %, where its margin asks for about 25 % (2 of a state's norm of about 8). This squared error
+    (per state element, averaged over the batch's tokens up to each end token) against a frozen copy of the starting
+    text encoder leaves the probe one way to change a state: after "left" / "right", along the probe's direction only
+    (``lateral="direction"``), or freely there (``lateral="free"``).
     """
 
     def __init__(self, te, eos: int, lateral: str = "direction"):
@@ -354,8 +355,8 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
     # what a step draws and optimises: a checkpoint made with other values must not be continued (--unet-steps may grow)
     # (without a cool-down its end does not matter; without grounding, its levels do not)
     unused = {"decay_end": not args.decay_steps, "grounding_sides": not args.token_grounding,
-              "grounding_words": not args.token_grounding or args.grounding_words == "all",
-              "te_anchor_lateral": not (args.te_anchor and args.te_layout)}  # "all": as before it existed
+              "grounding_words": not args.token_grounding or args.grounding_words == "all",  # "all": as before it existed
+              "te_anchor_lateral": not (args.te_anchor and args.te_layout)}
     options = json.dumps({k: None if unused.get(k) else getattr(args, k) for k in UNET_STEP_OPTIONS}, sort_keys=True)
     if ck.exists():
         st = torch.load(ck, weights_only=True)
@@ -546,6 +547,8 @@ def main(argv=None) -> int:
         ap.error("--te-anchor is a loss weight: 0 (off) or more")
     if args.te_anchor and not args.init_from:
         ap.error("--te-anchor keeps the text encoder near the weights a run starts from: give --init-from")
+    if args.te_anchor_lateral != "direction" and not (args.te_anchor and args.te_layout):
+        ap.error("--te-anchor-lateral says what --te-anchor leaves to --te-layout's probe: give both")
     if args.mirror_pairs and round(args.lateral_boost * args.batch) < 2:
         ap.error("--mirror-pairs needs --lateral-boost of at least 2 scenes per batch")
     if args.decay_end is None:

@@ -118,6 +118,18 @@ def test_the_text_anchor_leaves_the_probe_only_its_direction_after_the_relation_
     assert touched[0, :5].all() and touched[1].nonzero().flatten().tolist() == list(range(eos[1] + 1))
     assert not touched[0, eos[0] + 1:].any()
     assert touched[0, 5:eos[0] + 1].all() == (lateral == "direction")
+    assert probe.direction.grad is None  # the probe's direction is the probe's to learn, not the anchor's
+
+    # a mean over the anchored tokens' elements; the frozen copy stays the starting encoder while the trained one moves
+    shift = torch.zeros_like(ref)
+    shift[1, :eos[1] + 1] = 0.5  # the non-lateral caption only: each anchored element off by 0.5
+    n_kept = eos[1] + 1 + (eos[0] + 1 if lateral == "direction" else 5)
+    assert float(anchor.loss(ref + shift, ids, probe)) == pytest.approx(0.25 * (eos[1] + 1) / n_kept, rel=1e-5)
+    with torch.no_grad():
+        for w in te.parameters():
+            w.add_(0.1 * torch.randn_like(w))
+    assert float(anchor.loss(te(ids).last_hidden_state, ids, probe).detach()) > 1e-3
+    assert torch.equal(anchor.frozen(ids).last_hidden_state, ref)
 
 
 def test_the_script_runs_every_stage_with_the_lateral_aids_and_resumes(tmp_path):
@@ -243,6 +255,7 @@ def test_a_mirrored_row_grounds_its_own_words_on_its_mirrored_masks(trainer):
     (["--grounding-words", "class"], "give --token-grounding too"),
     (["--te-anchor", "-1"], "--te-anchor is a loss weight"),
     (["--te-anchor", "1"], "give --init-from"),
+    (["--te-anchor-lateral", "free"], "give both"),
 ])
 def test_bad_grounding_options_are_refused_before_any_work(tmp_path, args, message):
     import subprocess
