@@ -8,8 +8,9 @@ Stages (each checkpointed into --work-dir, so an interrupted run resumes where i
      --patterned-from on, --unet-patterned scenes join them whose objects wear two-colour patterns in the
      colour pairs the novel subjects do not use (world.NOVEL_COLOR_PAIRS): the model learns what a pattern
      is, so GSA keeps a subject's pattern, while every novel subject stays a look it never saw. Optional aids
-     for "left of" / "right of": --lateral-boost, --mirror-pairs, --te-layout (LateralProbe) and
-     --token-grounding (TokenGrounding: each object's words attend to its mask).
+     for "left of" / "right of": --lateral-boost, --mirror-pairs, --te-layout (LateralProbe),
+     --token-grounding (TokenGrounding: each object's words attend to its mask) and, on a cool-down, --te-anchor
+     (TextAnchor: the text encoder's states kept near the starting weights').
   4. Decoder fine-tuning on the same frozen latents (sharper reconstructions), plus --decoder-patterned scenes of
      two-colour patterned objects in any colours (like the novel subjects of the benchmark and the demo): the
      UNet never sees those colour pairs, but the decoder must be able to draw them once a subject is learned.
