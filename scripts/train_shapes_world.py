@@ -55,10 +55,12 @@ KNOWN_PATTERN_SEED0 = 40_000_000  # the UNet's scenes with known patterns (colou
 KNOWN_PATTERN_P = 0.7  # each object's chance of wearing a pattern in those scenes
 UNET_STEP_OPTIONS = ("seed", "batch", "lr", "warmup", "decay_steps", "decay_end", "scenes", "unet_patterned",
                      "patterned_from", "lateral_boost", "mirror_pairs", "te_layout", "token_grounding", "grounding_sides",
-                     "grounding_words", "te_anchor", "te_anchor_lateral", "min_snr", "uncond_p", "ema")
+                     "grounding_words", "te_anchor", "te_anchor_lateral", "te_anchor_span", "te_anchor_random",
+                     "te_layout_words", "min_snr", "uncond_p", "ema")
 # options added later, with the value that means "off": a checkpoint made before them was made without them
 LATER_OPTIONS = {"token_grounding": 0.0, "grounding_sides": None, "grounding_words": None, "te_anchor": 0.0,
-                 "te_anchor_lateral": None}
+                 "te_anchor_lateral": None, "te_anchor_span": None, "te_anchor_random": None,
+                 "te_layout_words": None}
 MAX_OBJECTS = 3
 
 
@@ -178,12 +180,18 @@ class LateralProbe:
     """
 
     MARGIN = 1.0  # the final states are layer-normed: |h| ~ sqrt(TEXT_WIDTH) = 8
+    # words="names" leaves these out: "of" follows every "left" / "right", so asking it to carry the side changed
+    # "of" everywhere ("a photo of ball and box": by 126 %, and every token after it; README, Shapes World); the
+    # articles and the background's prepositions come in every other caption too
+    FUNCTION_WORDS = ("of", "a", "an", "the", "in", "on")
 
-    def __init__(self, tokenizer, width: int):
+    def __init__(self, tokenizer, width: int, words: str = "all"):
         self.left, self.right = (tokenizer.convert_tokens_to_ids(w + "</w>") for w in ("left", "right"))
         if tokenizer.unk_token_id in (self.left, self.right):  # CLIP's unknown token is its end token: all would count
             raise ValueError("the tokenizer has no single tokens for 'left' and 'right'")
         self.eos = tokenizer.eos_token_id
+        self.skip = torch.tensor([tokenizer.convert_tokens_to_ids(w + "</w>") for w in self.FUNCTION_WORDS]
+                                 if words == "names" else [], dtype=torch.long)
         self.direction = torch.nn.Parameter(torch.ones(width) / width ** 0.5)
 
     def after_relation(self, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +202,8 @@ class LateralProbe:
         eos_pos = (tok == self.eos).float().argmax(1)
         side = torch.where(tok.gather(1, rel_pos[:, None])[:, 0] == self.left, 1.0, -1.0)  # (B,)
         pos = torch.arange(tok.shape[1], device=tok.device)
-        return has[:, None] & (pos > rel_pos[:, None]) & (pos <= eos_pos[:, None]), side
+        after = has[:, None] & (pos > rel_pos[:, None]) & (pos <= eos_pos[:, None])
+        return after & ~torch.isin(tok, self.skip.to(tok.device)), side
 
     def unit(self) -> torch.Tensor:
         return self.direction / self.direction.norm()
@@ -217,11 +226,32 @@ class TextAnchor:
     (per state element, averaged over the batch's tokens up to each end token) against a frozen copy of the starting
     text encoder leaves the probe one way to change a state: after "left" / "right", along the probe's direction only
     (``lateral="direction"``), or freely there (``lateral="free"``).
+
+    ``span="caption"`` anchors each caption's tokens up to its end token; ``"all"`` the padding after it too, which
+    takes 85-95 % of the UNet's cross-attention (the padding states see the whole caption). Anchored on the captions
+    only, a run's states moved by 50-100 % at the padding and by 54 % before it on "a photo of ball and box", words
+    the world never shows (README, Shapes World). ``random_tokens(n, rng)`` makes captions of random vocabulary
+    tokens to anchor as well (with ``span="all"``), so that words outside the world keep their states too.
     """
 
-    def __init__(self, te, eos: int, lateral: str = "direction"):
+    def __init__(self, te, eos: int, lateral: str = "direction", span: str = "caption"):
         self.frozen = copy.deepcopy(te).requires_grad_(False).eval()
-        self.eos, self.lateral = eos, lateral
+        self.eos, self.lateral, self.span = eos, lateral, span
+
+    @staticmethod
+    def random_tokens(tokenizer, n: int, rng: np.random.Generator, avoid=()) -> torch.Tensor:
+        """``[n, 77]`` ids: start token, 1-20 random vocabulary tokens (not special, not ``avoid``), end token, padding."""
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        out = torch.full((n, 77), pad, dtype=torch.long)
+        bad = torch.tensor(sorted({bos, eos, pad, *avoid}))
+        for i in range(n):
+            k = int(rng.integers(1, 21))
+            ids = torch.from_numpy(rng.integers(0, len(tokenizer), k))
+            while (hit := torch.isin(ids, bad)).any():  # redraw the few special or avoided ids
+                ids[hit] = torch.from_numpy(rng.integers(0, len(tokenizer), int(hit.sum())))
+            out[i, 0], out[i, 1:k + 1], out[i, k + 1] = bos, ids, eos
+        return out
 
     def loss(self, text_states: torch.Tensor, tok: torch.Tensor, probe: LateralProbe | None) -> torch.Tensor:
         with torch.no_grad():
@@ -229,6 +259,8 @@ class TextAnchor:
         diff = text_states - ref
         pos = torch.arange(tok.shape[1], device=tok.device)
         keep = pos <= (tok == self.eos).float().argmax(1)[:, None]  # (B, 77)
+        if self.span == "all":
+            keep = torch.ones_like(keep)
         if probe is not None:
             after, _ = probe.after_relation(tok)
             if self.lateral == "free":
@@ -341,10 +373,12 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
     unet, te, sched = comps.unet, comps.text_encoder, comps.noise_scheduler
     model_params = list(unet.parameters()) + list(te.parameters())
     params = list(model_params)
-    probe = LateralProbe(comps.tokenizer, te.config.hidden_size) if args.te_layout else None
+    probe = LateralProbe(comps.tokenizer, te.config.hidden_size, args.te_layout_words) if args.te_layout else None
     if probe is not None:  # trained with the model, never saved into the weights
         params.append(probe.direction)
-    anchor = TextAnchor(te, comps.tokenizer.eos_token_id, args.te_anchor_lateral) if args.te_anchor else None
+    anchor = (TextAnchor(te, comps.tokenizer.eos_token_id, args.te_anchor_lateral, args.te_anchor_span)
+              if args.te_anchor else None)
+    avoid = (probe.left, probe.right) if probe is not None else ()  # random captions must not hold the probe's words
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     ema_u, ema_t = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
     grounding = TokenGrounding(unet, args.grounding_sides) if args.token_grounding else None
@@ -357,7 +391,10 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
     # (without a cool-down its end does not matter; without grounding, its levels do not)
     unused = {"decay_end": not args.decay_steps, "grounding_sides": not args.token_grounding,
               "grounding_words": not args.token_grounding or args.grounding_words == "all",  # "all": as before it existed
-              "te_anchor_lateral": not (args.te_anchor and args.te_layout)}
+              "te_anchor_lateral": not (args.te_anchor and args.te_layout),
+              "te_layout_words": not args.te_layout or args.te_layout_words == "all",  # as before it existed
+              "te_anchor_span": not args.te_anchor or args.te_anchor_span == "caption",  # as before it existed
+              "te_anchor_random": not args.te_anchor or not args.te_anchor_random}
     options = json.dumps({k: None if unused.get(k) else getattr(args, k) for k in UNET_STEP_OPTIONS}, sort_keys=True)
     if ck.exists():
         st = torch.load(ck, weights_only=True)
@@ -420,6 +457,10 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
         if probe_loss is not None:
             loss = loss + args.te_layout * probe_loss
         anchor_loss = anchor.loss(text_states, tok, probe) if anchor is not None else None
+        if anchor_loss is not None and args.te_anchor_random:  # drawn last: the step's other draws are as before
+            rand = TextAnchor.random_tokens(comps.tokenizer, args.te_anchor_random, g, avoid)
+            n = len(tok)
+            anchor_loss = (n * anchor_loss + len(rand) * anchor.loss(te(rand).last_hidden_state, rand, None)) / (n + len(rand))
         if anchor_loss is not None:
             loss = loss + args.te_anchor * anchor_loss
         ground_loss = None
@@ -506,6 +547,10 @@ def main(argv=None) -> int:
     ap.add_argument("--te-layout", type=float, default=0.0,
                     help="weight of the text encoder's lateral probe (see LateralProbe): the tokens after 'left of' "
                          "and 'right of' must differ; 0 = off")
+    ap.add_argument("--te-layout-words", choices=("all", "names"), default="all",
+                    help="the tokens --te-layout's probe asks to carry the side: every token after the relation word "
+                         "(all), or those but 'of', 'a', 'an', 'the', 'in', 'on' (names), which then keep their states "
+                         "elsewhere")
     ap.add_argument("--token-grounding", type=float, default=0.0,
                     help="weight of the token grounding loss (see TokenGrounding): each object's words attend to its "
                          "mask at the 16x16 and 8x8 cross-attention levels; 0 = off")
@@ -520,6 +565,12 @@ def main(argv=None) -> int:
     ap.add_argument("--te-anchor-lateral", choices=("direction", "free"), default="direction",
                     help="with --te-layout: after 'left' / 'right' the probe's direction only is left free (direction), "
                          "or the whole state (free)")
+    ap.add_argument("--te-anchor-span", choices=("caption", "all"), default="caption",
+                    help="the positions --te-anchor keeps: each caption's tokens up to its end token (caption), or "
+                         "the padding after it too (all), which takes most of the UNet's cross-attention")
+    ap.add_argument("--te-anchor-random", type=int, default=0,
+                    help="with --te-anchor-span all: this many captions of random vocabulary tokens per step are "
+                         "anchored too, so words the world never shows keep their states; 0 = none")
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--min-snr", type=float, default=5.0)
     ap.add_argument("--uncond-p", type=float, default=0.1)
@@ -538,6 +589,8 @@ def main(argv=None) -> int:
         ap.error("--lateral-boost is a share of the batch: 0 to 1")
     if args.te_layout < 0:
         ap.error("--te-layout is a loss weight: 0 (off) or more")
+    if args.te_layout_words != "all" and not args.te_layout:
+        ap.error("--te-layout-words chooses the tokens of --te-layout's probe: give --te-layout too")
     if args.token_grounding < 0:
         ap.error("--token-grounding is a loss weight: 0 (off) or more")
     if not set(args.grounding_sides) <= {16, 8, 4}:
@@ -550,6 +603,12 @@ def main(argv=None) -> int:
         ap.error("--te-anchor keeps the text encoder near the weights a run starts from: give --init-from")
     if args.te_anchor_lateral != "direction" and not (args.te_anchor and args.te_layout):
         ap.error("--te-anchor-lateral says what --te-anchor leaves to --te-layout's probe: give both")
+    if (args.te_anchor_span != "caption" or args.te_anchor_random) and not args.te_anchor:
+        ap.error("--te-anchor-span and --te-anchor-random say what --te-anchor keeps: give --te-anchor")
+    if args.te_anchor_random < 0:
+        ap.error("--te-anchor-random is a number of captions per step: 0 or more")
+    if args.te_anchor_random and args.te_anchor_span != "all":
+        ap.error("--te-anchor-random anchors whole random captions: give --te-anchor-span all")
     if args.mirror_pairs and round(args.lateral_boost * args.batch) < 2:
         ap.error("--mirror-pairs needs --lateral-boost of at least 2 scenes per batch")
     if args.decay_end is None:
@@ -669,10 +728,15 @@ def main(argv=None) -> int:
     if args.lateral_boost:
         man["command"] += f" --lateral-boost {args.lateral_boost}" + (" --mirror-pairs" if args.mirror_pairs else "")
     if args.te_layout:
-        man["command"] += f" --te-layout {args.te_layout}"
+        man["command"] += f" --te-layout {args.te_layout}" + (f" --te-layout-words {args.te_layout_words}"
+                                                              if args.te_layout_words != "all" else "")
     if args.te_anchor:
         man["command"] += f" --te-anchor {args.te_anchor}" + (f" --te-anchor-lateral {args.te_anchor_lateral}"
                                                               if args.te_layout else "")
+        if args.te_anchor_span != "caption":
+            man["command"] += f" --te-anchor-span {args.te_anchor_span}"
+        if args.te_anchor_random:
+            man["command"] += f" --te-anchor-random {args.te_anchor_random}"
     if args.token_grounding:
         man["command"] += f" --token-grounding {args.token_grounding} --grounding-sides " + ",".join(map(str, args.grounding_sides))
         if args.grounding_words != "all":

@@ -83,6 +83,34 @@ def test_the_lateral_probe_asks_only_the_tokens_after_left_or_right_to_tell_the_
     assert not touched[2:].any()
 
 
+def test_the_probe_on_names_leaves_of_and_the_articles_to_the_anchor(trainer):
+    """--te-layout-words names: "of", articles and the background's prepositions come in every caption (and in "a photo
+    of"), so the probe asks only the second object's words, the background noun and the end token to carry the side;
+    with --te-anchor-lateral free the anchor keeps the others."""
+    from dynasyn.shapes import model as sm
+
+    tok = sm.clip_tokenizer()
+    ids = tok(["a red ball left of a blue box in the snow"], padding="max_length", max_length=77,
+              return_tensors="pt").input_ids
+    words = lambda mask: tok.convert_ids_to_tokens(ids[0][mask[0]])  # noqa: E731
+    assert words(trainer.LateralProbe(tok, 8).after_relation(ids)[0]) == [
+        "of</w>", "a</w>", "blue</w>", "box</w>", "in</w>", "the</w>", "snow</w>", "<|endoftext|>"]
+    probe = trainer.LateralProbe(tok, 8, "names")
+    assert words(probe.after_relation(ids)[0]) == ["blue</w>", "box</w>", "snow</w>", "<|endoftext|>"]
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=77, eos_token_id=tok.eos_token_id))
+    anchor = trainer.TextAnchor(te, tok.eos_token_id, "free")
+    with torch.no_grad():
+        states = te(ids).last_hidden_state.requires_grad_(True)
+    anchor.loss(states + torch.randn(8), ids, probe).backward()
+    anchored = states.grad.abs().sum(-1)[0] > 0
+    eos = int((ids[0] == tok.eos_token_id).float().argmax())
+    assert torch.equal(~anchored[:eos + 1], probe.after_relation(ids)[0][0, :eos + 1])  # free: only the probe's tokens
+    assert anchored[5:7].all()  # "of a" right after "left"
+
+
 @pytest.mark.parametrize("lateral", ["direction", "free"])
 def test_the_text_anchor_leaves_the_probe_only_its_direction_after_the_relation_word(trainer, lateral):
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -132,6 +160,53 @@ def test_the_text_anchor_leaves_the_probe_only_its_direction_after_the_relation_
     assert torch.equal(anchor.frozen(ids).last_hidden_state, ref)
 
 
+def test_the_text_anchor_over_all_positions_keeps_the_padding_and_leaves_the_lateral_tokens_free(trainer):
+    """--te-anchor-span all: the padding after the end token (most of the UNet's cross-attention) is anchored too;
+    with --te-anchor-lateral free the tokens after the relation word stay free."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dynasyn.shapes import model as sm
+
+    tok = sm.clip_tokenizer()
+    ids = tok(["a red ball left of a blue box", "a red ball on top of a blue box"], padding="max_length", max_length=77,
+              return_tensors="pt").input_ids
+    torch.manual_seed(0)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=77, eos_token_id=tok.eos_token_id))
+    probe = trainer.LateralProbe(tok, 8)
+    eos = [int((r == tok.eos_token_id).float().argmax()) for r in ids]
+    for span in ("caption", "all"):
+        anchor = trainer.TextAnchor(te, tok.eos_token_id, "free", span)
+        with torch.no_grad():
+            ref = te(ids).last_hidden_state
+        states = ref.clone().requires_grad_(True)
+        anchor.loss(states + torch.randn(8), ids, probe).backward()
+        touched = states.grad.abs().sum(-1) > 0
+        assert touched[0, :5].all() and not touched[0, 5:eos[0] + 1].any()  # after "left": free either way
+        assert touched[0, eos[0] + 1:].all() == touched[1, eos[1] + 1:].all() == (span == "all")
+        assert touched[1, :eos[1] + 1].all()
+        if span == "caption":
+            assert not touched[:, max(eos) + 1:].any()
+
+
+def test_random_anchor_captions_hold_no_special_or_avoided_tokens(trainer):
+    from dynasyn.shapes import model as sm
+
+    tok = sm.clip_tokenizer()
+    avoid = (tok.convert_tokens_to_ids("left</w>"), tok.convert_tokens_to_ids("right</w>"))
+    ids = trainer.TextAnchor.random_tokens(tok, 64, np.random.default_rng(3), avoid)
+    assert ids.shape == (64, 77)
+    assert torch.equal(ids, trainer.TextAnchor.random_tokens(tok, 64, np.random.default_rng(3), avoid))  # seeded
+    lengths = set()
+    for row in ids.tolist():
+        end = row.index(tok.eos_token_id)
+        assert row[0] == tok.bos_token_id and 2 <= end <= 21 and set(row[end:]) == {tok.pad_token_id}
+        body = row[1:end]
+        assert not set(body) & {tok.bos_token_id, tok.eos_token_id, *avoid}
+        lengths.add(len(body))
+    assert len(lengths) > 5  # lengths vary, so the anchor sees end tokens and padding at many positions
+
+
 def test_the_script_runs_every_stage_with_the_lateral_aids_and_resumes(tmp_path):
     """End to end in miniature (every stage, mirror pairs, the probe and token grounding on), then a resumed run: the
     probe's direction is part of the checkpoint, so resuming is exact."""
@@ -161,12 +236,14 @@ def test_the_script_runs_every_stage_with_the_lateral_aids_and_resumes(tmp_path)
     # a cool-down from those weights with the text anchor (it needs --init-from: the states it keeps are theirs)
     cont = [sys.executable, str(SCRIPT), "--init-from", str(tmp_path / "w.safetensors"), "--scenes", "48",
             "--unet-patterned", "12", "--unet-steps", "2", "--decay-steps", "2", "--batch", "8", "--lateral-boost", "0.5",
-            "--te-layout", "1.0", "--te-anchor", "1.0", "--eval-captions", "2", "--eval-vae", "2",
+            "--te-layout", "1.0", "--te-anchor", "1.0", "--te-anchor-span", "all", "--te-anchor-random", "2",
+            "--eval-captions", "2", "--eval-vae", "2",
             "--work-dir", str(tmp_path / "work2"), "--out", str(tmp_path / "w2.safetensors")]
     r = subprocess.run(cont, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     man2 = json.loads((tmp_path / "w2.json").read_text())
-    assert "--te-anchor 1.0 --te-anchor-lateral direction" in man2["command"] and man2["init_from"]["sha256"] == man["sha256"]
+    assert "--te-anchor 1.0 --te-anchor-lateral direction --te-anchor-span all --te-anchor-random 2" in man2["command"]
+    assert man2["init_from"]["sha256"] == man["sha256"]
 
 
 def test_token_grounding_finds_each_objects_words_and_scores_maps_against_its_mask(trainer):
@@ -256,6 +333,11 @@ def test_a_mirrored_row_grounds_its_own_words_on_its_mirrored_masks(trainer):
     (["--te-anchor", "-1"], "--te-anchor is a loss weight"),
     (["--te-anchor", "1"], "give --init-from"),
     (["--te-anchor-lateral", "free"], "give both"),
+    (["--te-anchor-span", "all"], "give --te-anchor"),
+    (["--te-layout-words", "names"], "give --te-layout too"),
+    (["--init-from", "w.safetensors", "--te-anchor", "1", "--te-anchor-span", "all", "--te-anchor-random", "-1"],
+     "--te-anchor-random is a number of captions"),
+    (["--init-from", "w.safetensors", "--te-anchor", "1", "--te-anchor-random", "4"], "give --te-anchor-span all"),
 ])
 def test_bad_grounding_options_are_refused_before_any_work(tmp_path, args, message):
     import subprocess
