@@ -223,7 +223,7 @@ class TextAnchor:
     Without it, the lateral probe's weights (README, Shapes World) met every gate but the demo learned neither subject,
     and the same recipe without the probe learned both; with the probe, the states after "left" and "right" came to
     differ by 145-195 %, where its margin asks for about 25 % (2 of a state's norm of about 8). This squared error
-    (per state element, averaged over the batch's tokens up to each end token) against a frozen copy of the starting
+    (per state element, averaged over the anchored tokens: see ``span``) against a frozen copy of the starting
     text encoder leaves the probe one way to change a state: after "left" / "right", along the probe's direction only
     (``lateral="direction"``), or freely there (``lateral="free"``).
 
