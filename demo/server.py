@@ -152,7 +152,13 @@ class ComfyServer:
             while time.time() < deadline:
                 if ws is not None:
                     self._pump(ws, on_message, 0.5)
-                hist = self.get(f"/history/{pid}")
+                try:
+                    hist = self.get(f"/history/{pid}")
+                except (TimeoutError, urllib.error.URLError):  # a busy machine: the server answers late, not never
+                    if self.proc is not None and self.proc.poll() is not None:
+                        raise AssertionError(f"ComfyUI exited while running prompt {pid}:\n{self.log()[-3000:]}")
+                    time.sleep(0.5)
+                    continue
                 if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
                     entry = hist[pid]
                     if entry["status"].get("status_str") in ("success", "error"):
