@@ -9,7 +9,8 @@ Stages (each checkpointed into --work-dir, so an interrupted run resumes where i
      colour pairs the novel subjects do not use (world.NOVEL_COLOR_PAIRS): the model learns what a pattern
      is, so GSA keeps a subject's pattern, while every novel subject stays a look it never saw. Optional aids
      for "left of" / "right of": --lateral-boost, --mirror-pairs, --te-layout (LateralProbe),
-     --token-grounding (TokenGrounding: each object's words attend to its mask) and, on a cool-down, --te-anchor
+     --token-grounding (TokenGrounding: each object's words attend to its mask), --layout-x0 (the lateral
+     scenes' error weighted as an error of the picture, where the sampler fixes the layout) and, on a cool-down, --te-anchor
      (TextAnchor: the text encoder's states kept near the starting weights').
   4. Decoder fine-tuning on the same frozen latents (sharper reconstructions), plus --decoder-patterned scenes of
      two-colour patterned objects in any colours (like the novel subjects of the benchmark and the demo): the
@@ -56,11 +57,12 @@ KNOWN_PATTERN_P = 0.7  # each object's chance of wearing a pattern in those scen
 UNET_STEP_OPTIONS = ("seed", "batch", "lr", "warmup", "decay_steps", "decay_end", "scenes", "unet_patterned",
                      "patterned_from", "lateral_boost", "mirror_pairs", "te_layout", "token_grounding", "grounding_sides",
                      "grounding_words", "te_anchor", "te_anchor_lateral", "te_anchor_span", "te_anchor_random",
-                     "te_layout_words", "min_snr", "uncond_p", "ema")
+                     "te_layout_words", "layout_x0", "layout_x0_cap", "grounding_t_min", "min_snr", "uncond_p", "ema")
 # options added later, with the value that means "off": a checkpoint made before them was made without them
 LATER_OPTIONS = {"token_grounding": 0.0, "grounding_sides": None, "grounding_words": None, "te_anchor": 0.0,
                  "te_anchor_lateral": None, "te_anchor_span": None, "te_anchor_random": None,
-                 "te_layout_words": None}
+                 "te_layout_words": None, "layout_x0": 0.0, "layout_x0_cap": None,
+                 "grounding_t_min": 0}
 MAX_OBJECTS = 3
 
 
@@ -355,6 +357,16 @@ def _find(row: list[int], sub: list[int], start: int) -> int:
     raise ValueError(f"tokens {sub} not found in the caption after position {start}")
 
 
+def x0_error(pred_eps: torch.Tensor, noise: torch.Tensor, snr_t: torch.Tensor, cap: float) -> torch.Tensor:
+    """Mean squared error of the picture predicted from an epsilon prediction, x0 = (xt - sqrt(1 - a) eps) / sqrt(a):
+    |x0 error|^2 = |eps error|^2 / SNR, each scene's weight 1 / SNR capped at ``cap`` (--layout-x0).
+    At high noise, where the sampler fixes the layout, the epsilon loss (min-SNR weight 1 there) hardly depends on
+    the picture, so a model that ignores "left" / "right" loses almost nothing by it; the cap bounds the gradient,
+    which grows with 1 / SNR (213 at t = 999)."""
+    x0_weight = torch.clamp(1 / snr_t, max=cap)  # [B]
+    return ((pred_eps - noise).pow(2).mean(dim=(1, 2, 3)) * x0_weight).mean()
+
+
 @torch.no_grad()
 def encode_all(vae, imgs, batch=64) -> torch.Tensor:
     out = []
@@ -394,7 +406,8 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
               "te_anchor_lateral": not (args.te_anchor and args.te_layout),
               "te_layout_words": not args.te_layout or args.te_layout_words == "all",  # as before it existed
               "te_anchor_span": not args.te_anchor or args.te_anchor_span == "caption",  # as before it existed
-              "te_anchor_random": not args.te_anchor or not args.te_anchor_random}
+              "te_anchor_random": not args.te_anchor or not args.te_anchor_random,
+              "layout_x0_cap": not args.layout_x0}
     options = json.dumps({k: None if unused.get(k) else getattr(args, k) for k in UNET_STEP_OPTIONS}, sort_keys=True)
     if ck.exists():
         st = torch.load(ck, weights_only=True)
@@ -425,7 +438,7 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
         g = step_rng(args.seed, 3, step)
         pool = len(latents) if n_before is None or step >= args.patterned_from else n_before
         idx = g.integers(0, pool, args.batch)
-        pairs = 0
+        pairs = k = 0
         if args.lateral_boost:  # the horizontal relations: the only ones the picture's layout cannot give away
             k = round(args.lateral_boost * args.batch)
             j = np.flatnonzero(lateral < pool)[g.integers(0, int((lateral < pool).sum()), k)]
@@ -453,6 +466,12 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
         pred = unet(xt, t, encoder_hidden_states=text_states).sample
         w = torch.clamp(snr[t], max=args.min_snr) / snr[t]  # min-SNR-gamma weighting (epsilon target)
         loss = ((pred - noise).pow(2).mean(dim=(1, 2, 3)) * w).mean()
+        layout_loss = None
+        if args.layout_x0:  # the lateral share (an empty caption says no side)
+            lat = (torch.arange(args.batch) < k) & ~drop
+            if lat.any():
+                layout_loss = x0_error(pred[lat], noise[lat], snr[t[lat]], args.layout_x0_cap)
+                loss = loss + args.layout_x0 * layout_loss
         probe_loss = probe.loss(text_states, tok) if probe is not None else None
         if probe_loss is not None:
             loss = loss + args.te_layout * probe_loss
@@ -466,7 +485,8 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
         ground_loss = None
         if grounding is not None:
             grounding.store.enabled = False
-            ground_loss = grounding.loss(spans, obj_masks, ~drop)
+            # --grounding-t-min: only where the sampler fixes the layout; below it the words draw shape and detail
+            ground_loss = grounding.loss(spans, obj_masks, ~drop & (t >= args.grounding_t_min))
             grounding.store.clear()
             if ground_loss is not None:
                 loss = loss + args.token_grounding * ground_loss
@@ -482,6 +502,7 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
             log(f"unet {done}/{args.unet_steps} loss {loss.item():.4f} lr {lr:.1e} "
                 + (f"probe {probe_loss.item():.3f} " if probe_loss is not None else "")
                 + (f"grounding {ground_loss.item():.3f} " if ground_loss is not None else "")
+                + (f"layout-x0 {layout_loss.item():.3f} " if layout_loss is not None else "")
                 + (f"anchor {anchor_loss.item():.4f} " if anchor_loss is not None else "") +
                 f"({(time.time() - t0) / (done - start):.2f} s/step)")
         if done % args.ckpt_every == 0 or done == args.unet_steps:
@@ -559,6 +580,9 @@ def main(argv=None) -> int:
     ap.add_argument("--grounding-words", choices=("all", "class"), default="all",
                     help="which of each object's words --token-grounding pulls to its mask: all (colours, pattern, "
                          "class noun) or its class noun only")
+    ap.add_argument("--grounding-t-min", type=int, default=0,
+                    help="--token-grounding only on steps whose timestep is at least this (0: all); at high noise the "
+                         "sampler fixes where objects go, at low noise the words draw their shape and detail")
     ap.add_argument("--te-anchor", type=float, default=0.0,
                     help="weight of a squared error keeping the text encoder's final states near those of --init-from's "
                          "weights (see TextAnchor); 0 = off")
@@ -571,6 +595,13 @@ def main(argv=None) -> int:
     ap.add_argument("--te-anchor-random", type=int, default=0,
                     help="with --te-anchor-span all: this many captions of random vocabulary tokens per step are "
                          "anchored too, so words the world never shows keep their states; 0 = none")
+    ap.add_argument("--layout-x0", type=float, default=0.0,
+                    help="with --lateral-boost: weight of an extra loss on the lateral scenes (captioned, not dropped): "
+                         "their epsilon error divided by the noise level's SNR, i.e. the error of the picture "
+                         "predicted from it, where the sampler fixes the layout and the epsilon loss barely sees it; "
+                         "0 = off")
+    ap.add_argument("--layout-x0-cap", type=float, default=20.0,
+                    help="the most that --layout-x0 weighs one scene's epsilon error (1 / SNR is 213 at t = 999)")
     ap.add_argument("--ema", type=float, default=0.998)
     ap.add_argument("--min-snr", type=float, default=5.0)
     ap.add_argument("--uncond-p", type=float, default=0.1)
@@ -595,6 +626,10 @@ def main(argv=None) -> int:
         ap.error("--token-grounding is a loss weight: 0 (off) or more")
     if not set(args.grounding_sides) <= {16, 8, 4}:
         ap.error("--grounding-sides: the Shapes World UNet's cross-attention maps are 16, 8 and 4 cells wide")
+    if not 0 <= args.grounding_t_min < 1000:
+        ap.error("--grounding-t-min is a timestep: 0 to 999")
+    if args.grounding_t_min and not args.token_grounding:
+        ap.error("--grounding-t-min says where --token-grounding applies: give --token-grounding too")
     if args.grounding_words != "all" and not args.token_grounding:
         ap.error("--grounding-words chooses the words --token-grounding pulls to their masks: give --token-grounding too")
     if args.te_anchor < 0:
@@ -609,6 +644,10 @@ def main(argv=None) -> int:
         ap.error("--te-anchor-random is a number of captions per step: 0 or more")
     if args.te_anchor_random and args.te_anchor_span != "all":
         ap.error("--te-anchor-random anchors whole random captions: give --te-anchor-span all")
+    if args.layout_x0 < 0 or args.layout_x0_cap <= 0:
+        ap.error("--layout-x0 is a loss weight (0 = off) and --layout-x0-cap a positive bound")
+    if args.layout_x0 and not round(args.lateral_boost * args.batch):
+        ap.error("--layout-x0 weighs the lateral share of each batch: give --lateral-boost")
     if args.mirror_pairs and round(args.lateral_boost * args.batch) < 2:
         ap.error("--mirror-pairs needs --lateral-boost of at least 2 scenes per batch")
     if args.decay_end is None:
@@ -737,10 +776,14 @@ def main(argv=None) -> int:
             man["command"] += f" --te-anchor-span {args.te_anchor_span}"
         if args.te_anchor_random:
             man["command"] += f" --te-anchor-random {args.te_anchor_random}"
+    if args.layout_x0:
+        man["command"] += f" --layout-x0 {args.layout_x0} --layout-x0-cap {args.layout_x0_cap}"
     if args.token_grounding:
         man["command"] += f" --token-grounding {args.token_grounding} --grounding-sides " + ",".join(map(str, args.grounding_sides))
         if args.grounding_words != "all":
             man["command"] += f" --grounding-words {args.grounding_words}"
+        if args.grounding_t_min:
+            man["command"] += f" --grounding-t-min {args.grounding_t_min}"
     if args.decay_steps:
         man["command"] += f" --decay-steps {args.decay_steps} --decay-end {args.decay_end}"
     if init is not None:  # a continued run: what it continued from, and how that was made

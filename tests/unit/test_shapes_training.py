@@ -218,6 +218,7 @@ def test_the_script_runs_every_stage_with_the_lateral_aids_and_resumes(tmp_path)
         cmd = [sys.executable, str(SCRIPT), "--scenes", "48", "--vae-steps", "2", "--vae-batch", "2", "--decoder-steps", "1",
                "--decoder-patterned", "2", "--unet-patterned", "12", "--unet-steps", str(unet_steps), "--batch", "8",
                "--lateral-boost", "0.5", "--mirror-pairs", "--te-layout", te_layout, "--token-grounding", "1.0",
+               "--grounding-t-min", "300",
                "--eval-captions", "2", "--eval-vae", "2",
                "--ckpt-every", "1", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "w.safetensors")]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -232,19 +233,20 @@ def test_the_script_runs_every_stage_with_the_lateral_aids_and_resumes(tmp_path)
     assert "unet: resumed at step 2" in out
     man = json.loads((tmp_path / "w.json").read_text())
     assert man["steps"]["unet"] == 3 and "--te-layout 1.0" in man["command"] and "--mirror-pairs" in man["command"]
-    assert "--token-grounding 1.0" in man["command"]
+    assert "--token-grounding 1.0" in man["command"] and "--grounding-t-min 300" in man["command"]
 
     # a cool-down from those weights with the text anchor (it needs --init-from: the states it keeps are theirs)
     cont = [sys.executable, str(SCRIPT), "--init-from", str(tmp_path / "w.safetensors"), "--scenes", "48",
             "--unet-patterned", "12", "--unet-steps", "2", "--decay-steps", "2", "--batch", "8", "--lateral-boost", "0.5",
             "--te-layout", "1.0", "--te-anchor", "1.0", "--te-anchor-span", "all", "--te-anchor-random", "2",
-            "--eval-captions", "2", "--eval-vae", "2",
+            "--layout-x0", "1.0", "--eval-captions", "2", "--eval-vae", "2",
             "--work-dir", str(tmp_path / "work2"), "--out", str(tmp_path / "w2.safetensors")]
     r = subprocess.run(cont, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     man2 = json.loads((tmp_path / "w2.json").read_text())
     assert "--te-anchor 1.0 --te-anchor-lateral direction --te-anchor-span all --te-anchor-random 2" in man2["command"]
     assert man2["init_from"]["sha256"] == man["sha256"]
+    assert "--layout-x0 1.0 --layout-x0-cap 20.0" in man2["command"]
 
 
 def test_token_grounding_finds_each_objects_words_and_scores_maps_against_its_mask(trainer):
@@ -336,6 +338,11 @@ def test_a_mirrored_row_grounds_its_own_words_on_its_mirrored_masks(trainer):
     (["--te-anchor-lateral", "free"], "give both"),
     (["--te-anchor-span", "all"], "give --te-anchor"),
     (["--te-layout-words", "names"], "give --te-layout too"),
+    (["--layout-x0", "1"], "give --lateral-boost"),
+    (["--grounding-t-min", "500"], "give --token-grounding too"),
+    (["--token-grounding", "1", "--grounding-t-min", "1000"], "a timestep: 0 to 999"),
+    (["--lateral-boost", "0.5", "--layout-x0", "-1"], "--layout-x0 is a loss weight"),
+    (["--lateral-boost", "0.5", "--layout-x0", "1", "--layout-x0-cap", "0"], "a positive bound"),
     (["--init-from", "w.safetensors", "--te-anchor", "1", "--te-anchor-span", "all", "--te-anchor-random", "-1"],
      "--te-anchor-random is a number of captions"),
     (["--init-from", "w.safetensors", "--te-anchor", "1", "--te-anchor-random", "4"], "give --te-anchor-span all"),
@@ -348,3 +355,28 @@ def test_bad_grounding_options_are_refused_before_any_work(tmp_path, args, messa
                        text=True, timeout=300)
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "work").exists()
+
+
+def test_x0_error_is_the_error_of_the_predicted_picture_capped(trainer):
+    """--layout-x0: the epsilon error over SNR equals the error of x0 = (xt - sqrt(1 - a) eps) / sqrt(a), computed
+    here from the scheduler's own add_noise; above the cap the weight stops growing."""
+    from dynasyn.shapes import model as sm
+
+    sched = sm.build_shapes_components(seed=0).noise_scheduler
+    ac = sched.alphas_cumprod
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    pred = (noise + 0.1 * torch.randn(3, 4, 8, 8, generator=g)).requires_grad_()
+    t = torch.tensor([300, 700, 999])
+    xt = sched.add_noise(x0, noise, t)
+    a = ac[t].view(-1, 1, 1, 1)
+    x0_pred = (xt - (1 - a).sqrt() * pred) / a.sqrt()
+    exact = (x0_pred - x0).pow(2).mean(dim=(1, 2, 3)).detach()
+    snr = ac / (1 - ac)
+    assert torch.allclose(trainer.x0_error(pred, noise, snr[t], cap=1e9), exact.mean(), rtol=1e-3)
+    capped = trainer.x0_error(pred, noise, snr[t], cap=20.0)  # 1 / SNR is 0.69, 11.1 and 213 at these t
+    per = (pred - noise).pow(2).mean(dim=(1, 2, 3)).detach()
+    assert torch.allclose(capped, (per * torch.tensor([1 / snr[300], 1 / snr[700], 20.0])).mean(), rtol=1e-4)
+    assert capped < exact.mean() / 3
+    capped.backward()  # a loss: it trains the UNet
+    assert pred.grad is not None and pred.grad.abs().sum() > 0
