@@ -154,6 +154,8 @@ class ComfyServer:
                     self._pump(ws, on_message, 0.5)
                 try:
                     hist = self.get(f"/history/{pid}")
+                except urllib.error.HTTPError:  # the server answered, with an error: say so now
+                    raise
                 except (TimeoutError, urllib.error.URLError):  # a busy machine: the server answers late, not never
                     if self.proc is not None and self.proc.poll() is not None:
                         raise AssertionError(f"ComfyUI exited while running prompt {pid}:\n{self.log()[-3000:]}")

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -357,6 +358,17 @@ def _find(row: list[int], sub: list[int], start: int) -> int:
     raise ValueError(f"tokens {sub} not found in the caption after position {start}")
 
 
+def lateral_rows(batch: int, k: int, drop: torch.Tensor) -> torch.Tensor:
+    """[batch] bool: the rows --layout-x0 weighs, the lateral share (the first ``k``, mirror pairs included) less the
+    rows whose caption was dropped (an empty caption says no side)."""
+    return (torch.arange(batch) < k) & ~drop
+
+
+def grounding_rows(drop: torch.Tensor, t: torch.Tensor, t_min: int) -> torch.Tensor:
+    """[B] bool: the rows --token-grounding supervises: captioned, and (--grounding-t-min) at timestep t_min or above."""
+    return ~drop & (t >= t_min)
+
+
 def x0_error(pred_eps: torch.Tensor, noise: torch.Tensor, snr_t: torch.Tensor, cap: float) -> torch.Tensor:
     """Mean squared error of the picture predicted from an epsilon prediction, x0 = (xt - sqrt(1 - a) eps) / sqrt(a):
     |x0 error|^2 = |eps error|^2 / SNR, each scene's weight 1 / SNR capped at ``cap`` (--layout-x0).
@@ -373,6 +385,20 @@ def encode_all(vae, imgs, batch=64) -> torch.Tensor:
     for i in range(0, len(imgs), batch):
         out.append(vae.encode(to_tensor(imgs[i:i + batch])).latent_dist.mean * vae.config.scaling_factor)
     return torch.cat(out)
+
+
+def step_options(args) -> dict:
+    """What a UNet step draws and optimises: a checkpoint made with other values must not be continued (--unet-steps
+    may grow). An option that does nothing in this run is None (without a cool-down its end does not matter; without
+    grounding, its levels do not)."""
+    unused = {"decay_end": not args.decay_steps, "grounding_sides": not args.token_grounding,
+              "grounding_words": not args.token_grounding or args.grounding_words == "all",  # "all": as before it existed
+              "te_anchor_lateral": not (args.te_anchor and args.te_layout),
+              "te_layout_words": not args.te_layout or args.te_layout_words == "all",  # as before it existed
+              "te_anchor_span": not args.te_anchor or args.te_anchor_span == "caption",  # as before it existed
+              "te_anchor_random": not args.te_anchor or not args.te_anchor_random,
+              "layout_x0_cap": not args.layout_x0}
+    return {k: None if unused.get(k) else getattr(args, k) for k in UNET_STEP_OPTIONS}
 
 
 def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = None, lateral=None, mirrors=None,
@@ -399,16 +425,7 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
     snr = ac / (1 - ac)
     ck = work / "unet.pt"
     start = 0
-    # what a step draws and optimises: a checkpoint made with other values must not be continued (--unet-steps may grow)
-    # (without a cool-down its end does not matter; without grounding, its levels do not)
-    unused = {"decay_end": not args.decay_steps, "grounding_sides": not args.token_grounding,
-              "grounding_words": not args.token_grounding or args.grounding_words == "all",  # "all": as before it existed
-              "te_anchor_lateral": not (args.te_anchor and args.te_layout),
-              "te_layout_words": not args.te_layout or args.te_layout_words == "all",  # as before it existed
-              "te_anchor_span": not args.te_anchor or args.te_anchor_span == "caption",  # as before it existed
-              "te_anchor_random": not args.te_anchor or not args.te_anchor_random,
-              "layout_x0_cap": not args.layout_x0}
-    options = json.dumps({k: None if unused.get(k) else getattr(args, k) for k in UNET_STEP_OPTIONS}, sort_keys=True)
+    options = json.dumps(step_options(args), sort_keys=True)
     if ck.exists():
         st = torch.load(ck, weights_only=True)
         was, now = {**LATER_OPTIONS, **json.loads(st.get("options", options))}, json.loads(options)
@@ -467,8 +484,8 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
         w = torch.clamp(snr[t], max=args.min_snr) / snr[t]  # min-SNR-gamma weighting (epsilon target)
         loss = ((pred - noise).pow(2).mean(dim=(1, 2, 3)) * w).mean()
         layout_loss = None
-        if args.layout_x0:  # the lateral share (an empty caption says no side)
-            lat = (torch.arange(args.batch) < k) & ~drop
+        if args.layout_x0:
+            lat = lateral_rows(args.batch, k, drop)
             if lat.any():
                 layout_loss = x0_error(pred[lat], noise[lat], snr[t[lat]], args.layout_x0_cap)
                 loss = loss + args.layout_x0 * layout_loss
@@ -486,7 +503,7 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
         if grounding is not None:
             grounding.store.enabled = False
             # --grounding-t-min: only where the sampler fixes the layout; below it the words draw shape and detail
-            ground_loss = grounding.loss(spans, obj_masks, ~drop & (t >= args.grounding_t_min))
+            ground_loss = grounding.loss(spans, obj_masks, grounding_rows(drop, t, args.grounding_t_min))
             grounding.store.clear()
             if ground_loss is not None:
                 loss = loss + args.token_grounding * ground_loss
@@ -536,7 +553,7 @@ def evaluate(comps, args) -> dict:
     return out
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenes", type=int, default=12000, help="training scenes (seeds 0..N-1)")
     ap.add_argument("--vae-steps", type=int, default=1500)
@@ -613,6 +630,11 @@ def main(argv=None) -> int:
     ap.add_argument("--work-dir", default=str(ROOT / ".shapes_train"))
     ap.add_argument("--out", default=str(sm.WEIGHTS_FILE))
     ap.add_argument("--eval-only", action="store_true", help="evaluate the weights at --out, rewrite the manifest")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     if args.decay_steps < 0:
         ap.error("--decay-steps must be 0 or more")
@@ -644,8 +666,11 @@ def main(argv=None) -> int:
         ap.error("--te-anchor-random is a number of captions per step: 0 or more")
     if args.te_anchor_random and args.te_anchor_span != "all":
         ap.error("--te-anchor-random anchors whole random captions: give --te-anchor-span all")
-    if args.layout_x0 < 0 or args.layout_x0_cap <= 0:
+    if not (math.isfinite(args.layout_x0) and math.isfinite(args.layout_x0_cap)) or args.layout_x0 < 0 \
+            or args.layout_x0_cap <= 0:
         ap.error("--layout-x0 is a loss weight (0 = off) and --layout-x0-cap a positive bound")
+    if args.layout_x0_cap != 20.0 and not args.layout_x0:
+        ap.error("--layout-x0-cap bounds --layout-x0's weights: give --layout-x0 too")
     if args.layout_x0 and not round(args.lateral_boost * args.batch):
         ap.error("--layout-x0 weighs the lateral share of each batch: give --lateral-boost")
     if args.mirror_pairs and round(args.lateral_boost * args.batch) < 2:

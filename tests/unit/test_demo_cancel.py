@@ -84,3 +84,18 @@ def test_a_server_that_exited_ends_the_wait_with_its_log(monkeypatch):
     with pytest.raises(AssertionError, match="ComfyUI exited while running prompt p1"):
         server.run({"1": {}}, timeout=60)
     assert server.polls == 1
+
+
+def test_an_error_status_from_history_is_raised_at_once(monkeypatch):
+    import urllib.error
+
+    class Failing(LateServer):
+        def get(self, path, timeout=30):
+            self.polls += 1
+            raise urllib.error.HTTPError(path, 500, "Internal Server Error", {}, None)
+
+    monkeypatch.setattr("demo.server.time.sleep", lambda s: None)
+    server = Failing(late=0)
+    with pytest.raises(urllib.error.HTTPError):
+        server.run({"1": {}}, timeout=60)
+    assert server.polls == 1

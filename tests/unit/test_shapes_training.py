@@ -343,6 +343,8 @@ def test_a_mirrored_row_grounds_its_own_words_on_its_mirrored_masks(trainer):
     (["--token-grounding", "1", "--grounding-t-min", "1000"], "a timestep: 0 to 999"),
     (["--lateral-boost", "0.5", "--layout-x0", "-1"], "--layout-x0 is a loss weight"),
     (["--lateral-boost", "0.5", "--layout-x0", "1", "--layout-x0-cap", "0"], "a positive bound"),
+    (["--lateral-boost", "0.5", "--layout-x0", "nan"], "a positive bound"),
+    (["--layout-x0-cap", "5"], "give --layout-x0 too"),
     (["--init-from", "w.safetensors", "--te-anchor", "1", "--te-anchor-span", "all", "--te-anchor-random", "-1"],
      "--te-anchor-random is a number of captions"),
     (["--init-from", "w.safetensors", "--te-anchor", "1", "--te-anchor-random", "4"], "give --te-anchor-span all"),
@@ -380,3 +382,27 @@ def test_x0_error_is_the_error_of_the_predicted_picture_capped(trainer):
     assert capped < exact.mean() / 3
     capped.backward()  # a loss: it trains the UNet
     assert pred.grad is not None and pred.grad.abs().sum() > 0
+
+
+def test_the_rows_each_aid_weighs(trainer):
+    """--layout-x0 weighs the lateral share (mirror pairs included) less dropped captions; --grounding-t-min keeps the
+    captioned rows at or above its timestep (0: every captioned row, as before the option)."""
+    drop = torch.tensor([False, True, False, False, False, True])
+    t = torch.tensor([999, 999, 100, 750, 749, 800])
+    assert trainer.lateral_rows(6, 4, drop).tolist() == [True, False, True, True, False, False]
+    assert not trainer.lateral_rows(6, 0, drop).any()
+    assert trainer.grounding_rows(drop, t, 750).tolist() == [True, False, False, True, False, False]
+    assert torch.equal(trainer.grounding_rows(drop, t, 0), ~drop)
+
+
+def test_checkpoints_made_before_the_later_options_resume_with_them_off(trainer):
+    """A checkpoint's options written before an option existed lack its key: with every later option off (the
+    defaults), the stored options completed by LATER_OPTIONS must equal a new run's, or old checkpoints would be
+    refused; and a later option that is on must differ from them."""
+    args = trainer.parser().parse_args(["--decay-steps", "100"])
+    now = trainer.step_options(args)
+    old = {k: v for k, v in now.items() if k not in trainer.LATER_OPTIONS}
+    assert set(old) < set(now) and {**trainer.LATER_OPTIONS, **old} == now
+    for on in (["--lateral-boost", "0.5", "--layout-x0", "1"], ["--token-grounding", "1", "--grounding-t-min", "750"]):
+        with_on = trainer.step_options(trainer.parser().parse_args(["--decay-steps", "100", *on]))
+        assert {**trainer.LATER_OPTIONS, **old} != {**with_on, "lateral_boost": 0.0}
