@@ -9,7 +9,8 @@ Stages (each checkpointed into --work-dir, so an interrupted run resumes where i
      colour pairs the novel subjects do not use (world.NOVEL_COLOR_PAIRS): the model learns what a pattern
      is, so GSA keeps a subject's pattern, while every novel subject stays a look it never saw. Optional aids
      for "left of" / "right of": --lateral-boost, --mirror-pairs, --te-layout (LateralProbe),
-     --token-grounding (TokenGrounding: each object's words attend to its mask), --layout-x0 (the lateral
+     --token-grounding (TokenGrounding: each object's words attend to its mask; --grounding-t-min: only on the
+     noisier timesteps, where the layout is decided), --layout-x0 (the lateral
      scenes' error weighted as an error of the picture, where the sampler fixes the layout) and, on a cool-down, --te-anchor
      (TextAnchor: the text encoder's states kept near the starting weights').
   4. Decoder fine-tuning on the same frozen latents (sharper reconstructions), plus --decoder-patterned scenes of
@@ -58,12 +59,13 @@ KNOWN_PATTERN_P = 0.7  # each object's chance of wearing a pattern in those scen
 UNET_STEP_OPTIONS = ("seed", "batch", "lr", "warmup", "decay_steps", "decay_end", "scenes", "unet_patterned",
                      "patterned_from", "lateral_boost", "mirror_pairs", "te_layout", "token_grounding", "grounding_sides",
                      "grounding_words", "te_anchor", "te_anchor_lateral", "te_anchor_span", "te_anchor_random",
-                     "te_layout_words", "layout_x0", "layout_x0_cap", "grounding_t_min", "min_snr", "uncond_p", "ema")
+                     "te_layout_words", "layout_x0", "layout_x0_cap", "grounding_t_min", "frozen_map_sides", "min_snr",
+                     "uncond_p", "ema")
 # options added later, with the value that means "off": a checkpoint made before them was made without them
 LATER_OPTIONS = {"token_grounding": 0.0, "grounding_sides": None, "grounding_words": None, "te_anchor": 0.0,
                  "te_anchor_lateral": None, "te_anchor_span": None, "te_anchor_random": None,
                  "te_layout_words": None, "layout_x0": 0.0, "layout_x0_cap": None,
-                 "grounding_t_min": 0}
+                 "grounding_t_min": 0, "frozen_map_sides": None}
 MAX_OBJECTS = 3
 
 
@@ -397,8 +399,30 @@ def step_options(args) -> dict:
               "te_layout_words": not args.te_layout or args.te_layout_words == "all",  # as before it existed
               "te_anchor_span": not args.te_anchor or args.te_anchor_span == "caption",  # as before it existed
               "te_anchor_random": not args.te_anchor or not args.te_anchor_random,
-              "layout_x0_cap": not args.layout_x0}
+              "layout_x0_cap": not args.layout_x0, "frozen_map_sides": not args.frozen_map_sides}
     return {k: None if unused.get(k) else getattr(args, k) for k in UNET_STEP_OPTIONS}
+
+
+def map_projections(unet, sides) -> list[torch.nn.Parameter]:
+    """--frozen-map-sides: the cross-attention query and key weights of the layers whose maps are ``sides`` cells
+    wide, i.e. what decides where each word attends at that level (the values, what a word draws there, stay free).
+    Measured (README, Shapes World): with the lateral recipe's 16x16 queries and keys set back to the starting
+    weights, "left of" / "right of" were still read (their maps at 8x8 place the objects) and the demo learned its
+    dotted ball again; with all of its queries and keys set back, neither."""
+    from dynasyn.attention import cross_attention_resolutions
+
+    if not sides:
+        return []
+    res = cross_attention_resolutions(unet, int(unet.config.sample_size))
+    if set(sides) - set(res.values()):
+        raise ValueError(f"no cross-attention at {sorted(set(sides) - set(res.values()))}; the UNet has "
+                         f"{sorted(set(res.values()))}")
+    out = []
+    for name, side in res.items():
+        if side in sides:
+            attn = unet.get_submodule(name.removesuffix(".processor"))
+            out += [*attn.to_q.parameters(), *attn.to_k.parameters()]
+    return out
 
 
 def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = None, lateral=None, mirrors=None,
@@ -410,7 +434,8 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
     ``mirrors``: (latents, ids) of those scenes mirrored, captioned with the other word (--mirror-pairs)."""
     unet, te, sched = comps.unet, comps.text_encoder, comps.noise_scheduler
     model_params = list(unet.parameters()) + list(te.parameters())
-    params = list(model_params)
+    frozen = map_projections(unet, args.frozen_map_sides)
+    params = [p for p in model_params if not any(p is f for f in frozen)]  # frozen ones keep their weights (EMA too)
     probe = LateralProbe(comps.tokenizer, te.config.hidden_size, args.te_layout_words) if args.te_layout else None
     if probe is not None:  # trained with the model, never saved into the weights
         params.append(probe.direction)
@@ -600,6 +625,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--grounding-t-min", type=int, default=0,
                     help="--token-grounding only on steps whose timestep is at least this (0: all); at high noise the "
                          "sampler fixes where objects go, at low noise the words draw their shape and detail")
+    ap.add_argument("--frozen-map-sides", type=lambda v: tuple(sorted({int(x) for x in v.split(",")}, reverse=True)),
+                    default=(), help="comma list of cross-attention map sides (16, 8, 4) whose query and key weights keep "
+                                     "the starting weights: where the words attend at that level does not train")
     ap.add_argument("--te-anchor", type=float, default=0.0,
                     help="weight of a squared error keeping the text encoder's final states near those of --init-from's "
                          "weights (see TextAnchor); 0 = off")
@@ -648,6 +676,10 @@ def main(argv=None) -> int:
         ap.error("--token-grounding is a loss weight: 0 (off) or more")
     if not set(args.grounding_sides) <= {16, 8, 4}:
         ap.error("--grounding-sides: the Shapes World UNet's cross-attention maps are 16, 8 and 4 cells wide")
+    if not set(args.frozen_map_sides) <= {16, 8, 4}:
+        ap.error("--frozen-map-sides: the Shapes World UNet's cross-attention maps are 16, 8 and 4 cells wide")
+    if args.frozen_map_sides and not args.init_from:
+        ap.error("--frozen-map-sides keeps the weights a run starts from: give --init-from")
     if not 0 <= args.grounding_t_min < 1000:
         ap.error("--grounding-t-min is a timestep: 0 to 999")
     if args.grounding_t_min and not args.token_grounding:
@@ -809,6 +841,8 @@ def main(argv=None) -> int:
             man["command"] += f" --grounding-words {args.grounding_words}"
         if args.grounding_t_min:
             man["command"] += f" --grounding-t-min {args.grounding_t_min}"
+    if args.frozen_map_sides:
+        man["command"] += " --frozen-map-sides " + ",".join(map(str, args.frozen_map_sides))
     if args.decay_steps:
         man["command"] += f" --decay-steps {args.decay_steps} --decay-end {args.decay_end}"
     if init is not None:  # a continued run: what it continued from, and how that was made

@@ -239,14 +239,22 @@ def test_the_script_runs_every_stage_with_the_lateral_aids_and_resumes(tmp_path)
     cont = [sys.executable, str(SCRIPT), "--init-from", str(tmp_path / "w.safetensors"), "--scenes", "48",
             "--unet-patterned", "12", "--unet-steps", "2", "--decay-steps", "2", "--batch", "8", "--lateral-boost", "0.5",
             "--te-layout", "1.0", "--te-anchor", "1.0", "--te-anchor-span", "all", "--te-anchor-random", "2",
-            "--layout-x0", "1.0", "--eval-captions", "2", "--eval-vae", "2",
+            "--layout-x0", "1.0", "--frozen-map-sides", "16", "--eval-captions", "2", "--eval-vae", "2",
             "--work-dir", str(tmp_path / "work2"), "--out", str(tmp_path / "w2.safetensors")]
     r = subprocess.run(cont, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     man2 = json.loads((tmp_path / "w2.json").read_text())
     assert "--te-anchor 1.0 --te-anchor-lateral direction --te-anchor-span all --te-anchor-random 2" in man2["command"]
     assert man2["init_from"]["sha256"] == man["sha256"]
-    assert "--layout-x0 1.0 --layout-x0-cap 20.0" in man2["command"]
+    assert "--layout-x0 1.0 --layout-x0-cap 20.0" in man2["command"] and "--frozen-map-sides 16" in man2["command"]
+    # the 16x16 maps' queries and keys kept the starting weights exactly; the other levels' trained
+    from safetensors.torch import load_file
+
+    before, after = load_file(tmp_path / "w.safetensors"), load_file(tmp_path / "w2.safetensors")
+    qk = [k for k in before if ".attn2.to_q." in k or ".attn2.to_k." in k]
+    at16 = [k for k in qk if "down_blocks.0." in k or "up_blocks.2." in k]
+    assert len(at16) == 6 and all(torch.equal(before[k], after[k]) for k in at16)
+    assert all(not torch.equal(before[k], after[k]) for k in set(qk) - set(at16))
 
 
 def test_token_grounding_finds_each_objects_words_and_scores_maps_against_its_mask(trainer):
@@ -342,6 +350,8 @@ def test_a_mirrored_row_grounds_its_own_words_on_its_mirrored_masks(trainer):
     (["--grounding-t-min", "500"], "give --token-grounding too"),
     (["--token-grounding", "1", "--grounding-t-min", "1000"], "a timestep: 0 to 999"),
     (["--lateral-boost", "0.5", "--layout-x0", "-1"], "--layout-x0 is a loss weight"),
+    (["--init-from", "w.safetensors", "--frozen-map-sides", "16,32"], "cross-attention maps are 16, 8 and 4 cells wide"),
+    (["--frozen-map-sides", "16"], "give --init-from"),
     (["--lateral-boost", "0.5", "--layout-x0", "1", "--layout-x0-cap", "0"], "a positive bound"),
     (["--lateral-boost", "0.5", "--layout-x0", "nan"], "a positive bound"),
     (["--layout-x0-cap", "5"], "give --layout-x0 too"),
@@ -403,6 +413,24 @@ def test_checkpoints_made_before_the_later_options_resume_with_them_off(trainer)
     now = trainer.step_options(args)
     old = {k: v for k, v in now.items() if k not in trainer.LATER_OPTIONS}
     assert set(old) < set(now) and {**trainer.LATER_OPTIONS, **old} == now
-    for on in (["--lateral-boost", "0.5", "--layout-x0", "1"], ["--token-grounding", "1", "--grounding-t-min", "750"]):
+    for on in (["--lateral-boost", "0.5", "--layout-x0", "1"], ["--token-grounding", "1", "--grounding-t-min", "750"],
+               ["--init-from", "w.safetensors", "--frozen-map-sides", "16"]):
         with_on = trainer.step_options(trainer.parser().parse_args(["--decay-steps", "100", *on]))
         assert {**trainer.LATER_OPTIONS, **old} != {**with_on, "lateral_boost": 0.0}
+
+
+def test_frozen_map_sides_are_the_queries_and_keys_of_those_levels_only(trainer):
+    """--frozen-map-sides 16: the query and key weights of the 16x16 cross-attention layers (the first down block and
+    the last up block), not their values or output, nor any other level's; an absent level is refused."""
+    from dynasyn.shapes import model as sm
+
+    unet = sm.build_shapes_components(seed=0).unet
+    names = {id(p): n for n, p in unet.named_parameters()}
+    got = sorted(names[id(p)] for p in trainer.map_projections(unet, (16,)))
+    assert len(got) == 6 and all(".attn2.to_q." in n or ".attn2.to_k." in n for n in got)
+    assert all(n.startswith(("down_blocks.0.", "up_blocks.2.")) for n in got)
+    assert sorted(names[id(p)] for p in trainer.map_projections(unet, (8, 4))) == sorted(
+        n for n in names.values() if (".attn2.to_q." in n or ".attn2.to_k." in n) and n not in got)
+    assert trainer.map_projections(unet, ()) == []
+    with pytest.raises(ValueError, match="no cross-attention at \\[2\\]"):
+        trainer.map_projections(unet, (2,))
