@@ -205,12 +205,13 @@ SHAPES_SCENE = "[1] right of [2] in the snow"
 # subject by its look, so GSA keeps it (with the bare class nouns it turns them into plain balls and boxes)
 SHAPES_PHRASES = "a green and blue dotted ball\na red and yellow striped box"
 # measured with this workflow as shipped (tests/integration/test_templates_in_server.py runs it): update when it changes
-SHAPES_MEASURED = ("80 s after ComfyUI's 7 s start (augment 6 s, train 69 s, sample 3 s) through scripts/demo.sh on "
-                   "ONE thread (OMP_NUM_THREADS=1) of a 2-core CPU machine, the other core idle (113 s in an earlier session, "
-                   "most likely on another machine). In its 8 pictures the scorer of dynasyn/shapes finds the dotted ball "
-                   "(its class and both colours) in 7 and the striped box in 8 (the untrained model, asked for 'a ball right "
-                   "of a box', draws either in 1 of 32 chances over 16 pictures); but 6 of the 8 keep the picture's order, "
-                   "ball on the left: the Shapes World model ignores 'left of' / 'right of'")
+SHAPES_MEASURED = ("87 s after ComfyUI's 7 s start (augment 7 s, train 83 s, sample 3 s) through scripts/demo.sh on "
+                   "ONE thread (OMP_NUM_THREADS=1) of a 2-core CPU machine, the other core busy (80 s with it idle, with the "
+                   "weights before 2026-12-08). In its 8 pictures the scorer of dynasyn/shapes finds the dotted ball "
+                   "(its class and both colours) in 8 and the striped box in 8 (the untrained model, asked for 'a ball right "
+                   "of a box', draws either in 1 of 32 chances over 16 pictures); but 7 of the 8 keep the picture's order, "
+                   "ball on the left: the model reads 'left of' / 'right of' in words, yet training on one picture "
+                   "mostly keeps its layout (with Train's seed 1, 6 of 8 follow the prompt)")
 
 SHAPES_NOTE = f"""DynASyn on the Shapes World: the whole pipeline in minutes on a CPU, nothing to download.
 

@@ -628,6 +628,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--frozen-map-sides", type=lambda v: tuple(sorted({int(x) for x in v.split(",")}, reverse=True)),
                     default=(), help="comma list of cross-attention map sides (16, 8, 4) whose query and key weights keep "
                                      "the starting weights: where the words attend at that level does not train")
+    ap.add_argument("--reset-map-sides", type=lambda v: tuple(sorted({int(x) for x in v.split(",")}, reverse=True)),
+                    default=(), help="comma list of cross-attention map sides whose query and key weights are set back to "
+                                     "the starting weights after training (the rest of the run is unchanged)")
     ap.add_argument("--te-anchor", type=float, default=0.0,
                     help="weight of a squared error keeping the text encoder's final states near those of --init-from's "
                          "weights (see TextAnchor); 0 = off")
@@ -678,8 +681,10 @@ def main(argv=None) -> int:
         ap.error("--grounding-sides: the Shapes World UNet's cross-attention maps are 16, 8 and 4 cells wide")
     if not set(args.frozen_map_sides) <= {16, 8, 4}:
         ap.error("--frozen-map-sides: the Shapes World UNet's cross-attention maps are 16, 8 and 4 cells wide")
-    if args.frozen_map_sides and not args.init_from:
-        ap.error("--frozen-map-sides keeps the weights a run starts from: give --init-from")
+    if not set(args.reset_map_sides) <= {16, 8, 4}:
+        ap.error("--reset-map-sides: the Shapes World UNet's cross-attention maps are 16, 8 and 4 cells wide")
+    if (args.frozen_map_sides or args.reset_map_sides) and not args.init_from:
+        ap.error("--frozen-map-sides / --reset-map-sides keep the weights a run starts from: give --init-from")
     if not 0 <= args.grounding_t_min < 1000:
         ap.error("--grounding-t-min is a timestep: 0 to 999")
     if args.grounding_t_min and not args.token_grounding:
@@ -793,8 +798,12 @@ def main(argv=None) -> int:
         all_objs = objs + pobjs
         spans = TokenGrounding.spans_of(comps.tokenizer, unet_ids, all_objs, args.grounding_words)
         grounding_data = (spans, coverage, coverage[lateral].flip(-1) if mirrors is not None else None)
+    start_qk = [p.detach().clone() for p in map_projections(comps.unet, args.reset_map_sides)]
     unet_done = train_unet(comps, unet_latents, unet_ids, args, work, n_before=n_plain, lateral=lateral,
                            mirrors=mirrors, grounding_data=grounding_data)
+    with torch.no_grad():  # --reset-map-sides: after training, where the words attend at those levels is as it was
+        for p, p0 in zip(map_projections(comps.unet, args.reset_map_sides), start_qk):
+            p.copy_(p0)
     dec_imgs, dec_latents = imgs, latents
     if args.decoder_patterned and args.decoder_steps:
         from dynasyn.shapes.identity import sample_novel_scene
@@ -843,6 +852,8 @@ def main(argv=None) -> int:
             man["command"] += f" --grounding-t-min {args.grounding_t_min}"
     if args.frozen_map_sides:
         man["command"] += " --frozen-map-sides " + ",".join(map(str, args.frozen_map_sides))
+    if args.reset_map_sides:
+        man["command"] += " --reset-map-sides " + ",".join(map(str, args.reset_map_sides))
     if args.decay_steps:
         man["command"] += f" --decay-steps {args.decay_steps} --decay-end {args.decay_end}"
     if init is not None:  # a continued run: what it continued from, and how that was made

@@ -239,22 +239,23 @@ def test_the_script_runs_every_stage_with_the_lateral_aids_and_resumes(tmp_path)
     cont = [sys.executable, str(SCRIPT), "--init-from", str(tmp_path / "w.safetensors"), "--scenes", "48",
             "--unet-patterned", "12", "--unet-steps", "2", "--decay-steps", "2", "--batch", "8", "--lateral-boost", "0.5",
             "--te-layout", "1.0", "--te-anchor", "1.0", "--te-anchor-span", "all", "--te-anchor-random", "2",
-            "--layout-x0", "1.0", "--frozen-map-sides", "16", "--eval-captions", "2", "--eval-vae", "2",
+            "--layout-x0", "1.0", "--frozen-map-sides", "16", "--reset-map-sides", "8", "--eval-captions", "2", "--eval-vae", "2",
             "--work-dir", str(tmp_path / "work2"), "--out", str(tmp_path / "w2.safetensors")]
     r = subprocess.run(cont, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     man2 = json.loads((tmp_path / "w2.json").read_text())
     assert "--te-anchor 1.0 --te-anchor-lateral direction --te-anchor-span all --te-anchor-random 2" in man2["command"]
     assert man2["init_from"]["sha256"] == man["sha256"]
-    assert "--layout-x0 1.0 --layout-x0-cap 20.0" in man2["command"] and "--frozen-map-sides 16" in man2["command"]
-    # the 16x16 maps' queries and keys kept the starting weights exactly; the other levels' trained
+    assert "--layout-x0 1.0 --layout-x0-cap 20.0" in man2["command"] and "--frozen-map-sides 16 --reset-map-sides 8" in man2["command"]
+    # the 16x16 maps' queries and keys kept the starting weights exactly (frozen), the 8x8 ones were set back to
+    # them after training; the 4x4 ones (the mid block) trained
     from safetensors.torch import load_file
 
     before, after = load_file(tmp_path / "w.safetensors"), load_file(tmp_path / "w2.safetensors")
     qk = [k for k in before if ".attn2.to_q." in k or ".attn2.to_k." in k]
-    at16 = [k for k in qk if "down_blocks.0." in k or "up_blocks.2." in k]
-    assert len(at16) == 6 and all(torch.equal(before[k], after[k]) for k in at16)
-    assert all(not torch.equal(before[k], after[k]) for k in set(qk) - set(at16))
+    kept = [k for k in qk if "mid_block." not in k]
+    assert len(kept) == 12 and all(torch.equal(before[k], after[k]) for k in kept)
+    assert all(not torch.equal(before[k], after[k]) for k in set(qk) - set(kept))
 
 
 def test_token_grounding_finds_each_objects_words_and_scores_maps_against_its_mask(trainer):
@@ -352,6 +353,8 @@ def test_a_mirrored_row_grounds_its_own_words_on_its_mirrored_masks(trainer):
     (["--lateral-boost", "0.5", "--layout-x0", "-1"], "--layout-x0 is a loss weight"),
     (["--init-from", "w.safetensors", "--frozen-map-sides", "16,32"], "cross-attention maps are 16, 8 and 4 cells wide"),
     (["--frozen-map-sides", "16"], "give --init-from"),
+    (["--reset-map-sides", "16"], "give --init-from"),
+    (["--init-from", "w.safetensors", "--reset-map-sides", "2"], "cross-attention maps are 16, 8 and 4 cells wide"),
     (["--lateral-boost", "0.5", "--layout-x0", "1", "--layout-x0-cap", "0"], "a positive bound"),
     (["--lateral-boost", "0.5", "--layout-x0", "nan"], "a positive bound"),
     (["--layout-x0-cap", "5"], "give --layout-x0 too"),
