@@ -205,13 +205,14 @@ SHAPES_SCENE = "[1] right of [2] in the snow"
 # subject by its look, so GSA keeps it (with the bare class nouns it turns them into plain balls and boxes)
 SHAPES_PHRASES = "a green and blue dotted ball\na red and yellow striped box"
 # measured with this workflow as shipped (tests/integration/test_templates_in_server.py runs it): update when it changes
-SHAPES_MEASURED = ("87 s after ComfyUI's 7 s start (augment 7 s, train 83 s, sample 3 s) through scripts/demo.sh on "
+SHAPES_MEASURED = ("94 s after ComfyUI's 7 s start (augment 7 s, train 83 s, sample 3 s) through scripts/demo.sh on "
                    "ONE thread (OMP_NUM_THREADS=1) of a 2-core CPU machine, the other core busy (80 s with it idle, with the "
                    "weights before 2026-12-08). In its 8 pictures the scorer of dynasyn/shapes finds the dotted ball "
                    "(its class and both colours) in 8 and the striped box in 8 (the untrained model, asked for 'a ball right "
-                   "of a box', draws either in 1 of 32 chances over 16 pictures); but 7 of the 8 keep the picture's order, "
+                   "of a box', draws either in 0 of 32 chances over 16 pictures); but 7 of the 8 keep the picture's order, "
                    "ball on the left: the model reads 'left of' / 'right of' in words, yet training on one picture "
-                   "mostly keeps its layout (with Train's seed 1, 6 of 8 follow the prompt)")
+                   "mostly keeps its layout (with Train's seed 1 the ball's colours lie right of the box's in 6 of 8, "
+                   "though the ball is found in only 1)")
 
 SHAPES_NOTE = f"""DynASyn on the Shapes World: the whole pipeline in minutes on a CPU, nothing to download.
 

@@ -86,8 +86,10 @@ def test_shapes_world_template_runs_as_shipped(server):
           f"per subject trained {per_subject}, untrained {per_subject_untrained}")
     # measured here (2026-12-08, the weights that read "left of" / "right of"): trained 0.969, untrained 0.000 (16
     # pictures of 2 subjects each; ball 0.94, box 1.00). On the earlier weights 0.938 against 0.031. Over training
-    # seeds, on the first 8 pictures: the workflow's seed 0 (its default) finds the ball and the box 8 times each, seeds 1-3 the ball 1, 6, 8 and the box 8 times each (README, the demo). Seed 1's ball
-    # (1 of 8) would fail its bar here (4 of 16 above the untrained count); the shipped seed's is far above it.
+    # seeds, on the first 8 pictures: the workflow's seed 0 (its default) finds the ball and the box 8 times each;
+    # seeds 1-3 the ball 1, 6 and 8 times and the box 8 times each (README, the demo). With seed 1 the ball would most
+    # likely fail its bar here (4 of 16 above the untrained count; not measured over 16); the shipped seed's is far
+    # above it.
     assert trained >= untrained + 0.4, (trained, untrained)
     for rate, base in zip(per_subject, per_subject_untrained):
         assert rate >= base + 0.25, (per_subject, per_subject_untrained)

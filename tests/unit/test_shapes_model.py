@@ -9,8 +9,8 @@ from dynasyn.errors import DynASynError
 from dynasyn.shapes import model as sm
 from dynasyn.shapes import scorer, world
 
-# Issue 11's gates. ACHIEVED (below) holds what the committed training run reached where a gate
-# was missed; the test then asserts that figure minus a small margin, so a regression still fails.
+# Issue 11's gates. ACHIEVED (below) would hold what the committed training run reached where a gate was missed (the
+# test then asserts that figure minus a small margin, so a regression still fails); none is missed now.
 GATES = {"class": 0.90, "color": 0.90, "relation_pose": 0.80, "vae_psnr_db": 30.0}
 # Every gate is met by the committed weights (2026-12-08): relation/pose 0.949, class 0.901, colour 0.988, VAE PSNR
 # 32.8 dB. Until then the weights ignored "left of" / "right of" (relation/pose 0.744); a lateral cool-down with token
