@@ -69,6 +69,14 @@ LATER_OPTIONS = {"token_grounding": 0.0, "grounding_sides": None, "grounding_wor
 MAX_OBJECTS = 3
 
 
+def map_sides(value: str) -> tuple[int, ...]:
+    """A comma list of cross-attention map sides, e.g. "16,8": largest first, each once."""
+    try:
+        return tuple(sorted({int(x) for x in value.split(",")}, reverse=True))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: give map sides as whole numbers separated by commas, e.g. 16,8")
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -404,11 +412,12 @@ def step_options(args) -> dict:
 
 
 def map_projections(unet, sides) -> list[torch.nn.Parameter]:
-    """--frozen-map-sides: the cross-attention query and key weights of the layers whose maps are ``sides`` cells
-    wide, i.e. what decides where each word attends at that level (the values, what a word draws there, stay free).
-    Measured (README, Shapes World): with the lateral recipe's 16x16 queries and keys set back to the starting
-    weights, "left of" / "right of" were still read (their maps at 8x8 place the objects) and the demo learned its
-    dotted ball again; with all of its queries and keys set back, neither."""
+    """--frozen-map-sides / --reset-map-sides: the cross-attention query and key weights of the layers whose maps are
+    ``sides`` cells wide, i.e. what decides where each word attends at that level (the values, what a word draws
+    there, are not included). Measured (README, Shapes World): with the lateral recipe's 16x16 queries and keys set
+    back to the starting weights after training (--reset-map-sides 16), "left of" / "right of" were still read (they
+    need the 8x8 ones) and the demo learned its dotted ball again; with all of them set back, neither. Kept frozen
+    during training instead (--frozen-map-sides 16), the ball was lost."""
     from dynasyn.attention import cross_attention_resolutions
 
     if not sides:
@@ -434,7 +443,7 @@ def train_unet(comps, latents, ids, args, work: Path, n_before: int | None = Non
     ``mirrors``: (latents, ids) of those scenes mirrored, captioned with the other word (--mirror-pairs)."""
     unet, te, sched = comps.unet, comps.text_encoder, comps.noise_scheduler
     model_params = list(unet.parameters()) + list(te.parameters())
-    frozen = map_projections(unet, args.frozen_map_sides)
+    frozen = [p.requires_grad_(False) for p in map_projections(unet, args.frozen_map_sides)]  # no gradient kept
     params = [p for p in model_params if not any(p is f for f in frozen)]  # frozen ones keep their weights (EMA too)
     probe = LateralProbe(comps.tokenizer, te.config.hidden_size, args.te_layout_words) if args.te_layout else None
     if probe is not None:  # trained with the model, never saved into the weights
@@ -617,7 +626,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--token-grounding", type=float, default=0.0,
                     help="weight of the token grounding loss (see TokenGrounding): each object's words attend to its "
                          "mask at the 16x16 and 8x8 cross-attention levels; 0 = off")
-    ap.add_argument("--grounding-sides", type=lambda v: tuple(sorted({int(x) for x in v.split(",")}, reverse=True)),
+    ap.add_argument("--grounding-sides", type=map_sides,
                     default=(16, 8), help="the cross-attention map sides --token-grounding supervises, e.g. 16,8,4")
     ap.add_argument("--grounding-words", choices=("all", "class"), default="all",
                     help="which of each object's words --token-grounding pulls to its mask: all (colours, pattern, "
@@ -625,10 +634,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--grounding-t-min", type=int, default=0,
                     help="--token-grounding only on steps whose timestep is at least this (0: all); at high noise the "
                          "sampler fixes where objects go, at low noise the words draw their shape and detail")
-    ap.add_argument("--frozen-map-sides", type=lambda v: tuple(sorted({int(x) for x in v.split(",")}, reverse=True)),
+    ap.add_argument("--frozen-map-sides", type=map_sides,
                     default=(), help="comma list of cross-attention map sides (16, 8, 4) whose query and key weights keep "
                                      "the starting weights: where the words attend at that level does not train")
-    ap.add_argument("--reset-map-sides", type=lambda v: tuple(sorted({int(x) for x in v.split(",")}, reverse=True)),
+    ap.add_argument("--reset-map-sides", type=map_sides,
                     default=(), help="comma list of cross-attention map sides whose query and key weights are set back to "
                                      "the starting weights after training (the rest of the run is unchanged)")
     ap.add_argument("--te-anchor", type=float, default=0.0,

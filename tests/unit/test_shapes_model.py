@@ -18,7 +18,7 @@ GATES = {"class": 0.90, "color": 0.90, "relation_pose": 0.80, "vae_psnr_db": 30.
 # starting weights (--reset-map-sides 16), keep the demo's learned subjects (README, Shapes World). Class meets its
 # gate by one object (0.9009): the test asserts the gate on the manifest's figures, which it re-measures.
 ACHIEVED: dict[str, float] = {}
-REROUND = 0.01
+REROUND = {"class": 0.01}  # three objects of 323
 MARGIN = {"class": 0.03, "color": 0.03, "relation_pose": 0.03, "vae_psnr_db": 0.5}
 
 
@@ -39,6 +39,7 @@ def test_weights_are_small_fp16_and_match_manifest():
     assert sm.WEIGHTS_FILE.stat().st_size <= 20 * 1024 * 1024
     assert sm.sha256_of(sm.WEIGHTS_FILE) == man["sha256"]
     assert all(v.dtype == torch.float16 for v in load_file(str(sm.WEIGHTS_FILE)).values())
+    assert man["file"] == sm.WEIGHTS_FILE.name
     for key in ("steps", "training_time_s", "quality", "command"):
         assert key in man
     assert man["quality"]["n_captions"] >= 200
@@ -93,8 +94,9 @@ def test_quality_gates_on_held_out_captions(comps):
     for name in ("class", "color", "relation_pose"):
         assert man[name] >= bar(name), (name, man)  # the gate, on the figures measured with the weights
         # and measured again here: the same on this machine; another CPU may round a few of the 200 captions' pictures
-        # otherwise (class is 0.9009, one object above its gate), hence a slack of about three objects
-        assert q[name] >= bar(name) - REROUND, (name, q)
+        # otherwise. Class is 0.9009 (291 of 323 objects, one above its gate), so it alone may miss by up to three
+        # objects here; the others must meet their gates
+        assert q[name] >= bar(name) - REROUND.get(name, 0.0), (name, q)
         assert abs(q[name] - man[name]) <= 0.03, (name, q, man)  # the manifest's figures are reproducible
     # each relation on its own, the lateral ones included (they were 0.23 / 0.39 before 2026-12-08)
     assert q["relation_pose_not_lateral"] >= GATES["relation_pose"], q

@@ -354,6 +354,7 @@ def test_a_mirrored_row_grounds_its_own_words_on_its_mirrored_masks(trainer):
     (["--init-from", "w.safetensors", "--frozen-map-sides", "16,32"], "cross-attention maps are 16, 8 and 4 cells wide"),
     (["--frozen-map-sides", "16"], "give --init-from"),
     (["--reset-map-sides", "16"], "give --init-from"),
+    (["--init-from", "w.safetensors", "--frozen-map-sides", "16,,x"], "whole numbers separated by commas"),
     (["--init-from", "w.safetensors", "--reset-map-sides", "2"], "cross-attention maps are 16, 8 and 4 cells wide"),
     (["--lateral-boost", "0.5", "--layout-x0", "1", "--layout-x0-cap", "0"], "a positive bound"),
     (["--lateral-boost", "0.5", "--layout-x0", "nan"], "a positive bound"),
